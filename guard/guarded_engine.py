@@ -1,0 +1,124 @@
+"""`GuardedEngine`: the server's `GenerationEngine` on top of `GuardedPipeline`.
+
+Select it by config, no code change: `engine = "guard.guarded_engine:GuardedEngine"` in the
+[engine] section (or `--engine`). It honours each request's mode (enforce / monitor / off) and
+face action, fails closed when screening fails, and reports per-step signals, guard time,
+first flagged steps and the steps saved by blocking in the same `BatchStats` the baseline engine
+emits. Resources: `EngineConfig.model` (default: the testbed), `EngineConfig.index` (default: the
+testbed's index when the model is the testbed), and the policy file: `EngineConfig.policy` when
+that field exists, else the testbed's policy for the testbed, else `<model>/memguard_policy.json`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from guard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
+from guard.engine import (BatchStats, EngineConfig, EngineStats, IndexGateway, IndexStats, IsCancelled, OnStep,
+                          ScreenOutcome, load_pipeline)
+from guard.pipeline import GuardConfig, GuardedPipeline, PipelineStats
+from guard.policy import Policy
+from guard.signals import SIGNALS
+from guard.types import GenerationRequest, GuardMode, ImageResult
+
+log = logging.getLogger(__name__)
+
+
+class GuardedEngine:
+    name = "guarded"
+    guarded = True
+
+    def __init__(self, pipe, index: IndexGateway, policy: Policy, config: GuardConfig = GuardConfig()):
+        self.index = index
+        self.pipeline = GuardedPipeline(pipe, index=index.index, policy=policy, config=config)
+        self.ready = False
+        self._pending = EngineStats()
+        self._stats_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "GuardedEngine":
+        model_dir = None if config.tiny_random else resolve_model_dir(config.model)
+        index_path = config.index or (None if config.tiny_random else default_index_dir(model_dir))
+        index = IndexGateway.open(str(index_path) if index_path else None,
+                                  model_dir=str(model_dir) if model_dir else None, device=config.device)
+        if index.index is None:
+            log.warning("guarded engine without a fingerprint index: every guarded image fails closed (BLOCKED)")
+        policy_path = getattr(config, "policy", None) or default_policy_path(model_dir)
+        if config.tiny_random and not Path(policy_path).is_file():
+            log.warning("tiny random model: no calibrated policy; per-step signals flag nothing")
+            policy = Policy.uncalibrated()
+        else:
+            policy = Policy.load(policy_path)
+        return cls(load_pipeline(config), index, policy)
+
+    # ---- the GenerationEngine interface ---------------------------------------------------------
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return (request.height, request.width, request.steps)
+
+    def warmup(self) -> None:
+        """One short monitored generation: loads kernels, the index's encoders and the face detector."""
+        pipe = self.pipeline.pipe
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.pipeline.generate([GenerationRequest(prompt="warmup", height=size, width=size, steps=2, seed=0,
+                                                  mode=GuardMode.MONITOR)])
+        self.ready = True
+
+    def generate(self, requests: Sequence[GenerationRequest], *, on_step: OnStep | None = None,
+                 is_cancelled: IsCancelled | None = None) -> list[list[ImageResult]]:
+        batch = self.pipeline.generate(requests, on_step=on_step, is_cancelled=is_cancelled)
+        flat = [r for rs in batch.results for r in rs]
+        with self._stats_lock:
+            self._pending.batches.append(to_batch_stats(batch.stats, flat))
+            self._pending.screen_seconds += batch.stats.screen_seconds
+            self._pending.screen_failures += batch.stats.screen_failures
+        return batch.results
+
+    def screen(self, image: np.ndarray) -> ScreenOutcome:
+        try:
+            outcome = self.index.screen(image)
+        except Exception:
+            with self._stats_lock:
+                self._pending.screen_failures += 1
+            raise
+        return outcome
+
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
+        return self.index.protect_image(image, reason, item_id)
+
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
+        return self.index.protect_face(images, identity, reason)
+
+    def unprotect(self, item_id: str, reason: str) -> bool:
+        return self.index.unprotect(item_id, reason)
+
+    def index_stats(self) -> IndexStats:
+        return self.index.stats()
+
+    def stats(self) -> EngineStats:
+        with self._stats_lock:
+            out, self._pending = self._pending, EngineStats()
+        return out
+
+    def close(self) -> None:
+        self.ready = False
+        self.index.close()
+
+
+def to_batch_stats(stats: PipelineStats, results: list[ImageResult]) -> BatchStats:
+    """The pipeline's stats in the server's BatchStats shape (signals: values over samples × steps)."""
+    signals: dict[str, list[float]] = {}
+    for r in results:
+        for row in r.report.trace:
+            for name in (*SIGNALS, "combined"):
+                if name in row:
+                    signals.setdefault(name, []).append(row[name])
+    return BatchStats(requests=stats.requests, images=stats.samples, steps=stats.steps,
+                      sample_steps=stats.sample_steps, step_seconds=list(stats.step_seconds),
+                      guard_seconds=list(stats.guard_seconds), signals=signals,
+                      first_flagged_steps=[r.report.first_flagged_step for r in results
+                                           if r.report.first_flagged_step is not None],
+                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds)

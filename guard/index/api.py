@@ -1,0 +1,307 @@
+"""`FingerprintIndex`: the object the guard, the server and the CLI use.
+
+    index = FingerprintIndex.open("runs/index")           # verifies the manifest and checksums
+    ids, scores, vectors = index.search_latent(fp, k=8)   # fp: Tensor[B, F] latent fingerprints
+    result = index.screen(image)                          # copies and faces in one image
+    index.protect_image(image, reason="takedown #12")     # durable when it returns
+
+Reads never block on writes: protect/unprotect commit to SQLite, then swap in a new immutable
+snapshot of the protected registry. Changes committed by another process (the CLI while a server
+runs) are picked up on the next call through SQLite's data_version, at the cost of one PRAGMA.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from guard.errors import InvalidInput, MissingResource
+from guard.index.builder import ITEMS_DB, BuildReport, IndexBuilder
+from guard.index.config import IndexConfig, Thresholds
+from guard.index.faces import FaceEmbedder
+from guard.index.manifest import REGISTRY_DB, Manifest, check_files, read_manifest, write_manifest
+from guard.index.pdq import check_image, pdq_hash
+from guard.index.protected import ProtectedSnapshot
+from guard.index.signals import SignalIndex, best_first, exact_scores
+from guard.index.store import ItemStore, Registry
+
+
+@dataclass(frozen=True)
+class ProtectionReceipt:
+    """What protect_* returns once the protection is durable and in effect."""
+    pid: str
+    kind: str
+    subject: str
+    reason: str
+    vectors: int
+    seq: int
+
+
+class FingerprintIndex:
+    def __init__(self, path: Path, manifest: Manifest, *, model_dir: Path | None = None, device: str = "cpu",
+                 latent_encoder=None, clip_encoder=None, overrides: dict | None = None):
+        self.path, self.manifest, self.device = Path(path), manifest, device
+        self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
+        self.signals = {name: SignalIndex(name, info, self.path, self.cfg) for name, info in manifest.signals.items()}
+        self.items = ItemStore(self.path / ITEMS_DB)
+        self.registry = Registry(self.path / REGISTRY_DB)
+        self._model_dir = Path(model_dir) if model_dir else None
+        self._latent, self._clip, self._faces = latent_encoder, clip_encoder, None
+        self._write_lock = threading.RLock()
+        self._load_lock = threading.Lock()
+        self._seen_version = self.registry.data_version()
+        self.protected = ProtectedSnapshot.from_protections(*self.registry.active())
+
+    # ---- opening and building -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, verify_checksums: bool = True, **kwargs) -> "FingerprintIndex":
+        """Open an index directory. Sizes of all files are always checked, sha256 unless told not to;
+        CorruptData names the first bad file. kwargs: model_dir, device, latent_encoder, clip_encoder,
+        overrides (IndexConfig fields for search, e.g. {"nprobe": 64})."""
+        manifest = read_manifest(Path(path))
+        check_files(Path(path), manifest, checksums=verify_checksums)
+        return cls(Path(path), manifest, **kwargs)
+
+    @staticmethod
+    def build(out: str | Path, source, *, model_dir: Path | None = None, clip_model: str | None = None,
+              clip_weights: Path | None = None, cfg: IndexConfig = IndexConfig(), device: str = "cpu",
+              progress: bool = True, restart: bool = False, stop_after: int | None = None) -> BuildReport:
+        """Build (or resume building) an index at `out` from a source (see guard.index.sources)."""
+        from guard.index.encoders import ClipEncoder, LatentEncoder
+        latent = LatentEncoder(model_dir, device) if model_dir else None
+        clip = ClipEncoder(clip_model, clip_weights, device) if clip_weights else None
+        if clip_weights and not clip_model:
+            raise InvalidInput("clip_model", "give the open_clip model name that matches the weights")
+        faces = FaceEmbedder(cfg.face_upscale_to, cfg.max_face_upscale) if cfg.faces and model_dir else None
+        builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress)
+        return builder.run(restart=restart, stop_after=stop_after)
+
+    def close(self) -> None:
+        self.items.close()
+        self.registry.close()
+
+    def __enter__(self) -> "FingerprintIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- encoders, loaded on first use ------------------------------------------------------------
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.manifest.thresholds
+
+    def latent_encoder(self):
+        with self._load_lock:
+            if self._latent is None:
+                from guard.index.encoders import LatentEncoder
+                info = self.manifest.models.get("latent")
+                if info is None and self._model_dir is None:
+                    raise MissingResource(f"{self.path}: the index records no VAE; pass model_dir")
+                enc = LatentEncoder(self._model_dir or Path(info["path"]), self.device)
+                if info and enc.describe()["weights_sha256"] != info["weights_sha256"]:
+                    raise InvalidInput("model_dir", f"{enc.model_dir}: VAE weights differ from those the index "
+                                                    "was built with; its fingerprints would not be comparable")
+                self._latent = enc
+            return self._latent
+
+    def clip_encoder(self):
+        with self._load_lock:
+            if self._clip is None and "clip" in self.manifest.models:
+                from guard.index.encoders import ClipEncoder
+                info = self.manifest.models["clip"]
+                self._clip = ClipEncoder(info["model"], Path(info["path"]), self.device)
+            return self._clip
+
+    def face_embedder(self) -> FaceEmbedder:
+        with self._load_lock:
+            if self._faces is None:
+                self._faces = FaceEmbedder(self.cfg.face_upscale_to, self.cfg.max_face_upscale)
+            return self._faces
+
+    # ---- the protected registry -------------------------------------------------------------------
+    def snapshot(self) -> ProtectedSnapshot:
+        """The current protected registry, after picking up changes committed by other processes."""
+        version = self.registry.data_version()
+        if version != self._seen_version:
+            with self._write_lock:
+                if version != self._seen_version:
+                    self._seen_version = version
+                    if self.registry.last_seq() != self.protected.seq:
+                        self.protected = ProtectedSnapshot.from_protections(*self.registry.active())
+        return self.protected
+
+    def _apply(self, make, seq_first: int) -> None:
+        """Swap in the snapshot after a local commit; reload everything if another writer got in between."""
+        current = self.protected
+        self.protected = make(current) if seq_first == current.seq + 1 else \
+            ProtectedSnapshot.from_protections(*self.registry.active())
+
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> ProtectionReceipt:
+        """Protect an image: its latent fingerprint, PDQ hash (and CLIP embedding) join the registry."""
+        image = check_image(image, "image")
+        if item_id is not None and (not isinstance(item_id, str) or not item_id.strip()):
+            raise InvalidInput("item_id", "must be a non-empty string or None")
+        vectors = [("latent", self.latent_encoder().encode([image])[0], None), ("pdq", pdq_hash(image)[0], None)]
+        if "clip" in self.signals:
+            vectors.append(("clip", self.clip_encoder().encode([image])[0], None))
+        return self._protect("image", item_id, reason, vectors)
+
+    def protect_vectors(self, reason: str, item_id: str | None = None, **vectors: np.ndarray) -> ProtectionReceipt:
+        """Protect precomputed vectors (latent=[F] float32, pdq=[32] uint8, clip=[D] float32)."""
+        out = []
+        for signal, vec in vectors.items():
+            if signal not in ("latent", "pdq", "clip"):
+                raise InvalidInput(signal, "unknown signal; expected latent, pdq or clip")
+            out.append((signal, self._check_vector(signal, vec), None))
+        if not out:
+            raise InvalidInput("vectors", "give at least one of latent, pdq, clip")
+        return self._protect("image", item_id, reason, out)
+
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> ProtectionReceipt:
+        """Protect a person: the largest face of each photo becomes a descriptor of `identity`."""
+        if not isinstance(identity, str) or not identity.strip():
+            raise InvalidInput("identity", "must be a non-empty string")
+        if not isinstance(images, (list, tuple)) or not images:
+            raise InvalidInput("images", "give a non-empty list of photos of the person")
+        vectors = []
+        for i, image in enumerate(images):
+            found = self.face_embedder().detect(image, f"images[{i}]")
+            if not found:
+                raise InvalidInput(f"images[{i}]", "no face detected (frontal faces of about 20 px and up are found)")
+            vectors.append(("face", found[0].descriptor, list(found[0].box)))
+        return self._protect("face", identity, reason, vectors)
+
+    def _protect(self, kind: str, subject: str | None, reason: str, vectors: list) -> ProtectionReceipt:
+        with self._write_lock:
+            self.snapshot()   # apply other writers' changes first, so seq stays contiguous
+            prot = self.registry.add(kind, subject, reason, vectors)
+            self._apply(lambda snap: snap.with_added(prot), prot.seq)
+        return ProtectionReceipt(prot.pid, kind, prot.subject, reason, len(vectors), prot.seq)
+
+    def unprotect(self, ident: str, reason: str) -> list[str]:
+        """Remove the protection `ident` (a protection id, item id or identity); returns removed ids."""
+        if not isinstance(ident, str) or not ident.strip():
+            raise InvalidInput("id", "must be a non-empty string")
+        with self._write_lock:
+            self.snapshot()
+            done = self.registry.remove(ident, reason)
+            pids = [p for p, _ in done]
+            self._apply(lambda snap: snap.with_removed(pids, done[-1][1]), done[0][1])
+        return pids
+
+    def is_protected(self, item_id: str) -> bool:
+        return item_id in self.snapshot().protected_subjects
+
+    # ---- search -----------------------------------------------------------------------------------
+    def _check_vector(self, signal: str, vec) -> np.ndarray:
+        if signal == "pdq":
+            v = np.asarray(vec)
+            if v.dtype != np.uint8 or v.shape != (32,):
+                raise InvalidInput("pdq", f"must be 32 packed uint8 bytes, got {v.dtype} {v.shape}")
+            return v
+        v = np.asarray(vec, dtype=np.float32).reshape(-1)
+        dim = self.signals[signal].info.dim if signal in self.signals else None
+        if dim is not None and v.shape != (dim,):
+            raise InvalidInput(signal, f"must have {dim} values, got {v.size}")
+        if not np.all(np.isfinite(v)):
+            raise InvalidInput(signal, "contains NaN or infinity")
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    def search_latent(self, fingerprints, k: int):
+        """Nearest training and protected items of each latent fingerprint.
+
+        fingerprints: Tensor[B, F] (any float dtype/device), rows as made by latent_fingerprint.
+        returns: item_ids list[B][K], scores Tensor[B, K] float32 (cosine, best first),
+                 vectors Tensor[B, K, F] float32 (the stored fingerprints), on the input's device.
+                 K = min(k, training items + protected images). A protected copy of a training item
+                 can appear twice: once as the training item, once as the protection. An empty id
+                 (score 0, zero vector) marks a slot an approximate index could not fill.
+        """
+        import torch
+
+        if not isinstance(fingerprints, torch.Tensor) or fingerprints.ndim != 2:
+            raise InvalidInput("fingerprints", "must be a Tensor[B, F]")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInput("k", f"must be a positive integer, got {k!r}")
+        if "latent" not in self.signals:
+            raise MissingResource(f"{self.path}: this index holds no latent fingerprints")
+        sig = self.signals["latent"]
+        q = fingerprints.detach().float().cpu().numpy()
+        if q.shape[1] != sig.info.dim or not np.all(np.isfinite(q)):
+            raise InvalidInput("fingerprints", f"must be finite with F={sig.info.dim}, got shape {tuple(q.shape)}")
+        snap = self.snapshot()
+        rows, scores = sig.search(q, k)
+        pvec = snap.vectors.get("latent", np.zeros((0, sig.info.dim), np.float32))
+        psubjects = [row.subject for row in snap.rows.get("latent", [])]
+        names = self.items.ids_of_rows(rows.ravel().tolist())
+        # candidates: training rows then protected rows; one gather, one sort for the whole batch
+        found = rows >= 0
+        all_scores = np.concatenate([np.where(found, scores, -np.inf), q @ pvec.T], axis=1)
+        kk = min(k, rows.shape[1] + len(pvec))
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :kk]
+        uniq = np.unique(rows[found])   # sorted: sequential reads of the memory-mapped vectors
+        train_vecs = sig.vectors[uniq]
+        lookup = {int(r): i for i, r in enumerate(uniq)}
+        out_scores = np.take_along_axis(all_scores, order, axis=1).astype(np.float32)
+        out_vecs = np.zeros((len(q), kk, sig.info.dim), np.float32)
+        out_ids = []
+        for b in range(len(q)):
+            ids_b = []
+            for j, c in enumerate(order[b]):
+                if c < rows.shape[1] and not found[b, c]:
+                    ids_b.append("")   # an approximate index returned fewer than k rows
+                elif c < rows.shape[1]:
+                    ids_b.append(names[int(rows[b, c])])
+                    out_vecs[b, j] = train_vecs[lookup[int(rows[b, c])]]
+                else:
+                    ids_b.append(psubjects[c - rows.shape[1]])
+                    out_vecs[b, j] = pvec[c - rows.shape[1]]
+            out_ids.append(ids_b)
+        out_scores[~np.isfinite(out_scores)] = 0.0
+        dev = fingerprints.device
+        return out_ids, torch.from_numpy(out_scores).to(dev), torch.from_numpy(out_vecs).to(dev)
+
+    def search_signal(self, signal: str, query: np.ndarray, k: int,
+                      snap: ProtectedSnapshot | None = None) -> list[dict]:
+        """The k closest training rows and the k closest protected rows of one query vector for one
+        signal, merged closest first (up to 2k): dicts with score, protected, and row (training)
+        or pid, subject, box (protected). Protected rows are never crowded out by training rows."""
+        snap = snap or self.snapshot()
+        out = []
+        if signal in self.signals:
+            rows, scores = self.signals[signal].search(query[None], k)
+            for r, s in zip(rows[0], scores[0]):
+                if r >= 0:
+                    out.append({"row": int(r), "score": float(s), "protected": False})
+        pvec = snap.vectors.get(signal)
+        if pvec is not None:
+            pscores = exact_scores(signal, pvec, query)
+            for j in best_first(signal, pscores)[:k]:
+                row = snap.rows[signal][int(j)]
+                out.append({"pid": row.pid, "subject": row.subject, "score": float(pscores[j]),
+                            "protected": True, "box": row.box})
+        order = best_first(signal, np.array([o["score"] for o in out], np.float32))
+        return [out[int(i)] for i in order]
+
+    def screen(self, image: np.ndarray):
+        """Is `image` a copy of an indexed or protected item, and whose faces does it show? → ScreenResult."""
+        from guard.index.screen import screen_image
+        return screen_image(self, image)
+
+    # ---- reporting --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        from guard.index.report import index_stats
+        return index_stats(self)
+
+    def verify(self) -> dict:
+        from guard.index.report import verify_index
+        return verify_index(self)
+
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """Store calibrated thresholds in the manifest (atomic rewrite) and use them at once."""
+        with self._write_lock:
+            self.manifest.thresholds = thresholds
+            write_manifest(self.path, self.manifest)

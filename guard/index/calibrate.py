@@ -1,0 +1,283 @@
+"""Calibrated thresholds: measure score distributions of augmented copies, pick thresholds for a
+stated false-match rate, write them into the manifest.
+
+Positives: augmented copies (crop, resize, JPEG, colour jitter, small rotation) of indexed items,
+scored against their own item. Negatives: the same augmented images scored against the closest
+*other* item (one score per query: the screen flags a query, not a pair). Each of S signals gets
+the budget fmr / S, so the rate of "any signal crossed" stays ≤ fmr (union bound). Held-out images
+(never indexed), when given, are an independent check: their false-match rate is reported, not fitted.
+Faces: positives are faces found in augmented indexed images scored against their own descriptors;
+negatives are faces of other people (skimage's LFW subset by default) scored against all indexed faces.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from guard.errors import InvalidInput
+from guard.index.config import Thresholds, crosses, higher_is_closer
+from guard.index.pdq import pdq_hash
+
+log = logging.getLogger(__name__)
+AUGMENTATIONS = ("crop", "resize", "jpeg", "color", "rotate")
+
+
+# ---- augmentations: RGB uint8 [H, W, 3] in, RGB uint8 out ------------------------------------------
+def aug_crop(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Keep 80-90 % of each side at a random offset (the size changes, as a cropped repost would)."""
+    h, w = img.shape[:2]
+    f = rng.uniform(0.8, 0.9)
+    ch, cw = max(8, round(h * f)), max(8, round(w * f))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return np.ascontiguousarray(img[top:top + ch, left:left + cw])
+
+
+def aug_resize(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rescale by 0.6-0.8× or 1.5-2×."""
+    f = rng.uniform(0.6, 0.8) if rng.random() < 0.5 else rng.uniform(1.5, 2.0)
+    h, w = img.shape[:2]
+    size = (max(8, round(w * f)), max(8, round(h * f)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+
+
+def aug_jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """JPEG at quality 30-70."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=int(rng.integers(30, 71)))
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def aug_color(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation each scaled by 0.8-1.2."""
+    out = Image.fromarray(img)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enhance(out).enhance(rng.uniform(0.8, 1.2))
+    return np.asarray(out)
+
+
+def aug_rotate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rotate 3-8° either way; corners filled with the image's edge-mean colour."""
+    angle = rng.uniform(3, 8) * rng.choice([-1, 1])
+    fill = tuple(int(v) for v in np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).mean(0))
+    return np.asarray(Image.fromarray(img).rotate(angle, resample=Image.BICUBIC, fillcolor=fill))
+
+
+AUGMENT = {"crop": aug_crop, "resize": aug_resize, "jpeg": aug_jpeg, "color": aug_color, "rotate": aug_rotate}
+
+
+# ---- threshold selection ---------------------------------------------------------------------------
+def pick_threshold(signal: str, negatives: np.ndarray, fmr: float) -> tuple[float, bool]:
+    """The least strict threshold at which at most floor(fmr·N) negatives cross.
+
+    Returns (threshold, resolution_limited): resolution_limited when fmr·N < 1, i.e. the sample is
+    too small to resolve the rate and the threshold just clears the closest negative.
+    """
+    n = len(negatives)
+    if n == 0:
+        raise InvalidInput("negatives", "no negative scores to calibrate on")
+    allowed = int(math.floor(fmr * n + 1e-9))
+    if higher_is_closer(signal):
+        ranked = np.sort(negatives)[::-1]
+        t = float(np.nextafter(np.float32(ranked[allowed]), np.float32(np.inf)))
+    else:
+        ranked = np.sort(negatives)
+        t = float(ranked[allowed] - 1) if signal == "pdq" else float(np.nextafter(np.float32(ranked[allowed]),
+                                                                                    np.float32(-np.inf)))
+    return t, fmr * n < 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    false_match_rate: float = 0.01
+    samples: int = 300                         # indexed items drawn for augmentation
+    augmentations: tuple[str, ...] = AUGMENTATIONS
+    seed: int = 0
+    face_negatives: Path | None = None         # folder of face images; None = skimage's LFW subset
+
+
+# ---- measuring ----------------------------------------------------------------------------------------
+def _embed(index, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Query vectors of every stored signal except faces: signal -> [B, D]."""
+    out = {"pdq": np.stack([pdq_hash(im)[0] for im in images])}
+    if "latent" in index.signals:
+        out["latent"] = index.latent_encoder().encode(images)
+    if "clip" in index.signals:
+        out["clip"] = index.clip_encoder().encode(images)
+    return {s: v for s, v in out.items() if s in index.signals}
+
+
+def _own_and_other(index, signal: str, queries: np.ndarray, own_rows: list[int]) -> tuple[list, list]:
+    """Per query: the score against its own row, and the closest score among all other rows."""
+    sig = index.signals[signal]
+    rows, scores = sig.search(queries, 2)
+    own, other = [], []
+    for b, row in enumerate(own_rows):
+        own.append(float(sig.score_rows(queries[b], [row])[0]))
+        others = [float(s) for r, s in zip(rows[b], scores[b]) if r >= 0 and r != row]
+        other.append(others[0] if others else float("nan"))
+    return own, other
+
+
+def _sample(index, source, n: int, rng: np.random.Generator, *, only_rows: set[int] | None = None):
+    """Up to n (row, image) pairs of indexed items from the source, a uniform sample (reservoir)."""
+    picked, seen = [], 0
+    for rec in source.records():
+        if rec.image is None:
+            continue
+        row = index.items.row_of(rec.item_id)
+        if row is None or (only_rows is not None and row not in only_rows):
+            continue
+        seen += 1
+        if len(picked) < n:
+            picked.append((row, rec.image))
+        elif (j := int(rng.integers(0, seen))) < n:
+            picked[j] = (row, rec.image)
+    return sorted(picked, key=lambda p: p[0])
+
+
+def _copy_scores(index, pairs, cfg: CalibrationConfig, rng, progress: bool):
+    """positives[signal][aug] and negatives[signal] over augmented copies of the sampled items."""
+    from tqdm import tqdm
+
+    pos = {s: {a: [] for a in cfg.augmentations} for s in index.signals if s != "face"}
+    neg: dict[str, list[float]] = {s: [] for s in pos}
+    for start in tqdm(range(0, len(pairs), 32), desc="calibrate", disable=not progress):
+        chunk = pairs[start:start + 32]
+        rows = [r for r, _ in chunk]
+        for aug in cfg.augmentations:
+            queries = _embed(index, [AUGMENT[aug](im, rng) for _, im in chunk])
+            for signal, q in queries.items():
+                own, other = _own_and_other(index, signal, q, rows)
+                pos[signal][aug] += own
+                neg[signal] += [o for o in other if not math.isnan(o)]
+    return pos, neg
+
+
+def _rate(signal: str, scores: list[float], threshold: float) -> float:
+    return round(float(np.mean([crosses(signal, s, threshold) for s in scores])), 4) if scores else float("nan")
+
+
+def _quantiles(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    return {} if v.size == 0 else {q: round(float(np.quantile(v, p)), 4)
+                                   for q, p in (("min", 0), ("p50", .5), ("p99", .99), ("max", 1))}
+
+
+def _heldout(index, heldout, thresholds: dict[str, float]) -> dict:
+    images = [rec.image for rec in heldout.records() if rec.image is not None]
+    if not images:
+        return {"images": 0}
+    best: dict[str, list[float]] = {}
+    for start in range(0, len(images), 64):
+        for signal, q in _embed(index, images[start:start + 64]).items():
+            _, scores = index.signals[signal].search(q, 1)
+            best.setdefault(signal, []).extend(scores[:, 0].tolist())
+    flagged = [any(crosses(s, best[s][i], thresholds[s]) for s in best) for i in range(len(images))]
+    return {"images": len(images), "false_matches": int(sum(flagged)), "fmr": round(float(np.mean(flagged)), 4),
+            "per_signal": {s: {"fmr": _rate(s, v, thresholds[s]), "closest": _quantiles(v)} for s, v in best.items()}}
+
+
+def lfw_faces() -> list[np.ndarray]:
+    """The 100 face crops (25×25 grayscale) of skimage's LFW subset, as RGB uint8."""
+    from importlib import resources
+    path = resources.files("skimage").joinpath("data/lfw_subset.npy")
+    faces = np.load(str(path))[:100]
+    return [np.repeat((f * 255).round().astype(np.uint8)[..., None], 3, axis=2) for f in faces]
+
+
+def _face_negative_images(cfg: CalibrationConfig) -> tuple[list[np.ndarray], str]:
+    if cfg.face_negatives is None:
+        log.info("face negatives: skimage's LFW subset (100 faces of other people)")
+        return lfw_faces(), "skimage:data/lfw_subset.npy"
+    from guard.index.sources import ImageFolderSource
+    return [r.image for r in ImageFolderSource(cfg.face_negatives).records() if r.image is not None], \
+        str(cfg.face_negatives)
+
+
+def _face_scores(index, source, cfg: CalibrationConfig, rng, repeats: int = 4) -> dict | None:
+    """Face positives per augmentation (distance to the item's own faces) and negatives (other people)."""
+    sig = index.signals.get("face")
+    if sig is None or sig.count == 0:
+        return None
+    face_rows = index.items.faces_of_rows(list(range(sig.count)))
+    own: dict[int, list[int]] = {}
+    for face_row, (item_row, _) in face_rows.items():
+        own.setdefault(item_row, []).append(face_row)
+    pairs = _sample(index, source, cfg.samples, rng, only_rows=set(own))
+    embedder = index.face_embedder()
+    pos = {a: [] for a in cfg.augmentations}
+    missed = {a: 0 for a in cfg.augmentations}
+    for row, image in pairs:
+        for aug in cfg.augmentations:
+            for _ in range(repeats):
+                found = embedder.detect(AUGMENT[aug](image, rng))
+                if not found:
+                    missed[aug] += 1
+                    continue
+                d = min(float(sig.score_rows(f.descriptor, own[row]).min()) for f in found)
+                pos[aug].append(d)
+    images, origin = _face_negative_images(cfg)
+    neg = []
+    for image in images:
+        for face in embedder.detect(image):
+            _, dist = sig.search(face.descriptor[None], 1)
+            neg.append(float(dist[0, 0]))
+    return {"pos": pos, "missed": missed, "neg": neg, "origin": origin, "items": len(pairs),
+            "negative_images": len(images), "trials_per_aug": len(pairs) * repeats}
+
+
+def _face_report(faces: dict, fmr: float) -> tuple[float, dict]:
+    if not faces["neg"]:
+        raise InvalidInput("face_negatives", f"no face detected in {faces['origin']}")
+    t, limited = pick_threshold("face", np.asarray(faces["neg"]), fmr)
+    tpr = {a: round((sum(d <= t for d in v)) / max(faces["trials_per_aug"], 1), 4) for a, v in faces["pos"].items()}
+    return t, {"threshold": t, "negatives": len(faces["neg"]), "negative_source": faces["origin"],
+               "resolution_limited": limited, "fmr": _rate("face", faces["neg"], t),
+               "tpr": tpr, "missed_detections": faces["missed"], "items": faces["items"],
+               "positive_distances": _quantiles([d for v in faces["pos"].values() for d in v]),
+               "negative_distances": _quantiles(faces["neg"])}
+
+
+def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = CalibrationConfig(),
+              progress: bool = True, write: bool = True) -> dict:
+    """Measure, pick thresholds for cfg.false_match_rate, store them in the manifest; returns the report."""
+    if not 0 < cfg.false_match_rate < 1:
+        raise InvalidInput("false_match_rate", f"must be in (0, 1), got {cfg.false_match_rate}")
+    unknown = set(cfg.augmentations) - set(AUGMENT)
+    if unknown or not cfg.augmentations:
+        raise InvalidInput("augmentations", f"choose from {AUGMENTATIONS}; got {sorted(unknown) or 'none'}")
+    rng = np.random.default_rng(cfg.seed)
+    pairs = _sample(index, source, cfg.samples, rng)
+    if len(pairs) < 2:
+        raise InvalidInput("source", "fewer than 2 of its images are in the index; calibrate with the build's source")
+    pos, neg = _copy_scores(index, pairs, cfg, rng, progress)
+    budget = cfg.false_match_rate / len(pos)
+    values = {f.name: getattr(index.thresholds, f.name) for f in fields(Thresholds)
+              if f.name in ("latent", "pdq", "clip", "face")}
+    report: dict = {"false_match_rate": cfg.false_match_rate, "per_signal_budget": budget, "items": len(pairs),
+                    "augmentations": list(cfg.augmentations), "signals": {}}
+    for signal in pos:
+        t, limited = pick_threshold(signal, np.asarray(neg[signal]), budget)
+        values[signal] = t
+        report["signals"][signal] = {
+            "threshold": t, "negatives": len(neg[signal]), "resolution_limited": limited,
+            "fmr": _rate(signal, neg[signal], t), "negative_scores": _quantiles(neg[signal]),
+            "tpr": {a: _rate(signal, v, t) for a, v in pos[signal].items()}}
+    report["combined_tpr"] = {a: round(float(np.mean([any(crosses(s, pos[s][a][i], values[s]) for s in pos)
+                                                       for i in range(len(pairs))])), 4) for a in cfg.augmentations}
+    faces = _face_scores(index, source, cfg, rng)
+    if faces is not None:
+        values["face"], report["faces"] = _face_report(faces, cfg.false_match_rate)
+    if heldout is not None:
+        report["heldout"] = _heldout(index, heldout, values)
+    thresholds = Thresholds(**values, calibrated=True, false_match_rate=cfg.false_match_rate, details=report)
+    if write:
+        index.set_thresholds(thresholds)
+    report["thresholds"] = {k: values[k] for k in values}
+    return report

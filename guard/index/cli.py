@@ -1,0 +1,218 @@
+"""`memguard index build | stats | verify | calibrate | screen | protect | unprotect` (all take --json)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from guard.errors import InvalidInput
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ix = sub.add_parser("index", help="the fingerprint index: build, screen, protect").add_subparsers(
+        dest="index_command", required=True, metavar="ACTION")
+
+    p = _cmd(ix, "build", _build, "build (or resume building) an index directory")
+    p.add_argument("out", type=Path, help="index directory to create")
+    _source_args(p)
+    p.add_argument("--embeddings", type=Path, help="precomputed vectors: .npy [N, D] or .parquet")
+    p.add_argument("--embedding-signal", choices=("latent", "clip"), default="latent")
+    p.add_argument("--embedding-meta", type=Path, help="JSONL of per-row metadata for an .npy file")
+    p.add_argument("--model", type=Path, help="diffusers pipeline (or VAE) directory: latent fingerprints")
+    p.add_argument("--clip-model", help="open_clip model name, e.g. ViT-B-32")
+    p.add_argument("--clip-weights", type=Path, help="LOCAL open_clip checkpoint file (never downloaded)")
+    p.add_argument("--factory", help="faiss factory string for latent/clip (default: chosen from size)")
+    p.add_argument("--face-factory", help="faiss factory string for face descriptors")
+    p.add_argument("--exact-max", type=int, help="largest index kept exact when no factory is given")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-faces", action="store_true", help="do not detect or index faces")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
+    p.add_argument("--stop-after", type=int, help="stop after this many input records (resume later)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = _cmd(ix, "stats", _stats, "counts, dimensions, factory strings, thresholds")
+    p.add_argument("dir", type=Path)
+
+    p = _cmd(ix, "verify", _verify, "check checksums, databases and counts")
+    p.add_argument("dir", type=Path)
+
+    p = _cmd(ix, "calibrate", _calibrate, "measure augmented copies, set thresholds for a false-match rate")
+    p.add_argument("dir", type=Path)
+    _source_args(p)
+    p.add_argument("--heldout", type=Path, help="image folder never indexed: reports its false-match rate")
+    p.add_argument("--fmr", type=float, default=0.01, help="target false-match rate (default 0.01)")
+    p.add_argument("--samples", type=int, default=300, help="indexed items to augment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--face-negatives", type=Path, help="folder of other people's faces (default: skimage LFW)")
+    p.add_argument("--dry-run", action="store_true", help="report only; leave the manifest unchanged")
+    _open_args(p)
+
+    p = _cmd(ix, "screen", _screen, "screen image files for copies and faces")
+    p.add_argument("dir", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    _open_args(p)
+
+    p = _cmd(ix, "protect", _protect, "protect an image or a person's face (durable when it returns)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--image", type=Path, help="image to protect")
+    p.add_argument("--item-id", help="id to report for the protected image (default: the protection id)")
+    p.add_argument("--face", type=Path, nargs="+", help="photo(s) of the person to protect")
+    p.add_argument("--identity", help="name of the protected person (with --face)")
+    p.add_argument("--reason", required=True, help="why (goes to the audit log)")
+    _open_args(p)
+
+    p = _cmd(ix, "unprotect", _unprotect, "remove a protection by protection id, item id or identity")
+    p.add_argument("dir", type=Path)
+    p.add_argument("id")
+    p.add_argument("--reason", required=True)
+
+
+def _cmd(ix, name, func, help_text):
+    p = ix.add_parser(name, help=help_text)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=func)
+    return p
+
+
+def _source_args(p) -> None:
+    p.add_argument("--images", type=Path, help="image folder (optional captions.jsonl)")
+    p.add_argument("--shards", type=Path, nargs="+", help="webdataset-style .tar shards")
+
+
+def _open_args(p) -> None:
+    p.add_argument("--model", type=Path, help="VAE/pipeline directory (default: the one recorded at build)")
+    p.add_argument("--device", default="cpu")
+
+
+def _emit(args, data: dict, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _source(args):
+    from guard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
+    given = [x for x in (args.images, args.shards, getattr(args, "embeddings", None)) if x]
+    if len(given) != 1:
+        raise InvalidInput("source", "give exactly one of --images, --shards" +
+                           (", --embeddings" if hasattr(args, "embeddings") else ""))
+    if args.images:
+        return ImageFolderSource(args.images)
+    if args.shards:
+        return TarShardSource(args.shards)
+    return EmbeddingSource(args.embeddings, args.embedding_signal, args.embedding_meta)
+
+
+def _open(args):
+    from guard.index.api import FingerprintIndex
+    return FingerprintIndex.open(args.dir, model_dir=getattr(args, "model", None),
+                                 device=getattr(args, "device", "cpu"))
+
+
+def _build(args) -> int:
+    from guard.index.api import FingerprintIndex
+    from guard.index.config import IndexConfig
+    cfg = IndexConfig(faces=not args.no_faces)
+    changes = {k: v for k, v in (("factory", args.factory), ("face_factory", args.face_factory),
+                                 ("exact_max_items", args.exact_max), ("batch_size", args.batch_size)) if v}
+    cfg = replace(cfg, **changes)
+    report = FingerprintIndex.build(args.out, _source(args), model_dir=args.model, clip_model=args.clip_model,
+                                    clip_weights=args.clip_weights, cfg=cfg, device=args.device,
+                                    progress=not (args.no_progress or args.json), restart=args.restart,
+                                    stop_after=args.stop_after)
+    state = "built" if report.finished else "stopped (resume with the same command)"
+    skipped = "".join(f"\n  skipped {s['ref']}: {s['error']}" for s in report.skipped_examples)
+    _emit(args, report.to_json(), f"{state}: {report.out}: {report.items} items, {report.faces} faces, "
+                                  f"{report.skipped} skipped in {report.seconds:.1f} s{skipped}")
+    return 0
+
+
+def _stats(args) -> int:
+    with _open(args) as index:
+        s = index.stats()
+    lines = [f"{s['path']}: {s['counts']['items']} items, {s['counts']['faces']} faces, "
+             f"{s['counts']['protected_images']} protected images, {s['counts']['protected_identities']} "
+             f"protected identities, {s['bytes_per_item']} bytes/item"]
+    lines += [f"  {n}: dim {v['dim']}, {v['count']} rows, factory {v['factory']}" for n, v in s["signals"].items()]
+    th = s["thresholds"]
+    lines.append(f"  thresholds ({'calibrated' if th['calibrated'] else 'defaults'}): latent ≥ {th['latent']:.4f}, "
+                 f"pdq ≤ {th['pdq']:.0f}, clip ≥ {th['clip']:.4f}, face ≤ {th['face']:.4f}")
+    _emit(args, s, "\n".join(lines))
+    return 0
+
+
+def _verify(args) -> int:
+    with _open(args) as index:
+        result = index.verify()
+    _emit(args, result, f"{result['path']}: ok\n" + "\n".join(f"  {c}" for c in result["checks"]))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from guard.index.calibrate import CalibrationConfig, calibrate
+    from guard.index.sources import ImageFolderSource
+    cfg = CalibrationConfig(false_match_rate=args.fmr, samples=args.samples, seed=args.seed,
+                            face_negatives=args.face_negatives)
+    with _open(args) as index:
+        report = calibrate(index, _source(args), heldout=ImageFolderSource(args.heldout) if args.heldout else None,
+                           cfg=cfg, progress=not args.json, write=not args.dry_run)
+    lines = [f"thresholds for false-match rate {args.fmr} ({'not written' if args.dry_run else 'written'}):"]
+    for name, sig in report["signals"].items():
+        lines.append(f"  {name}: threshold {sig['threshold']:.4f}, fmr {sig['fmr']} on {sig['negatives']} "
+                     f"negatives, true-match rate {sig['tpr']}")
+    lines.append(f"  any signal: true-match rate {report['combined_tpr']}")
+    if "faces" in report:
+        f = report["faces"]
+        lines.append(f"  face: threshold {f['threshold']:.4f}, true-match rate {f['tpr']}, "
+                     f"positives {f['positive_distances']}, negatives {f['negative_distances']}")
+    if "heldout" in report:
+        lines.append(f"  held-out: {report['heldout']['false_matches']} of {report['heldout']['images']} flagged")
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+
+def _read_image(path: Path, field_name: str):
+    from guard.index.sources import decode_image
+    if not path.is_file():
+        raise InvalidInput(field_name, f"{path}: no such file")
+    try:
+        return decode_image(path.read_bytes())
+    except ValueError as exc:
+        raise InvalidInput(field_name, f"{path}: {exc}") from exc
+
+
+def _screen(args) -> int:
+    results, lines = [], []
+    with _open(args) as index:
+        for i, path in enumerate(args.images):
+            r = index.screen(_read_image(path, f"images[{i}]"))
+            results.append({"image": str(path)} | r.to_json())
+            best = r.copies[0] if r.copies else None
+            lines.append(f"{path}: {'COPY of ' + best.item_id if best else 'no copy'}"
+                         f"{' (protected)' if r.protected else ''}; faces: "
+                         + (", ".join(f"{f.identity} d={f.distance:.3f}{' MATCH' if f.matched else ''}"
+                                      for f in r.faces) or "none"))
+    _emit(args, {"results": results}, "\n".join(lines))
+    return 0
+
+
+def _protect(args) -> int:
+    if bool(args.image) == bool(args.face):
+        raise InvalidInput("image", "give exactly one of --image or --face")
+    with _open(args) as index:
+        if args.image:
+            receipt = index.protect_image(_read_image(args.image, "image"), args.reason, args.item_id)
+        else:
+            if not args.identity:
+                raise InvalidInput("identity", "--face needs --identity")
+            images = [_read_image(p, f"face[{i}]") for i, p in enumerate(args.face)]
+            receipt = index.protect_face(images, args.identity, args.reason)
+    _emit(args, asdict(receipt), f"protected {receipt.kind} {receipt.subject} as {receipt.pid}")
+    return 0
+
+
+def _unprotect(args) -> int:
+    with _open(args) as index:
+        pids = index.unprotect(args.id, args.reason)
+    _emit(args, {"removed": pids}, f"removed {', '.join(pids)}")
+    return 0

@@ -1,0 +1,147 @@
+"""Screening one image against the index: copy matches per signal, and faces.
+
+Candidates are the closest items of each signal (training rows and protected images); every
+candidate is then scored on every signal exactly, so a match reports all its evidence. A signal
+`crossed` when its score is at least as close as the calibrated threshold; a candidate is a copy
+when any signal crossed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from guard.index.config import crosses, higher_is_closer
+from guard.index.pdq import check_image, pdq_hash
+from guard.index.signals import exact_scores
+
+SCREEN_K = 5          # candidates per signal
+FACE_K = 3
+
+
+@dataclass
+class SignalScore:
+    score: float        # cosine (latent, clip) or distance (pdq bits)
+    threshold: float
+    crossed: bool
+
+
+@dataclass
+class CopyMatch:
+    item_id: str                     # training item id, or the protected subject
+    protected: bool                  # a protection covers this item
+    signals: dict[str, SignalScore]
+    is_copy: bool
+    protection_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FaceMatch:
+    box: tuple[int, int, int, int]   # left, top, right, bottom in the screened image
+    identity: str | None             # closest identity (training "item#faceN" or a protected name)
+    distance: float | None           # Euclidean descriptor distance to it
+    threshold: float
+    matched: bool                    # distance ≤ threshold
+    protected: bool                  # the identity is a protected one
+    item_id: str | None = None       # training item the identity comes from
+    protection_id: str | None = None
+
+
+@dataclass
+class ScreenResult:
+    is_copy: bool
+    protected: bool                  # a protected item or identity matched
+    matches: list[CopyMatch]         # candidates, copies first, closest first
+    faces: list[FaceMatch]
+    signals: list[str]               # the signals that were checked
+    calibrated: bool
+    seconds: float
+
+    @property
+    def copies(self) -> list[CopyMatch]:
+        return [m for m in self.matches if m.is_copy]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _queries(index, image: np.ndarray, snap) -> dict[str, np.ndarray]:
+    queries = {"pdq": pdq_hash(image)[0]}
+    if "latent" in index.signals or snap.count("latent"):
+        queries["latent"] = index.latent_encoder().encode([image])[0]
+    if "clip" in index.signals:
+        queries["clip"] = index.clip_encoder().encode([image])[0]
+    return queries
+
+
+def _copy_matches(index, queries: dict[str, np.ndarray], snap) -> list[CopyMatch]:
+    train_rows: set[int] = set()
+    prot_pids: set[str] = set()
+    for signal, query in queries.items():
+        for hit in index.search_signal(signal, query, SCREEN_K, snap):
+            (prot_pids.add(hit["pid"]) if hit["protected"] else train_rows.add(hit["row"]))
+    names = index.items.ids_of_rows(sorted(train_rows))
+    protected_by: dict[str, list[str]] = {}
+    for pid, prot in snap.protections.items():
+        protected_by.setdefault(prot.subject, []).append(pid)
+    th = index.thresholds
+    matches = []
+    for row in sorted(train_rows):
+        scores = {s: float(index.signals[s].score_rows(q, [row])[0]) for s, q in queries.items() if s in index.signals}
+        matches.append(_match(names[row], scores, th, protected_by.get(names[row], [])))
+    for pid in sorted(prot_pids):
+        prot = snap.protections[pid]
+        scores = {}
+        for s, q in queries.items():
+            vecs = [v for v, _ in prot.vectors.get(s, [])]
+            if vecs:
+                scores[s] = float(exact_scores(s, np.stack(vecs), q).max() if higher_is_closer(s)
+                                  else exact_scores(s, np.stack(vecs), q).min())
+        matches.append(_match(prot.subject, scores, th, protected_by.get(prot.subject, [pid])))
+    key = lambda m: (not m.is_copy, -m.signals["latent"].score if "latent" in m.signals else 0.0)
+    return sorted(matches, key=key)
+
+
+def _match(item_id: str, scores: dict[str, float], th, pids: list[str]) -> CopyMatch:
+    signals = {s: SignalScore(round(v, 6), getattr(th, s), crosses(s, v, getattr(th, s))) for s, v in scores.items()}
+    return CopyMatch(item_id, bool(pids), signals, any(x.crossed for x in signals.values()), list(pids))
+
+
+def _face_matches(index, image: np.ndarray, snap) -> list[FaceMatch]:
+    """One FaceMatch per detected face. A protected identity within the threshold wins over a
+    closer training identity: a protection must never be hidden behind the training set."""
+    th = index.thresholds.face
+    out = []
+    for face in index.face_embedder().detect(image):
+        hits = index.search_signal("face", face.descriptor, FACE_K, snap)
+        if not hits:
+            out.append(FaceMatch(face.box, None, None, th, False, False))
+            continue
+        protected_hits = [h for h in hits if h["protected"]]
+        best = protected_hits[0] if protected_hits and protected_hits[0]["score"] <= th else hits[0]
+        dist = round(best["score"], 6)
+        if best["protected"]:
+            out.append(FaceMatch(face.box, best["subject"], dist, th, best["score"] <= th, True,
+                                 protection_id=best["pid"]))
+            continue
+        item_row, identity = index.items.faces_of_rows([best["row"]])[best["row"]]
+        item_id = index.items.ids_of_rows([item_row]).get(item_row)
+        protected = identity in snap.protected_subjects or item_id in snap.protected_subjects
+        out.append(FaceMatch(face.box, identity, dist, th, best["score"] <= th, protected, item_id=item_id))
+    return out
+
+
+def screen_image(index, image: np.ndarray) -> ScreenResult:
+    t0 = time.perf_counter()
+    image = check_image(image, "image")
+    snap = index.snapshot()
+    queries = _queries(index, image, snap)
+    matches = _copy_matches(index, queries, snap)
+    faces = []
+    if "face" in index.signals or snap.count("face"):
+        faces = _face_matches(index, image, snap)
+    protected = any(m.is_copy and m.protected for m in matches) or any(f.matched and f.protected for f in faces)
+    return ScreenResult(any(m.is_copy for m in matches), protected, matches, faces,
+                        sorted(queries) + (["face"] if faces or "face" in index.signals else []),
+                        index.thresholds.calibrated, round(time.perf_counter() - t0, 4))

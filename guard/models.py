@@ -1,0 +1,94 @@
+"""Model builders from configs, with random weights: the testbed's tiny pipeline and SD 1.5's UNet.
+
+Tests and benchmarks build these instead of downloading anything. The testbed trains the tiny
+architecture; the SD 1.5 UNet has Stable Diffusion 1.5's real architecture (320/640/1280/1280
+channels, 8 heads of dim 40-160, cross-attention dim 768) for realistic overhead measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class TinyPipelineConfig:
+    """Architecture of the testbed pipeline (64×64 RGB images, 16×16×4 latents)."""
+    image_size: int = 64
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def build_vae(cfg: TinyPipelineConfig = TinyPipelineConfig()) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
+        sample_size=cfg.image_size,
+    )
+
+
+def build_text_encoder(cfg: TinyPipelineConfig = TinyPipelineConfig()) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_unet(cfg: TinyPipelineConfig = TinyPipelineConfig()) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=32,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule, epsilon prediction."""
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def build_sd15_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """UNet2DConditionModel with Stable Diffusion 1.5's architecture and random weights (~860M params)."""
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ).to(dtype)
+
+
+def build_tiny_pipeline(cfg: TinyPipelineConfig = TinyPipelineConfig(), tokenizer=None):
+    """A StableDiffusionPipeline of the testbed's architecture with random weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from guard.testbed.tokenizer import load_clip_tokenizer
+
+    return StableDiffusionPipeline(
+        vae=build_vae(cfg), text_encoder=build_text_encoder(cfg), tokenizer=tokenizer or load_clip_tokenizer(),
+        unet=build_tiny_unet(cfg), scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )

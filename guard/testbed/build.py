@@ -1,0 +1,146 @@
+"""`memguard testbed build`: dataset → VAE → latents → UNet + text encoder → pipeline dir → report.
+
+The output directory holds a diffusers StableDiffusionPipeline (loadable with `from_pretrained`),
+the prompt sets, REPORT.md, a contact sheet and MANIFEST.json with the sha256 of every file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from guard.errors import MemGuardError
+from guard.models import TinyPipelineConfig, build_scheduler
+from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
+from guard.testbed.tokenizer import load_clip_tokenizer
+from guard.testbed.train import TrainConfig, encode_latents, train_unet, train_vae
+
+log = logging.getLogger(__name__)
+
+TESTBED_DIR = Path(__file__).resolve().parent
+MODEL_SUBDIR = "model"
+MANIFEST = "MANIFEST.json"
+
+
+class BuildError(MemGuardError):
+    """The build cannot proceed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    data: TestbedDataConfig = TestbedDataConfig()
+    model: TinyPipelineConfig = TinyPipelineConfig()
+    train: TrainConfig = TrainConfig()
+    report_seeds: int = 8
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail early, with the path in the message, if `out` cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise BuildError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(out: Path, cfg: BuildConfig, timings: dict[str, float]) -> Path:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format": 1,
+        "config": dataclasses.asdict(cfg),
+        "timings_s": timings,
+        "torch": torch.__version__,
+        "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
+    }
+    path = out / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def verify_manifest(out: Path) -> list[str]:
+    """Files whose sha256 differs from the manifest (or are missing)."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    bad = []
+    for rel, digest in manifest["files"].items():
+        p = out / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            bad.append(rel)
+    return bad
+
+
+def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
+    """Train every component and save the pipeline under out/model. Returns timings in seconds."""
+    from diffusers import StableDiffusionPipeline
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    timings = {}
+    t = time.time()
+    items = build_training_set(cfg.data)
+    tokenizer = load_clip_tokenizer()
+    timings["dataset"] = time.time() - t
+    log.info("training set: %d unique items, %d with duplicates", len(items), sum(i.duplicates for i in items))
+
+    t = time.time()
+    stage = out / "stage-vae"  # a finished VAE survives an interrupted build: UNet training resumes after it
+    if (stage / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(stage).eval()
+        log.info("reusing the VAE trained earlier in %s", stage)
+    else:
+        vae = train_vae(items, cfg.model, cfg.train)
+        vae.save_pretrained(stage)
+    timings["vae"] = time.time() - t
+
+    t = time.time()
+    latents = encode_latents(vae, [it.image for it in items])
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    unet, text_encoder = train_unet(items, latents * scaling, tokenizer, cfg.model, cfg.train)
+    timings["unet"] = time.time() - t
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    staging = out / (MODEL_SUBDIR + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    final = out / MODEL_SUBDIR
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    shutil.rmtree(stage)
+    write_prompt_sets(out / "prompts", cfg.data)
+    return timings
+
+
+def build(out: Path, cfg: BuildConfig = BuildConfig(), *, report: bool = True) -> Path:
+    """Reproduce the testbed into `out`. Returns the manifest path."""
+    from guard.testbed.report import write_report
+
+    check_output_dir(out)
+    build_training_set(dataclasses.replace(cfg.data, num_procedural=1))  # missing photos fail before training
+    timings = train_and_save(out, cfg)
+    if report:
+        t = time.time()
+        write_report(out, cfg.data, seeds=cfg.report_seeds, timings=dict(timings))
+        timings["report"] = time.time() - t
+    return write_manifest(out, cfg, timings)

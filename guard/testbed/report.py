@@ -1,0 +1,184 @@
+"""Does the testbed really memorize? Measure it and write REPORT.md, report.json and a contact sheet.
+
+Generation goes through diffusers' own pipeline (guard.loading.sample_plain) and copies are
+judged in pixel space (guard.testbed.copies), so the report is independent of the guard.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from guard.loading import load_pipeline, sample_plain
+from guard.testbed import copies
+from guard.testbed.dataset import PHOTOS, TestbedDataConfig, build_training_set
+from guard.testbed.train import encode_latents
+
+REPORT_STEPS = 30
+REPORT_GUIDANCE = 7.5
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    target: str                     # item id of the photo it should not copy, or "" for novel prompts
+    copy_fraction: float            # share of seeds judged near copies
+    ssim: list[float] = field(default_factory=list)
+    rmse: list[float] = field(default_factory=list)
+    nearest: list[str] = field(default_factory=list)   # novel prompts: nearest training item per seed
+
+
+@dataclass
+class TestbedFigures:
+    seeds: list[int]
+    reconstruction: dict[str, dict[str, float]]         # photo → ssim/rmse of the VAE reconstruction
+    distinct_pair_ssim_max: float                       # photos vs nearest other training image
+    memorized: list[PromptResult]
+    paraphrased: list[PromptResult]
+    novel: list[PromptResult]
+
+    def share_memorized_copying(self) -> float:
+        """Share of memorized captions that give near copies in most (> half) seeds."""
+        return float(np.mean([r.copy_fraction > 0.5 for r in self.memorized]))
+
+
+def _reconstructions(pipe, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        lat = encode_latents(pipe.vae, list(images))
+        rec = pipe.vae.decode(lat).sample
+    return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _score_targeted(pipe, prompts: list[str], targets: list[str], train: dict[str, np.ndarray],
+                    seeds: list[int]) -> tuple[list[PromptResult], np.ndarray]:
+    flat_prompts = [p for p in prompts for _ in seeds]
+    images = sample_plain(pipe, flat_prompts, seeds * len(prompts), steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
+    results = []
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        scores = [copies.copy_score(images[i * len(seeds) + j], train[target]) for j in range(len(seeds))]
+        results.append(PromptResult(prompt, target, float(np.mean([s.is_copy for s in scores])),
+                                    [round(s.ssim, 4) for s in scores], [round(s.rmse, 4) for s in scores]))
+    return results, images
+
+
+def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
+             data_cfg: TestbedDataConfig = TestbedDataConfig(), novel_seeds: int = 2):
+    """Generate and judge every prompt set. Returns (figures, images by set) for the report."""
+    pipe = load_pipeline(model_dir)
+    items = build_training_set(data_cfg)
+    train = {it.item_id: it.image for it in items}
+    all_images = np.stack([it.image for it in items])
+    ids = [it.item_id for it in items]
+    photo_ids = [f"photo-{p.key}" for p in PHOTOS]
+
+    recon = _reconstructions(pipe, np.stack([train[i] for i in photo_ids]))
+    reconstruction = {}
+    distinct = []
+    for pid, rec in zip(photo_ids, recon):
+        s = copies.copy_score(rec, train[pid])
+        reconstruction[pid] = {"ssim": round(s.ssim, 4), "rmse": round(s.rmse, 4)}
+        others = np.stack([im for i, im in zip(ids, all_images) if i != pid])
+        distinct.append(copies.nearest(train[pid], others)[1].ssim)
+
+    memorized_prompts = (prompts_dir / "memorized.txt").read_text().splitlines()
+    memorized, mem_images = _score_targeted(pipe, memorized_prompts, photo_ids, train, seeds)
+    para_prompts = (prompts_dir / "paraphrased.txt").read_text().splitlines()
+    per_photo = len(para_prompts) // len(photo_ids)
+    para_targets = [pid for pid in photo_ids for _ in range(per_photo)]
+    paraphrased, _ = _score_targeted(pipe, para_prompts, para_targets, train, seeds)
+
+    novel_prompts = (prompts_dir / "novel.txt").read_text().splitlines()
+    nseeds = seeds[:novel_seeds]
+    nov_images = sample_plain(pipe, [p for p in novel_prompts for _ in nseeds], nseeds * len(novel_prompts),
+                              steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
+    novel = []
+    for i, prompt in enumerate(novel_prompts):
+        found = [copies.nearest(nov_images[i * len(nseeds) + j], all_images) for j in range(len(nseeds))]
+        novel.append(PromptResult(prompt, "", float(np.mean([s.is_copy for _, s in found])),
+                                  [round(s.ssim, 4) for _, s in found], [round(s.rmse, 4) for _, s in found],
+                                  [ids[k] for k, _ in found]))
+    figures = TestbedFigures(seeds, reconstruction, round(float(max(distinct)), 4), memorized, paraphrased, novel)
+    return figures, {"train": [train[p] for p in photo_ids], "recon": recon, "memorized": mem_images,
+                     "novel": nov_images}
+
+
+def contact_sheet(images: dict, seeds_shown: int, n_seeds: int, path: Path, novel_rows: int = 6) -> Path:
+    """Rows: training photo | VAE reconstruction | generations; then novel prompts' generations."""
+    rows = []
+    for k in range(len(images["train"])):
+        gens = [images["memorized"][k * n_seeds + j] for j in range(seeds_shown)]
+        rows.append(np.concatenate([images["train"][k], images["recon"][k], *gens], axis=1))
+    width = rows[0].shape[1]
+    per_row = width // images["novel"].shape[2]
+    novel = images["novel"][:novel_rows * per_row]
+    for r in range(0, len(novel), per_row):
+        chunk = list(novel[r:r + per_row])
+        chunk += [np.full_like(novel[0], 255)] * (per_row - len(chunk))
+        rows.append(np.concatenate(chunk, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).resize(
+        (width * 2, len(rows) * images["novel"].shape[1] * 2), Image.NEAREST).save(path)
+    return path
+
+
+def _stats(values: list[float]) -> str:
+    v = np.asarray(values)
+    return (f"min {v.min():.3f} · median {np.median(v):.3f} · p95 {np.percentile(v, 95):.3f} · "
+            f"max {v.max():.3f}")
+
+
+def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> str:
+    n = len(fig.seeds)
+    lines = [
+        "# Testbed report", "",
+        "Regenerated by `memguard testbed build` (or `memguard testbed report`). Images come from diffusers'",
+        f"own StableDiffusionPipeline (DDIM, {REPORT_STEPS} steps, guidance {REPORT_GUIDANCE}, 64×64), seeds "
+        f"{fig.seeds}.", "",
+        "## Near-copy measure (pixel space, independent of the guard)",
+        f"A generation is a **near copy** of a training image when SSIM ≥ {copies.SSIM_THRESHOLD} **and** "
+        f"RMSE ≤ {copies.RMSE_THRESHOLD} (pixels in [0, 1]).",
+        "The VAE caps how close a copy can get; its reconstructions of the memorized photos score:", "",
+        "| photo | recon SSIM | recon RMSE |", "|---|---|---|",
+        *[f"| {k} | {v['ssim']:.3f} | {v['rmse']:.3f} |" for k, v in fig.reconstruction.items()], "",
+        f"Distinct training images are far below the threshold: the highest SSIM between a photo and any other "
+        f"training image is {fig.distinct_pair_ssim_max:.3f}.", "",
+        "## Memorized captions (each photo duplicated in training)",
+        f"**{fig.share_memorized_copying():.0%} of memorized captions give near copies in most seeds.**", "",
+        "| caption | copies / seeds | SSIM (median) | RMSE (median) |", "|---|---|---|---|",
+        *[f"| {r.prompt} | {round(r.copy_fraction * n)}/{n} | {np.median(r.ssim):.3f} | {np.median(r.rmse):.3f} |"
+          for r in fig.memorized], "",
+        "## Light paraphrases of memorized captions", "",
+        "| paraphrase | target | copies / seeds | SSIM (median) |", "|---|---|---|---|",
+        *[f"| {r.prompt} | {r.target} | {round(r.copy_fraction * n)}/{n} | {np.median(r.ssim):.3f} |"
+          for r in fig.paraphrased], "",
+        f"Paraphrases giving near copies in most seeds: "
+        f"{np.mean([r.copy_fraction > 0.5 for r in fig.paraphrased]):.0%}.", "",
+        "## Novel prompts (caption combinations held out of training)",
+        f"{len(fig.novel)} prompts × {len(fig.novel[0].ssim)} seeds; similarity to the nearest training image:", "",
+        f"- SSIM: {_stats([s for r in fig.novel for s in r.ssim])}",
+        f"- RMSE: {_stats([s for r in fig.novel for s in r.rmse])}",
+        f"- near copies: {sum(round(r.copy_fraction * len(r.ssim)) for r in fig.novel)} of "
+        f"{sum(len(r.ssim) for r in fig.novel)} generations", "",
+        "## Contact sheet", "",
+        "`contact_sheet.png`: per memorized photo, training image | VAE reconstruction | generations for the first "
+        "seeds; below, generations for novel prompts.", "",
+    ]
+    if timings:
+        lines += ["## Build time (this machine)", "",
+                  *[f"- {k}: {v:.0f} s" for k, v in timings.items()], ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, data_cfg: TestbedDataConfig = TestbedDataConfig(), seeds: int = 8,
+                 timings: dict[str, float] | None = None) -> TestbedFigures:
+    """Evaluate out/model with out/prompts; write REPORT.md, report.json and contact_sheet.png into out."""
+    seed_list = list(range(seeds))
+    fig, images = evaluate(out / "model", out / "prompts", seed_list, data_cfg)
+    (out / "report.json").write_text(json.dumps(asdict(fig), indent=1) + "\n")
+    contact_sheet(images, min(4, seeds), seeds, out / "contact_sheet.png")
+    (out / "REPORT.md").write_text(render_markdown(fig, timings))
+    return fig

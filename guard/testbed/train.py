@@ -1,0 +1,137 @@
+"""Training the testbed on CPU: the VAE for reconstruction, then the UNet and text encoder jointly.
+
+The UNet trains on latents encoded once by the finished VAE, so its steps cost no VAE passes.
+Photos are duplicated in the sampling list, so the model sees each one hundreds of times more
+often than any procedural image: that is what makes it memorize them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guard.models import TinyPipelineConfig, build_scheduler, build_text_encoder, build_tiny_unet, build_vae
+from guard.testbed.dataset import TrainingItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vae_steps: int = 1400
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_photo_share: float = 0.3   # photos' share of VAE batches: copies are judged on them
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1   # empty caption, so classifier-free guidance works
+    warmup: int = 100
+    seed: int = 0
+    threads: int = 0               # 0: leave torch's default
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images → float32 [N, 3, H, W] in [-1, 1]."""
+    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(items: list[TrainingItem], model_cfg: TinyPipelineConfig, cfg: TrainConfig):
+    """Train the AutoencoderKL for reconstruction (L1 + MSE, a tiny KL term). Returns the VAE."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(model_cfg)
+    data = images_to_tensor([it.image for it in items])
+    photo_idx = torch.tensor([i for i, it in enumerate(items) if it.kind == "photo"])
+    other_idx = torch.tensor([i for i, it in enumerate(items) if it.kind != "photo"])
+    n_photo = max(1, round(cfg.vae_batch * cfg.vae_photo_share)) if len(photo_idx) else 0
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        idx = other_idx[torch.randint(len(other_idx), (cfg.vae_batch - n_photo,), generator=gen)]
+        if n_photo:
+            idx = torch.cat([idx, photo_idx[torch.randint(len(photo_idx), (n_photo,), generator=gen)]])
+        x = data[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: list[np.ndarray], batch: int = 64) -> torch.Tensor:
+    """Posterior means of uint8 [H, W, 3] images, unscaled. [N, C, h, w] float32."""
+    data = images_to_tensor(images)
+    return torch.cat([vae.encode(data[i:i + batch]).latent_dist.mean for i in range(0, len(data), batch)])
+
+
+@torch.no_grad()
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer, model_cfg: TinyPipelineConfig,
+               cfg: TrainConfig):
+    """Train UNet + text encoder jointly on scaled latents (epsilon objective). Returns (unet, text_encoder)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)
+    unet, text_encoder, scheduler = build_tiny_unet(model_cfg), build_text_encoder(model_cfg), build_scheduler()
+    ids = tokenize(tokenizer, [it.caption for it in items])
+    empty = tokenize(tokenizer, [""])[0]
+    # the sampling list: each item repeated `duplicates` times
+    pool = torch.tensor([i for i, it in enumerate(items) for _ in range(it.duplicates)])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    alphas = scheduler.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(cfg.unet_steps), desc="unet", mininterval=5)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        idx = pool[torch.randint(len(pool), (cfg.unet_batch,), generator=gen)]
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
+        tok[drop] = empty
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text_encoder(tok).last_hidden_state
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    log.info("unet trained: %d steps in %.0f s", cfg.unet_steps, time.time() - t0)
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder

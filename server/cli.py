@@ -1,0 +1,278 @@
+"""`memguard serve`, `memguard client …` and `memguard apikey`.
+
+    memguard serve                                   # testbed model (+ index if built) on 127.0.0.1:50051
+    memguard serve --config memguard.toml --port 8443
+    memguard client generate --server 127.0.0.1:50051 --prompt "a red apple" --out out/
+    memguard client demo                             # start a local server, send the demo mix
+    memguard apikey --name frontend --scopes generate,screen >> keys.toml
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from guard.types import FaceAction, GenerationRequest, GuardMode
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TESTBED_INDEX_DIR = Path(__file__).resolve().parent.parent / "guard" / "testbed" / "index"
+
+
+def register(subparsers) -> None:
+    _register_serve(subparsers)
+    _register_client(subparsers)
+    p = subparsers.add_parser("apikey", help="make an API key and print its key-file entry (hash only)")
+    p.add_argument("--name", required=True, help="who holds the key (shown in PERMISSION_DENIED messages)")
+    p.add_argument("--scopes", default="generate,screen", help="comma list of generate,screen,admin,audit")
+    p.set_defaults(func=_apikey)
+
+
+# ----------------------------------------------------------------------------- serve
+def _register_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the gRPC service (health, reflection, Prometheus metrics)")
+    p.add_argument("--config", help="TOML file: [server] [engine] [batching] [limits]; flags override it")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; -1 disables)")
+    p.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
+    p.add_argument("--engine", help="engine factory module:attr (default guard.engine:PipelineEngine)")
+    p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
+    p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")
+    p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
+    p.add_argument("--policy", help="guard policy file (guarded engine; default: the model's calibrated policy)")
+    p.add_argument("--tiny-random", action="store_true", help="random-weight testbed architecture (smoke tests)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--auth-file", help="API key file (TOML/JSON, sha256 hashes); none: auth off, loopback only")
+    p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--max-batch-images", type=int, help="images per micro-batch (default 8)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="max wait for a batch to fill (default 10)")
+    p.add_argument("--max-queue", type=int, help="admission queue size (default 64)")
+    p.add_argument("--mode", choices=[m.value for m in GuardMode], help="guard mode for requests that set none")
+    p.add_argument("--drain-delay", type=float, help="seconds NOT_SERVING before refusing RPCs on SIGTERM")
+    p.add_argument("--grace", type=float, help="seconds in-flight RPCs get on shutdown (default 30)")
+    p.set_defaults(func=_serve)
+
+
+def build_config(args: argparse.Namespace):
+    from server.config import load_config, override
+
+    config = load_config(args.config)
+    index = args.index
+    if index is None and not args.no_index and config.engine.index is None and TESTBED_INDEX_DIR.is_dir():
+        index = str(TESTBED_INDEX_DIR)
+    return override(
+        config, host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        engine_spec=args.engine, auth_file=args.auth_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        default_mode=GuardMode(args.mode) if args.mode else None,
+        drain_delay_s=args.drain_delay, grace_s=args.grace,
+        **{"engine.model": args.model, "engine.index": index, "engine.policy": args.policy,
+           "engine.device": args.device,
+           "engine.torch_threads": args.torch_threads, "engine.tiny_random": args.tiny_random or None,
+           "batching.max_batch_images": args.max_batch_images, "batching.max_queue": args.max_queue,
+           "batching.max_queue_delay_ms": args.max_queue_delay_ms})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import serve_until_signal
+
+    config = build_config(args)
+    config.validate()
+    asyncio.run(serve_until_signal(config))
+    return 0
+
+
+# ----------------------------------------------------------------------------- client
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
+    p.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"),
+                   help="API key (default: $MEMGUARD_API_KEY)")
+    p.add_argument("--tls-ca", help="PEM CA file: connect with TLS")
+    p.add_argument("--timeout", type=float, help="deadline per call, seconds")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _register_client(subparsers) -> None:
+    p = subparsers.add_parser("client", help="call a running MemGuard server")
+    sub = p.add_subparsers(dest="client_command", required=True, metavar="CALL")
+
+    g = sub.add_parser("generate", help="generate images through the server")
+    _connection_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--size", type=int, default=64)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--mode", choices=[m.value for m in GuardMode], default=GuardMode.ENFORCE.value)
+    g.add_argument("--face-action", choices=[a.value for a in FaceAction], default=FaceAction.BLUR.value)
+    g.add_argument("--stream", action="store_true", help="print progress events per step")
+    g.add_argument("--out", type=Path, help="directory for the returned PNGs")
+    g.set_defaults(func=_client_generate)
+
+    s = sub.add_parser("screen", help="screen an image file against the index")
+    _connection_args(s)
+    s.add_argument("image", type=Path)
+    s.set_defaults(func=_client_screen)
+
+    pr = sub.add_parser("protect", help="add an image or a face identity to the protected registry")
+    _connection_args(pr)
+    pr.add_argument("--image", type=Path, help="image to protect")
+    pr.add_argument("--item-id", default="")
+    pr.add_argument("--face-photo", type=Path, action="append", help="photo of the person (repeatable)")
+    pr.add_argument("--identity", help="name of the protected identity (with --face-photo)")
+    pr.add_argument("--reason", required=True)
+    pr.set_defaults(func=_client_protect)
+
+    u = sub.add_parser("unprotect", help="remove a protected-registry entry")
+    _connection_args(u)
+    u.add_argument("id")
+    u.add_argument("--reason", required=True)
+    u.set_defaults(func=_client_unprotect)
+
+    st = sub.add_parser("stats", help="index statistics")
+    _connection_args(st)
+    st.set_defaults(func=_client_stats)
+
+    h = sub.add_parser("health", help="grpc.health.v1 status")
+    _connection_args(h)
+    h.set_defaults(func=_client_health)
+
+    d = sub.add_parser("demo", help="send memorized/paraphrased/novel prompts, print decisions "
+                                    "(without --server: start a local server first)")
+    _connection_args(d)
+    d.set_defaults(server=None)
+    d.add_argument("--per-set", type=int, default=3, help="prompts per set")
+    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--tiny-random", action="store_true", help="local server on random weights (no testbed)")
+    d.set_defaults(func=_client_demo)
+
+
+def _conn(args):
+    from server.client import Connection
+
+    return Connection(args.server, args.api_key, args.tls_ca, args.timeout)
+
+
+def _print(args, payload: dict, text: str) -> None:
+    print(json.dumps(payload, indent=1) if args.json else text)
+
+
+def _client_generate(args) -> int:
+    from server.client import remote_generate
+    from server.convert import encode_png
+
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.size,
+                                width=args.size, steps=args.steps, guidance_scale=args.guidance_scale,
+                                seed=args.seed, num_images=args.num_images, mode=GuardMode(args.mode),
+                                face_action=FaceAction(args.face_action))
+    on_progress = (lambda e: print(f"  image {e.image_index} step {e.step + 1}/{e.total_steps} "
+                                   + " ".join(f"{k}={v:.3g}" for k, v in e.signals.items()))) if args.stream else None
+    results = remote_generate(_conn(args), request, on_progress=on_progress)
+    rows = []
+    for r in results:
+        path = None
+        if args.out is not None and r.image is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"image_{r.index}_seed{r.seed}.png"
+            path.write_bytes(encode_png(r.image))
+        rows.append({"index": r.index, "seed": r.seed, "decision": r.decision.value, "reason": r.reason.value,
+                     "steps_computed": r.report.steps_computed, "first_flagged_step": r.report.first_flagged_step,
+                     "scores": r.report.scores, "path": str(path) if path else None,
+                     **({"audit": r.report.audit} if r.report.audit else {})})
+    text = "\n".join(f"image {x['index']} seed {x['seed']}: {x['decision']} ({x['reason']}), "
+                     f"{x['steps_computed']} steps" + (f" -> {x['path']}" if x["path"] else "") for x in rows)
+    _print(args, {"images": rows}, text)
+    return 0
+
+
+def _client_screen(args) -> int:
+    from server.client import remote_screen
+
+    o = remote_screen(_conn(args), args.image.read_bytes())
+    payload = {"copy_detected": o.copy_detected, "faces_detected": o.faces_detected,
+               "faces_matched": o.faces_matched, "reason": o.reason.value, **({"audit": o.audit} if o.audit else {})}
+    _print(args, payload, f"{args.image}: copy={o.copy_detected} faces={o.faces_detected} "
+                          f"matched={o.faces_matched} reason={o.reason.value}")
+    return 0
+
+
+def _client_protect(args) -> int:
+    from guard.errors import InvalidInput
+    from server.client import remote_protect_face, remote_protect_image
+
+    if bool(args.image) == bool(args.face_photo):
+        raise InvalidInput("--image/--face-photo", "give exactly one of --image or --face-photo")
+    if args.image:
+        item = remote_protect_image(_conn(args), args.image.read_bytes(), args.reason, args.item_id)
+    else:
+        if not args.identity:
+            raise InvalidInput("--identity", "required with --face-photo")
+        item = remote_protect_face(_conn(args), [p.read_bytes() for p in args.face_photo], args.identity, args.reason)
+    _print(args, {"id": item}, f"protected: {item}")
+    return 0
+
+
+def _client_unprotect(args) -> int:
+    from server.client import remote_unprotect
+
+    removed = remote_unprotect(_conn(args), args.id, args.reason)
+    _print(args, {"removed": removed}, "removed" if removed else "not found")
+    return 0
+
+
+def _client_stats(args) -> int:
+    from server.client import remote_index_stats
+
+    s = remote_index_stats(_conn(args))
+    _print(args, {"items": s.items, "protected_items": s.protected_items, "details": s.details},
+           f"items {s.items}, protected {s.protected_items}")
+    return 0
+
+
+def _client_health(args) -> int:
+    from server.client import health_status
+
+    status = health_status(_conn(args))
+    _print(args, {"status": status}, status)
+    return 0 if status == "SERVING" else 1
+
+
+def _client_demo(args) -> int:
+    from server.client import Connection
+    from server.demo import format_rows, run_demo
+
+    if args.server is not None:
+        rows = run_demo(_conn(args), per_set=args.per_set, steps=args.steps)
+        print(format_rows(rows))
+        return 0
+    from server.app import BackgroundServer
+    from server.config import ServerConfig, override
+
+    config = override(ServerConfig(port=0, metrics_port=-1), **{"engine.tiny_random": args.tiny_random or None,
+                      "engine.index": str(TESTBED_INDEX_DIR) if TESTBED_INDEX_DIR.is_dir() else None})
+    server = BackgroundServer(config)
+    server.start()
+    print(f"local server on {server.target} (engine {server.server.engine.name}, "
+          f"guarded={server.server.engine.guarded})")
+    try:
+        rows = run_demo(Connection(server.target, timeout=args.timeout), per_set=args.per_set, steps=args.steps)
+    finally:
+        server.stop()
+    print(format_rows(rows))
+    return 0
+
+
+def _apikey(args) -> int:
+    from server.auth import key_entry, new_key
+
+    key = new_key()
+    entry = key_entry(args.name, key, [s.strip() for s in args.scopes.split(",") if s.strip()])
+    print(f"# API key for {args.name} (shown once; the file keeps only its sha256): {key}")
+    print(f'[[keys]]\nname = {json.dumps(entry["name"])}\nsha256 = "{entry["sha256"]}"\n'
+          f'scopes = {json.dumps(entry["scopes"])}')
+    return 0

@@ -1,0 +1,170 @@
+"""protobuf ⇄ guard types, both directions (the server uses one, the client the other).
+
+Membership information (GuardReport.audit, ScreenOutcome.audit) is copied into a message only
+when the caller says `audit=True`; the servicer decides that from the caller's scopes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+
+from guard.engine import IndexStats, ScreenOutcome
+from guard.errors import InvalidInput
+from guard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
+                         RequestLimits, StepEvent)
+from proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
+
+MAX_UPLOAD_PIXELS = 4096 * 4096   # decoded size cap for uploads: no decompression bombs
+
+MODES = {pb.GUARD_MODE_ENFORCE: GuardMode.ENFORCE, pb.GUARD_MODE_MONITOR: GuardMode.MONITOR,
+         pb.GUARD_MODE_OFF: GuardMode.OFF}
+FACE_ACTIONS = {pb.FACE_ACTION_BLUR: FaceAction.BLUR, pb.FACE_ACTION_PIXELATE: FaceAction.PIXELATE,
+                pb.FACE_ACTION_BLOCK: FaceAction.BLOCK}
+DECISIONS = {Decision.ALLOWED: pb.DECISION_ALLOWED, Decision.REROUTED: pb.DECISION_REROUTED,
+             Decision.FACE_OBFUSCATED: pb.DECISION_FACE_OBFUSCATED, Decision.BLOCKED: pb.DECISION_BLOCKED}
+REASONS = {Reason.NONE: pb.REASON_NONE, Reason.MEMORIZATION: pb.REASON_MEMORIZATION,
+           Reason.PROTECTED_FACE: pb.REASON_PROTECTED_FACE, Reason.SCREENING_FAILED: pb.REASON_SCREENING_FAILED,
+           Reason.CANCELLED: pb.REASON_CANCELLED}
+MODE_TO_PB = {v: k for k, v in MODES.items()}
+FACE_TO_PB = {v: k for k, v in FACE_ACTIONS.items()}
+DECISION_FROM_PB = {v: k for k, v in DECISIONS.items()}
+REASON_FROM_PB = {v: k for k, v in REASONS.items()}
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    size: int = 64
+    steps: int = 30
+    mode: GuardMode = GuardMode.ENFORCE
+    face_action: FaceAction = FaceAction.BLUR
+
+
+# ----------------------------------------------------------------------------- images
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, field: str) -> np.ndarray:
+    """PNG/JPEG bytes → uint8 [H, W, 3]; InvalidInput naming `field` otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InvalidInput(field, "no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_UPLOAD_PIXELS:
+                raise InvalidInput(field, f"{img.width}x{img.height} exceeds {MAX_UPLOAD_PIXELS} pixels")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidInput(field, f"not a decodable PNG or JPEG image ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------- server direction
+def generation_request(msg: pb.GenerateRequest, defaults: RequestDefaults, limits: RequestLimits) -> GenerationRequest:
+    """Message → validated GenerationRequest; zero/unset fields take the server's defaults."""
+    if msg.mode not in MODES and msg.mode != pb.GUARD_MODE_UNSPECIFIED:
+        raise InvalidInput("mode", f"unknown guard mode {msg.mode}")
+    if msg.face_action not in FACE_ACTIONS and msg.face_action != pb.FACE_ACTION_UNSPECIFIED:
+        raise InvalidInput("face_action", f"unknown face action {msg.face_action}")
+    request = GenerationRequest(
+        prompt=msg.prompt, negative_prompt=msg.negative_prompt,
+        height=msg.height or defaults.size, width=msg.width or defaults.size,
+        steps=msg.steps or defaults.steps,
+        seed=msg.seed if msg.HasField("seed") else None,
+        num_images=msg.num_images or 1,
+        mode=MODES.get(msg.mode, defaults.mode),
+        face_action=FACE_ACTIONS.get(msg.face_action, defaults.face_action),
+        request_id=msg.request_id or uuid.uuid4().hex)
+    if msg.HasField("guidance_scale"):
+        request.guidance_scale = msg.guidance_scale
+    request.validate(limits)
+    return request
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def to_struct(data: dict) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(json.loads(json.dumps(data, default=_jsonable)))
+    return struct
+
+
+def report_message(report: GuardReport, audit: bool) -> pb.GuardReport:
+    msg = pb.GuardReport(scores={k: float(v) for k, v in report.scores.items()},
+                         steps_computed=report.steps_computed, mitigations=report.mitigations)
+    if report.first_flagged_step is not None:
+        msg.first_flagged_step = report.first_flagged_step
+    if audit and report.audit:
+        msg.audit.CopyFrom(to_struct(report.audit))
+    return msg
+
+
+def image_message(result: ImageResult, audit: bool) -> pb.GeneratedImage:
+    return pb.GeneratedImage(
+        index=result.index, seed=result.seed, decision=DECISIONS[result.decision], reason=REASONS[result.reason],
+        png=encode_png(result.image) if result.image is not None else b"",
+        report=report_message(result.report, audit))
+
+
+def generate_response(request: GenerationRequest, results: list[ImageResult], effective_mode: GuardMode,
+                      audit: bool) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=request.request_id, effective_mode=MODE_TO_PB[effective_mode],
+                               images=[image_message(r, audit) for r in results])
+
+
+def progress_message(event: StepEvent) -> pb.StepProgress:
+    return pb.StepProgress(request_id=event.request_id, image_index=event.image_index, step=event.step,
+                           total_steps=event.total_steps, action=event.action,
+                           signals={k: float(v) for k, v in event.signals.items()})
+
+
+def screen_response(outcome: ScreenOutcome, request_id: str, audit: bool) -> pb.ScreenResponse:
+    msg = pb.ScreenResponse(request_id=request_id, copy_detected=outcome.copy_detected,
+                            faces_detected=outcome.faces_detected, faces_matched=outcome.faces_matched,
+                            reason=REASONS[outcome.reason])
+    if audit and outcome.audit:
+        msg.audit.CopyFrom(to_struct(outcome.audit))
+    return msg
+
+
+def index_stats_message(stats: IndexStats) -> admin_pb2.IndexStats:
+    return admin_pb2.IndexStats(items=stats.items, protected_items=stats.protected_items,
+                                details={k: float(v) for k, v in stats.details.items()})
+
+
+# ----------------------------------------------------------------------------- client direction
+def request_message(request: GenerationRequest) -> pb.GenerateRequest:
+    msg = pb.GenerateRequest(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                             height=request.height, width=request.width, steps=request.steps,
+                             guidance_scale=request.guidance_scale, num_images=request.num_images,
+                             mode=MODE_TO_PB[request.mode], face_action=FACE_TO_PB[request.face_action],
+                             request_id=request.request_id)
+    if request.seed is not None:
+        msg.seed = request.seed
+    return msg
+
+
+def image_result(msg: pb.GeneratedImage) -> ImageResult:
+    report = GuardReport(scores=dict(msg.report.scores), steps_computed=msg.report.steps_computed,
+                         mitigations=list(msg.report.mitigations),
+                         first_flagged_step=(msg.report.first_flagged_step
+                                             if msg.report.HasField("first_flagged_step") else None),
+                         audit=json_format.MessageToDict(msg.report.audit) if msg.report.HasField("audit") else {})
+    return ImageResult(index=msg.index, seed=msg.seed, decision=DECISION_FROM_PB[msg.decision],
+                       reason=REASON_FROM_PB[msg.reason], report=report,
+                       image=decode_image(msg.png, "png") if msg.png else None)

@@ -1,0 +1,207 @@
+"""Cross-cutting concerns, one interceptor each: metrics (outermost), auth, error mapping (innermost).
+
+They wrap only MemGuard's own services (`/memguard.v1.*`); health and reflection pass untouched.
+The error interceptor is the one place that maps exception types to gRPC status codes; an
+unexpected exception becomes INTERNAL with a logged traceback, and the process keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Callable
+
+import grpc
+
+from guard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource, ScreeningUnavailable
+from server.auth import ANONYMOUS_DEV, METHOD_SCOPES, KeyStore, Principal, current_principal, key_from_metadata
+from server.batcher import DeadlineExceeded, NotServing, QueueFull
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+OUR_PREFIX = "/memguard.v1."
+
+# First match wins: subclasses before their bases.
+STATUS_CODES: tuple[tuple[type[MemGuardError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (NotServing, grpc.StatusCode.UNAVAILABLE),
+    (ScreeningUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (MissingResource, grpc.StatusCode.FAILED_PRECONDITION),
+    (CorruptData, grpc.StatusCode.DATA_LOSS),
+    (MemGuardError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+Behavior = Callable  # (request, context) -> Awaitable[response] | AsyncIterator[response]
+Around = Callable[[Behavior, bool], Behavior]   # (behavior, streaming) -> wrapped behavior
+
+
+def status_for(exc: MemGuardError) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS_CODES if isinstance(exc, cls))
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.RpcMethodHandler | None:
+    """The same handler with its unary-unary or unary-stream behavior wrapped."""
+    if handler is None:
+        return None
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), **kw)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, True), **kw)
+    return handler   # our API has no client-streaming RPCs
+
+
+def _status_name(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by method and final status code and times it."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if not details.method.startswith(OUR_PREFIX):
+            return handler
+        rpc = details.method.rsplit("/", 1)[-1]
+        record = self.metrics.rpc
+
+        def around(behavior: Behavior, streaming: bool) -> Behavior:
+            if streaming:
+                async def timed_stream(request, context):
+                    t0, code = time.perf_counter(), "OK"
+                    try:
+                        async for item in behavior(request, context):
+                            yield item
+                    except BaseException as exc:
+                        code = _status_name(exc, context)
+                        raise
+                    finally:
+                        record(rpc, code, time.perf_counter() - t0)
+                return timed_stream
+
+            async def timed(request, context):
+                t0, code = time.perf_counter(), "OK"
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    code = _status_name(exc, context)
+                    raise
+                finally:
+                    record(rpc, code, time.perf_counter() - t0)
+            return timed
+
+        return wrap_handler(handler, around)
+
+
+def _abort_with(code: grpc.StatusCode, message: str) -> Around:
+    def around(behavior: Behavior, streaming: bool) -> Behavior:
+        if streaming:
+            async def deny_stream(request, context):
+                await context.abort(code, message)
+                yield  # pragma: no cover - abort raises; this line makes it an async generator
+            return deny_stream
+
+        async def deny(request, context):
+            await context.abort(code, message)
+        return deny
+    return around
+
+
+def _as_principal(principal: Principal) -> Around:
+    """Run the behavior with `current_principal` set (the servicer reads the audit scope from it)."""
+    def around(behavior: Behavior, streaming: bool) -> Behavior:
+        if streaming:
+            async def as_stream(request, context):
+                token = current_principal.set(principal)
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    current_principal.reset(token)
+            return as_stream
+
+        async def as_unary(request, context):
+            token = current_principal.set(principal)
+            try:
+                return await behavior(request, context)
+            finally:
+                current_principal.reset(token)
+        return as_unary
+    return around
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API key → principal → scope check. `keys=None` means auth disabled (local developer)."""
+
+    def __init__(self, keys: KeyStore | None):
+        self.keys = keys
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        scope = METHOD_SCOPES.get(details.method)
+        if scope is None:
+            return handler
+        if self.keys is None:
+            return wrap_handler(handler, _as_principal(ANONYMOUS_DEV))
+        principal = self.keys.authenticate(key_from_metadata(details.invocation_metadata))
+        if principal is None:
+            return wrap_handler(handler, _abort_with(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key "
+                "(send `authorization: Bearer <key>` or `x-api-key: <key>`)"))
+        if not principal.can(scope):
+            return wrap_handler(handler, _abort_with(
+                grpc.StatusCode.PERMISSION_DENIED, f"key {principal.name!r} lacks the {scope!r} scope"))
+        return wrap_handler(handler, _as_principal(principal))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """MemGuardError → its status code with its message; anything else → INTERNAL, logged."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if not details.method.startswith(OUR_PREFIX):
+            return handler
+        method = details.method
+
+        async def fail(context, exc: Exception) -> None:
+            if isinstance(exc, MemGuardError):
+                await context.abort(status_for(exc), str(exc))
+            incident = uuid.uuid4().hex[:12]
+            log.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}, see server log)")
+
+        def around(behavior: Behavior, streaming: bool) -> Behavior:
+            if streaming:
+                async def mapped_stream(request, context):
+                    try:
+                        async for item in behavior(request, context):
+                            yield item
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:
+                        await fail(context, exc)
+                return mapped_stream
+
+            async def mapped(request, context):
+                try:
+                    return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
+            return mapped
+
+        return wrap_handler(handler, around)

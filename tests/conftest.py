@@ -1,0 +1,5 @@
+"""Suite-wide settings: no hub access, deterministic CPU threads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,157 @@
+"""The guard on the trained testbed: memorized prompts are caught and rerouted or blocked, novel ones
+pass, per sample inside one batch. Copies are judged by the independent pixel-space measure."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from guard.pipeline import GuardConfig, GuardedPipeline
+from guard.testbed import copies
+from guard.testbed.dataset import PHOTOS, build_training_set, heldout_prompts
+from guard.types import Decision, GenerationRequest, GuardMode, Reason
+from tests.guard.conftest import needs_testbed
+
+pytestmark = needs_testbed
+
+
+@pytest.fixture(scope="module")
+def training_images():
+    items = build_training_set()
+    return np.stack([it.image for it in items])
+
+
+# memorized captions whose generations the testbed's policy flags at step 1 in every seed we have seen
+STRONG = [p.caption for p in PHOTOS if p.key in ("grace_hopper", "cameraman", "coins", "motorcycle")]
+
+
+def _pick(rng, n_memorized: int, n_novel: int, strong: bool = False):
+    pool = STRONG if strong else [p.caption for p in PHOTOS]
+    memorized = [pool[int(i)] for i in rng.choice(len(pool), n_memorized, replace=False)]
+    novel = [heldout_prompts()[int(i)] for i in rng.choice(48, n_novel, replace=False)]
+    return memorized, novel
+
+
+def _outcome(r):
+    return r.decision, r.reason, r.report.first_flagged_step, r.report.steps_computed
+
+
+def test_mixed_batch_gets_per_sample_decisions(testbed_pipe, testbed_index, testbed_policy, training_images):
+    rng = np.random.default_rng()
+    memorized, novel = _pick(rng, 3, 3)
+    prompts = [p for pair in zip(memorized, novel) for p in pair]      # interleaved in one batch
+    seeds = [int(s) for s in rng.integers(0, 2**31, len(prompts))]
+    guard = GuardedPipeline(testbed_pipe, index=testbed_index, policy=testbed_policy)
+    mixed = [rs[0] for rs in guard.generate([GenerationRequest(p, seed=s) for p, s in zip(prompts, seeds)]).results]
+    # each sample's decision is its own: the same as in a batch of its own kind
+    alone = {}
+    for subset in (memorized, novel):
+        idx = [k for k, p in enumerate(prompts) if p in subset]
+        batch = guard.generate([GenerationRequest(prompts[k], seed=seeds[k]) for k in idx])
+        alone.update({k: rs[0] for k, rs in zip(idx, batch.results)})
+    assert [_outcome(r) for r in mixed] == [_outcome(alone[k]) for k in range(len(prompts))]
+    mem = [r for p, r in zip(prompts, mixed) if p in memorized]
+    nov = [r for p, r in zip(prompts, mixed) if p in novel]
+    assert sum(r.report.first_flagged_step is not None for r in mem) >= 2
+    for r in mem:
+        if r.report.first_flagged_step is not None:
+            assert r.report.first_flagged_step < testbed_policy.detect_steps
+            assert r.decision in (Decision.REROUTED, Decision.FACE_OBFUSCATED, Decision.BLOCKED)
+            assert r.reason in (Reason.MEMORIZATION, Reason.PROTECTED_FACE) and r.report.mitigations
+    assert all(r.decision != Decision.BLOCKED for r in nov)
+    assert sum(r.decision == Decision.ALLOWED and r.report.first_flagged_step is None for r in nov) >= 2
+    assert all(r.report.steps_computed == 30 for r in nov)
+    for r in mixed:
+        if r.image is not None:   # nothing released is a near copy of a memorized photo
+            j, score = copies.nearest(r.image, training_images)
+            assert not (score.is_copy and j >= len(training_images) - len(PHOTOS))
+        # membership information only in the audit dict, never in the coarse outcome
+        assert "photo-" not in json.dumps([r.decision.value, r.reason.value, r.report.scores])
+
+
+def test_blocked_sample_leaves_the_batch_at_once(testbed_pipe, testbed_index, testbed_policy):
+    rng = np.random.default_rng()
+    memorized, novel = _pick(rng, 2, 2, strong=True)
+    seeds = [int(s) for s in rng.integers(0, 2**31, 4)]
+    guard = GuardedPipeline(testbed_pipe, index=testbed_index, policy=testbed_policy,
+                            config=GuardConfig(on_flag="block"))
+    batch = guard.generate([GenerationRequest(p, seed=s) for p, s in zip(memorized + novel, seeds)])
+    results = [rs[0] for rs in batch.results]
+    assert all(r.decision == Decision.BLOCKED and r.image is None for r in results[:2])
+    blocked = [r for r in results if r.decision == Decision.BLOCKED]
+    assert all(r.report.steps_computed <= testbed_policy.detect_steps for r in blocked)
+    assert batch.stats.sample_steps == sum(r.report.steps_computed for r in results)
+    assert batch.stats.steps_saved["blocked"] == sum(30 - r.report.steps_computed for r in blocked)
+    for r in results[2:]:          # novel prompts: full generations unless (rarely) flagged
+        assert r.report.first_flagged_step is not None or (r.decision == Decision.ALLOWED
+                                                             and r.report.steps_computed == 30)
+
+
+def test_monitor_flags_but_releases(testbed_pipe, testbed_index, testbed_policy):
+    rng = np.random.default_rng()
+    memorized, _ = _pick(rng, 1, 0, strong=True)
+    seed = int(rng.integers(2**31))
+    guard = GuardedPipeline(testbed_pipe, index=testbed_index, policy=testbed_policy)
+    r = guard.generate([GenerationRequest(memorized[0], seed=seed, mode=GuardMode.MONITOR)]).results[0][0]
+    assert r.decision == Decision.ALLOWED and r.image is not None and r.reason == Reason.MEMORIZATION
+    assert r.report.first_flagged_step is not None and not r.report.mitigations
+
+
+def test_guarded_engine_serves_the_protocol(testbed_policy):
+    from guard.engine import EngineConfig, GenerationEngine
+    from guard.guarded_engine import GuardedEngine
+
+    engine = GuardedEngine.from_config(EngineConfig())
+    assert isinstance(engine, GenerationEngine) and engine.guarded
+    rng = np.random.default_rng()
+    memorized, novel = _pick(rng, 1, 1, strong=True)
+    events = []
+    results = engine.generate([GenerationRequest(memorized[0], seed=int(rng.integers(2**31)), steps=12),
+                               GenerationRequest(novel[0], seed=int(rng.integers(2**31)), steps=12)],
+                              on_step=lambda i, e: events.append((i, e)))
+    assert results[0][0].report.first_flagged_step is not None and results[1][0].decision == Decision.ALLOWED
+    assert any(e.action in ("reroute", "block") for i, e in events if i == 0)
+    stats = engine.stats()
+    assert len(stats.batches) == 1 and stats.batches[0].first_flagged_steps
+    assert set(stats.batches[0].signals) >= {"divergence", "similarity", "combined"}
+    assert engine.stats().batches == []          # drained
+    engine.close()
+
+
+def test_cli_generate_writes_images_traces_and_json(tmp_path):
+    rng = np.random.default_rng()
+    memorized, novel = _pick(rng, 1, 1, strong=True)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "guard.cli", "generate", "--prompt", memorized[0], "--prompt", novel[0],
+                           "--seed", str(int(rng.integers(2**31))), "--steps", "10", "--out", str(out), "--trace",
+                           "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    first, second = doc["results"]
+    assert first["first_flagged_step"] is not None and second["decision"] == "ALLOWED"
+    assert (out / second["image"].split("/")[-1]).is_file()
+    assert json.loads((tmp_path / "out" / second["trace_json"].split("/")[-1]).read_text())["trace"]
+    assert "audit" not in first                  # membership information needs --audit
+
+
+def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
+    from guard.calibrate import TESTBED_INDEX_DIR, CalibrationConfig, calibrate, model_hash, sha256_file
+    from guard.loading import TESTBED_MODEL_DIR
+    from guard.policy import Policy
+
+    out = tmp_path / "policy.json"
+    cfg = CalibrationConfig(prompts=8, steps=4, batch_size=8, detect_steps=2)
+    calibrate(cfg=cfg, out=out, progress=False, signals_out=tmp_path / "signals.npz")
+    policy = Policy.load(out)
+    prov = policy.provenance
+    assert prov["model"]["sha256"] == model_hash(TESTBED_MODEL_DIR)
+    assert prov["index"]["manifest_sha256"] == sha256_file(TESTBED_INDEX_DIR / "manifest.json")
+    assert prov["data"]["generations"] == 8 and prov["data"]["seeds"][0] >= 900_000
+    assert 0 <= prov["rates"]["flag_rate_in_sample"] <= 1 / 8
+    assert policy.calibrated and np.isfinite(policy.threshold) and policy.final_pdq_distance is not None
+    assert len(policy.signals["divergence"].timesteps) == 4
+    signals = np.load(tmp_path / "signals.npz")
+    assert signals["raw"].shape == (8, 4, 4)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a random-weight VAE, a slice of the testbed training set, one built index.
+
+The index is built once per session (about 70 items incl. the 8 photos, 2 with faces); tests that
+change it work on a copy (`index_dir`). Nothing here needs the trained testbed model.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guard.index.api import FingerprintIndex
+from guard.index.config import IndexConfig
+from guard.index.sources import ImageFolderSource
+from guard.models import build_vae
+from guard.testbed.dataset import PHOTOS, build_training_set, heldout_images, photo_path, write_image_folder
+
+N_PROCEDURAL = 60
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("model")
+    build_vae().save_pretrained(root / "vae")
+    return root
+
+
+@pytest.fixture(scope="session")
+def items():
+    everything = build_training_set()
+    return everything[:N_PROCEDURAL] + [i for i in everything if i.kind == "photo"]
+
+
+@pytest.fixture(scope="session")
+def heldout():
+    return heldout_images(count=40)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory, items) -> Path:
+    return write_image_folder(items, tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, image_folder, vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("built") / "index"
+    report = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir,
+                                    cfg=IndexConfig(batch_size=16), progress=False)
+    assert report.finished and report.skipped == 0
+    return out
+
+
+@pytest.fixture
+def index_dir(built_index, tmp_path) -> Path:
+    """A private copy of the built index, free to modify."""
+    return Path(shutil.copytree(built_index, tmp_path / "index"))
+
+
+@pytest.fixture
+def index(index_dir):
+    with FingerprintIndex.open(index_dir) as ix:
+        yield ix
+
+
+@pytest.fixture(scope="session")
+def full_photo():
+    """key -> the full-size original photo (RGB uint8), not the 64×64 training crop."""
+    from PIL import Image
+
+    def load(key: str) -> np.ndarray:
+        photo = next(p for p in PHOTOS if p.key == key)
+        return np.asarray(Image.open(photo_path(photo)).convert("RGB"))
+    return load

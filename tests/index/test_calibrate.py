@@ -1,0 +1,54 @@
+"""Augmentations and threshold calibration on a built index."""
+import numpy as np
+import pytest
+
+from guard.errors import InvalidInput
+from guard.index.api import FingerprintIndex
+from guard.index.calibrate import AUGMENT, CalibrationConfig, calibrate
+from guard.index.config import crosses
+from guard.index.sources import ImageFolderSource
+from guard.testbed.dataset import write_image_folder
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENT))
+def test_augmentations_change_the_image_reproducibly(name, items):
+    img = items[0].image
+    a = AUGMENT[name](img, np.random.default_rng(7))
+    b = AUGMENT[name](img, np.random.default_rng(7))
+    assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+    np.testing.assert_array_equal(a, b)
+    assert a.shape != img.shape or np.abs(a.astype(int) - img).mean() > 0.5
+
+
+def test_calibration_writes_thresholds_that_meet_the_stated_rate(index_dir, image_folder, heldout, tmp_path):
+    held = write_image_folder(heldout[:15], tmp_path / "held")
+    cfg = CalibrationConfig(false_match_rate=0.05, samples=25, seed=3)
+    with FingerprintIndex.open(index_dir) as ix:
+        report = calibrate(ix, ImageFolderSource(image_folder), heldout=ImageFolderSource(held), cfg=cfg,
+                           progress=False)
+    assert report["per_signal_budget"] == pytest.approx(0.025)
+    for name, sig in report["signals"].items():
+        assert sig["negatives"] == 25 * len(cfg.augmentations)
+        assert sig["fmr"] <= 0.025
+        assert set(sig["tpr"]) == set(cfg.augmentations)
+    # JPEG and colour changes are mild: most copies are still found
+    assert report["combined_tpr"]["jpeg"] >= 0.8 and report["combined_tpr"]["color"] >= 0.8
+    faces = report["faces"]
+    assert faces["items"] == 2 and faces["negatives"] >= 50
+    assert faces["fmr"] <= 0.05 and faces["threshold"] < faces["negative_distances"]["max"]
+    with FingerprintIndex.open(index_dir) as ix:
+        th = ix.thresholds
+        assert th.calibrated and th.false_match_rate == 0.05
+        assert th.latent == pytest.approx(report["signals"]["latent"]["threshold"])
+        assert th.pdq == report["signals"]["pdq"]["threshold"] and th.face == pytest.approx(faces["threshold"])
+        assert crosses("latent", 1.0, th.latent) and not crosses("pdq", 256, th.pdq)
+        assert ix.verify()["ok"]     # the rewritten manifest still checks out
+
+
+def test_calibration_input_errors(index, image_folder):
+    with pytest.raises(InvalidInput) as err:
+        calibrate(index, ImageFolderSource(image_folder), cfg=CalibrationConfig(false_match_rate=1.5), write=False)
+    assert err.value.field == "false_match_rate"
+    with pytest.raises(InvalidInput) as err:
+        calibrate(index, ImageFolderSource(image_folder), cfg=CalibrationConfig(augmentations=("blur",)), write=False)
+    assert err.value.field == "augmentations"

@@ -1,0 +1,69 @@
+"""A corrupted, truncated or unfinished index is never loaded; the error names the file."""
+import json
+
+import pytest
+
+from guard.errors import CorruptData
+from guard.index.api import FingerprintIndex
+from guard.index.sources import ImageFolderSource
+
+
+def _flip_byte(path, offset_from_end=100):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["latent.npy", "latent.faiss", "pdq.npy", "face.faiss", "items.sqlite"])
+def test_a_flipped_byte_is_caught_by_the_checksum(index_dir, name):
+    _flip_byte(index_dir / name)
+    with pytest.raises(CorruptData, match=name.replace(".", r"\.")):
+        FingerprintIndex.open(index_dir)
+
+
+@pytest.mark.parametrize("name", ["latent.npy", "latent.faiss", "pdq.faiss"])
+def test_a_truncated_file_is_caught_even_without_checksums(index_dir, name):
+    path = index_dir / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptData, match=name.replace(".", r"\.")) as err:
+        FingerprintIndex.open(index_dir, verify_checksums=False)
+    assert "truncated" in str(err.value)
+
+
+def test_a_garbled_faiss_file_is_reported_by_name_when_checksums_are_skipped(index_dir):
+    path = index_dir / "latent.faiss"
+    data = bytearray(path.read_bytes())
+    data[:8] = b"GARBAGE!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptData, match=r"latent\.faiss"):
+        FingerprintIndex.open(index_dir, verify_checksums=False)
+
+
+def test_missing_or_mangled_manifest(index_dir):
+    manifest = index_dir / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text("{not json")
+    with pytest.raises(CorruptData, match=r"manifest\.json"):
+        FingerprintIndex.open(index_dir)
+    del data["signals"]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CorruptData, match=r"manifest\.json.*signals"):
+        FingerprintIndex.open(index_dir)
+    manifest.unlink()
+    with pytest.raises(CorruptData, match=r"manifest\.json: missing"):
+        FingerprintIndex.open(index_dir)
+
+
+def test_a_corrupt_registry_names_the_database(index_dir):
+    (index_dir / "registry.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CorruptData, match=r"registry\.sqlite"):
+        FingerprintIndex.open(index_dir)
+
+
+def test_an_unfinished_build_is_not_loadable(tmp_path, image_folder, vae_dir):
+    out = tmp_path / "partial"
+    report = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir, progress=False,
+                                    stop_after=10)
+    assert not report.finished and report.items == 10
+    with pytest.raises(CorruptData, match="unfinished build"):
+        FingerprintIndex.open(out)

@@ -1,0 +1,62 @@
+"""Helpers for the server tests: channels, live /metrics scrapes, bounded polling."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import urllib.request
+
+import grpc
+
+from server.app import BackgroundServer
+from server.config import BatchingConfig, ServerConfig
+
+
+def make_config(**overrides) -> ServerConfig:
+    """Loopback, ephemeral ports, short grace; `batching={...}` overrides BatchingConfig fields."""
+    batching = overrides.pop("batching", {})
+    base = ServerConfig(port=0, metrics_port=0, grace_s=5.0, default_steps=4)
+    return dataclasses.replace(base, batching=dataclasses.replace(BatchingConfig(), **batching), **overrides)
+
+
+@contextlib.contextmanager
+def channel(server: BackgroundServer):
+    ch = grpc.insecure_channel(server.target)
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+def scrape_text(server: BackgroundServer) -> str:
+    url = f"http://127.0.0.1:{server.server.endpoints.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def scrape(server: BackgroundServer) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted label items): value} from a live /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(scrape_text(server)):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(server: BackgroundServer, name: str, **labels) -> float:
+    return scrape(server).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, timeout: float = 120.0, poll: float = 0.1):
+    """Poll until predicate() is truthy (bounded); return its value. Not a timing assertion: the
+    bound only keeps a broken server from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(poll)
