@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.digest import sha256_file
 from guard.errors import InvalidInput, MissingResource
 from guard.policy import Policy, SignalCalibration, combine_z, upper_quantile_threshold
 from guard.signals import DIRECTIONS, SIGNALS
@@ -63,14 +64,6 @@ def default_index_dir(model_dir: str | os.PathLike | None) -> Path | None:
 
 def default_policy_path(model_dir: str | os.PathLike | None) -> Path:
     return TESTBED_POLICY if is_testbed(model_dir) else Path(model_dir) / POLICY_FILE_NAME
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_hash(model_dir: Path) -> str:

@@ -30,8 +30,7 @@ from guard.types import Decision, GenerationRequest, GuardReport, ImageResult, R
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENGINE = "guard.engine:PipelineEngine"   # the guarded engine replaces this when it lands
-TESTBED_MODEL_DIR = Path(__file__).resolve().parent / "testbed" / "model"
+DEFAULT_ENGINE = "guard.guarded_engine:GuardedEngine"
 
 OnStep = Callable[[int, StepEvent], None]     # (request position in the batch, event)
 IsCancelled = Callable[[int], bool]           # request position in the batch → stop it?
@@ -255,7 +254,7 @@ class _Row:
 
 
 def load_pipeline(config: EngineConfig):
-    """A local diffusers StableDiffusionPipeline (never downloads), or the tiny random one."""
+    """The engine's pipeline: a local directory through guard.loading (never downloads), or the tiny random one."""
     import torch
 
     if config.torch_threads:
@@ -263,35 +262,71 @@ def load_pipeline(config: EngineConfig):
     dtype = getattr(torch, config.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput("dtype", f"{config.dtype!r} is not a torch dtype (float32, float16, bfloat16)")
-    if config.tiny_random:
-        from guard.models import build_tiny_pipeline
-        pipe = build_tiny_pipeline()
-        pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)   # built in float32
-    else:
-        from diffusers import StableDiffusionPipeline
-        path = Path(config.model) if config.model else TESTBED_MODEL_DIR
-        if not (path / "model_index.json").is_file():
-            hint = "build it with `memguard testbed build`" if config.model is None else "pass a pipeline directory"
-            raise MissingResource(f"no diffusers pipeline at {path} (model_index.json missing): {hint}")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    pipe = pipe.to(config.device)
+    if not config.tiny_random:
+        from guard.loading import load_pipeline as load_local
+        return load_local(config.model, device=config.device, dtype=dtype)
+    from guard.models import build_tiny_pipeline
+    pipe = build_tiny_pipeline()
+    pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)   # built in float32
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(config.device)
 
 
-class PipelineEngine:
+class IndexedEngine:
+    """What every engine shares: the index gateway (screen, protect, stats) and the stats drain."""
+
+    def __init__(self, index: IndexGateway | None = None):
+        self.index = index or IndexGateway(None)
+        self.ready = False
+        self._pending = EngineStats()
+        self._stats_lock = threading.Lock()
+
+    def batch_key(self, request: GenerationRequest) -> Hashable:
+        return (request.height, request.width, request.steps)
+
+    def screen(self, image: np.ndarray) -> ScreenOutcome:
+        t0 = time.perf_counter()
+        try:
+            outcome = self.index.screen(image)
+        except Exception:
+            with self._stats_lock:
+                self._pending.screen_failures += 1
+            raise
+        with self._stats_lock:
+            self._pending.screen_seconds.append(time.perf_counter() - t0)
+        return outcome
+
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
+        return self.index.protect_image(image, reason, item_id)
+
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
+        return self.index.protect_face(images, identity, reason)
+
+    def unprotect(self, item_id: str, reason: str) -> bool:
+        return self.index.unprotect(item_id, reason)
+
+    def index_stats(self) -> IndexStats:
+        return self.index.stats()
+
+    def stats(self) -> EngineStats:
+        with self._stats_lock:
+            out, self._pending = self._pending, EngineStats()
+        return out
+
+    def close(self) -> None:
+        self.ready = False
+        self.index.close()
+
+
+class PipelineEngine(IndexedEngine):
     """Unguarded generation over a StableDiffusionPipeline's components (mode OFF for all)."""
 
     name = "pipeline"
     guarded = False
 
     def __init__(self, pipe, index: IndexGateway | None = None):
+        super().__init__(index)
         self.pipe = pipe
-        self.index = index or IndexGateway(None)
-        self.ready = False
-        self._pending = EngineStats()
-        self._stats_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "PipelineEngine":
@@ -299,9 +334,6 @@ class PipelineEngine:
         return cls(load_pipeline(config), index)
 
     # -- interface ------------------------------------------------------------------------
-    def batch_key(self, request: GenerationRequest) -> Hashable:
-        return (request.height, request.width, request.steps)
-
     def warmup(self) -> None:
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.generate([GenerationRequest(prompt="warmup", height=size, width=size, steps=2, seed=0)])
@@ -338,38 +370,6 @@ class PipelineEngine:
         with self._stats_lock:
             self._pending.batches.append(stats)
         return results
-
-    def screen(self, image: np.ndarray) -> ScreenOutcome:
-        t0 = time.perf_counter()
-        try:
-            outcome = self.index.screen(image)
-        except ScreeningUnavailable:
-            with self._stats_lock:
-                self._pending.screen_failures += 1
-            raise
-        with self._stats_lock:
-            self._pending.screen_seconds.append(time.perf_counter() - t0)
-        return outcome
-
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
-        return self.index.protect_image(image, reason, item_id)
-
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
-        return self.index.protect_face(images, identity, reason)
-
-    def unprotect(self, item_id: str, reason: str) -> bool:
-        return self.index.unprotect(item_id, reason)
-
-    def index_stats(self) -> IndexStats:
-        return self.index.stats()
-
-    def stats(self) -> EngineStats:
-        with self._stats_lock:
-            out, self._pending = self._pending, EngineStats()
-        return out
-
-    def close(self) -> None:
-        self.ready = False
 
     # -- the steps ------------------------------------------------------------------------
     @staticmethod

@@ -11,15 +11,12 @@ that field exists, else the testbed's policy for the testbed, else `<model>/memg
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
-from typing import Hashable, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from guard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
-from guard.engine import (BatchStats, EngineConfig, EngineStats, IndexGateway, IndexStats, IsCancelled, OnStep,
-                          ScreenOutcome, load_pipeline)
+from guard.engine import (BatchStats, EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep,
+                          load_pipeline)
 from guard.pipeline import GuardConfig, GuardedPipeline, PipelineStats
 from guard.policy import Policy
 from guard.signals import SIGNALS
@@ -28,16 +25,13 @@ from guard.types import GenerationRequest, GuardMode, ImageResult
 log = logging.getLogger(__name__)
 
 
-class GuardedEngine:
+class GuardedEngine(IndexedEngine):
     name = "guarded"
     guarded = True
 
     def __init__(self, pipe, index: IndexGateway, policy: Policy, config: GuardConfig = GuardConfig()):
-        self.index = index
+        super().__init__(index)
         self.pipeline = GuardedPipeline(pipe, index=index.index, policy=policy, config=config)
-        self.ready = False
-        self._pending = EngineStats()
-        self._stats_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "GuardedEngine":
@@ -56,9 +50,6 @@ class GuardedEngine:
         return cls(load_pipeline(config), index, policy)
 
     # ---- the GenerationEngine interface ---------------------------------------------------------
-    def batch_key(self, request: GenerationRequest) -> Hashable:
-        return (request.height, request.width, request.steps)
-
     def warmup(self) -> None:
         """One short monitored generation: loads kernels, the index's encoders and the face detector."""
         pipe = self.pipeline.pipe
@@ -76,36 +67,6 @@ class GuardedEngine:
             self._pending.screen_seconds += batch.stats.screen_seconds
             self._pending.screen_failures += batch.stats.screen_failures
         return batch.results
-
-    def screen(self, image: np.ndarray) -> ScreenOutcome:
-        try:
-            outcome = self.index.screen(image)
-        except Exception:
-            with self._stats_lock:
-                self._pending.screen_failures += 1
-            raise
-        return outcome
-
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
-        return self.index.protect_image(image, reason, item_id)
-
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
-        return self.index.protect_face(images, identity, reason)
-
-    def unprotect(self, item_id: str, reason: str) -> bool:
-        return self.index.unprotect(item_id, reason)
-
-    def index_stats(self) -> IndexStats:
-        return self.index.stats()
-
-    def stats(self) -> EngineStats:
-        with self._stats_lock:
-            out, self._pending = self._pending, EngineStats()
-        return out
-
-    def close(self) -> None:
-        self.ready = False
-        self.index.close()
 
 
 def to_batch_stats(stats: PipelineStats, results: list[ImageResult]) -> BatchStats:

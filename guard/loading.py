@@ -23,7 +23,8 @@ def load_pipeline(model_dir: str | os.PathLike | None = None, *, device: str = "
 
     path = Path(model_dir) if model_dir is not None else TESTBED_MODEL_DIR
     if not (path / "model_index.json").is_file():
-        raise MissingResource(f"no diffusers pipeline at {path} (model_index.json missing)")
+        hint = "build it with `memguard testbed build`" if model_dir is None else "pass a pipeline directory"
+        raise MissingResource(f"no diffusers pipeline at {path} (model_index.json missing): {hint}")
     pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -42,6 +42,7 @@ import torch
 
 from guard.errors import CorruptData, InvalidInput, MissingResource
 from guard.signals import DIRECTIONS, SIGNALS
+from guard.types import Decision, FaceAction, GuardMode, Reason
 
 POLICY_FORMAT = 1
 COMBINE_RULES = ("max", "mean")
@@ -200,22 +201,20 @@ def upper_quantile_threshold(benign_scores: np.ndarray, fpr: float) -> float:
 
 @dataclass(frozen=True)
 class FinalVerdict:
-    decision: "Decision"
-    reason: "Reason"
+    decision: Decision
+    reason: Reason
     release: bool             # an image goes back to the caller
     obfuscate_faces: bool     # blur/pixelate the matched faces before releasing
 
 
-def final_verdict(mode: "GuardMode", rerouted: bool, copy: bool, faces_matched: int,
-                  face_action: "FaceAction") -> FinalVerdict:
+def final_verdict(mode: GuardMode, rerouted: bool, copy: bool, faces_matched: int,
+                  face_action: FaceAction) -> FinalVerdict:
     """The decision for a sample that finished denoising, from the final screen's outcome.
 
     ENFORCE: a copy is blocked; matched faces are obfuscated (or the image blocked, by face_action);
     otherwise REROUTED if a mitigation ran, else ALLOWED. MONITOR: the image is always released
     untouched, ALLOWED, with the reason it would have been acted on.
     """
-    from guard.types import Decision, FaceAction, GuardMode, Reason
-
     reason = Reason.MEMORIZATION if copy or rerouted else Reason.PROTECTED_FACE if faces_matched else Reason.NONE
     if mode != GuardMode.ENFORCE:
         return FinalVerdict(Decision.ALLOWED, reason if mode == GuardMode.MONITOR else Reason.NONE, True, False)

@@ -146,17 +146,7 @@ def _launch(latents, candidates, shared, mask, grid, blocks=None):
     chunks = max(1, triton.cdiv(K, k_per_chunk))
     psim = torch.empty((B, chunks), dtype=torch.float32, device=dev)
     pidx = torch.empty((B, chunks), dtype=torch.int64, device=dev)
-    if shared:
-        s_cb, s_ck, s_cf = 0, candidates.stride(0), candidates.stride(1)
-    else:
-        s_cb, s_ck, s_cf = candidates.stride()
-    m_arg = mask.view(torch.uint8) if mask is not None else psim
-    if mask is None:
-        s_mb = s_mk = 0
-    elif shared:
-        s_mb, s_mk = 0, mask.stride(0)
-    else:
-        s_mb, s_mk = mask.stride()
+    s_cb, s_ck, s_cf, m_arg, s_mb, s_mk = similarity.candidate_args(candidates, mask, shared, psim)
     _kernel[(B, chunks)](
         latents, candidates, m_arg, fp, psim, pidx, C, Hh, Ww, K, k_per_chunk,
         *latents.stride(), s_cb, s_ck, s_cf, s_mb, s_mk,

@@ -195,17 +195,7 @@ def _launch(queries, candidates, shared, mask, blocks=None):
     chunks = triton.cdiv(K, k_per_chunk)
     psim = torch.empty((B, chunks), dtype=torch.float32, device=dev)
     pidx = torch.empty((B, chunks), dtype=torch.int64, device=dev)
-    if shared:
-        s_cb, s_ck, s_cf = 0, candidates.stride(0), candidates.stride(1)
-    else:
-        s_cb, s_ck, s_cf = candidates.stride()
-    m_arg = mask.view(torch.uint8) if mask is not None else psim
-    if mask is None:
-        s_mb = s_mk = 0
-    elif shared:
-        s_mb, s_mk = 0, mask.stride(0)
-    else:
-        s_mb, s_mk = mask.stride()
+    s_cb, s_ck, s_cf, m_arg, s_mb, s_mk = candidate_args(candidates, mask, shared, psim)
     _kernel[(triton.cdiv(B, bb), chunks)](
         queries, candidates, m_arg, psim, pidx, B, K, F, k_per_chunk,
         queries.stride(0), queries.stride(1), s_cb, s_ck, s_cf, s_mb, s_mk,
@@ -241,3 +231,16 @@ def fingerprint_similarity(queries: torch.Tensor, candidates: torch.Tensor, *,
     return dispatch.run(NAME, queries.device, kernel=_kernel, unsupported=unsupported,
                         triton_fn=lambda: _launch(queries, candidates, shared, mask),
                         reference_fn=lambda: _reference(queries, candidates, shared, mask))
+
+
+def candidate_args(candidates: torch.Tensor, mask: torch.Tensor | None, shared: bool, placeholder: torch.Tensor):
+    """Strides of candidates ([M, F] shared: batch stride 0, or [B, K, F]) and of the optional
+    mask, and the mask as uint8 (`placeholder`, never read, when there is none)."""
+    if shared:
+        s_cb, s_ck, s_cf = 0, candidates.stride(0), candidates.stride(1)
+    else:
+        s_cb, s_ck, s_cf = candidates.stride()
+    if mask is None:
+        return s_cb, s_ck, s_cf, placeholder, 0, 0
+    s_mb, s_mk = (0, mask.stride(0)) if shared else mask.stride()
+    return s_cb, s_ck, s_cf, mask.view(torch.uint8), s_mb, s_mk

@@ -3,4 +3,4 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
-exec "$root/.venv/bin/memguard" demo "$@"
+exec "$root/.venv/bin/memguard" demo "$@"   # local guarded server + demo prompts; images in out/demo

@@ -3,7 +3,8 @@
     memguard serve                                   # testbed model (+ index if built) on 127.0.0.1:50051
     memguard serve --config memguard.toml --port 8443
     memguard client generate --server 127.0.0.1:50051 --prompt "a red apple" --out out/
-    memguard client demo                             # start a local server, send the demo mix
+    memguard demo                                    # the main job: local guarded server, demo mix, images
+    memguard client demo --server HOST:PORT          # the demo mix against a running server
     memguard apikey --name frontend --scopes generate,screen >> keys.toml
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from guard.errors import InvalidInput
 from guard.types import FaceAction, GenerationRequest, GuardMode
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -23,6 +25,11 @@ TESTBED_INDEX_DIR = Path(__file__).resolve().parent.parent / "guard" / "testbed"
 def register(subparsers) -> None:
     _register_serve(subparsers)
     _register_client(subparsers)
+    d = subparsers.add_parser("demo", help="the main job: start a local guarded server on the testbed, send "
+                                           "memorized, paraphrased and novel prompts, write the released images")
+    _demo_args(d, out_default=Path("out/demo"))
+    d.add_argument("--timeout", type=float, help="deadline per call, seconds")
+    d.set_defaults(func=_client_demo, server=None, json=False)
     p = subparsers.add_parser("apikey", help="make an API key and print its key-file entry (hash only)")
     p.add_argument("--name", required=True, help="who holds the key (shown in PERMISSION_DENIED messages)")
     p.add_argument("--scopes", default="generate,screen", help="comma list of generate,screen,admin,audit")
@@ -37,7 +44,7 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; -1 disables)")
     p.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
-    p.add_argument("--engine", help="engine factory module:attr (default guard.engine:PipelineEngine)")
+    p.add_argument("--engine", help="engine factory module:attr (default guard.guarded_engine:GuardedEngine; guard.engine:PipelineEngine is the unguarded baseline)")
     p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
     p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")
     p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
@@ -146,10 +153,16 @@ def _register_client(subparsers) -> None:
                                     "(without --server: start a local server first)")
     _connection_args(d)
     d.set_defaults(server=None)
+    _demo_args(d, out_default=None)
+    d.set_defaults(func=_client_demo)
+
+
+def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
     d.add_argument("--per-set", type=int, default=3, help="prompts per set")
     d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--out", type=Path, default=out_default, help="write the released images here"
+                   + (f" (default {out_default})" if out_default else ""))
     d.add_argument("--tiny-random", action="store_true", help="local server on random weights (no testbed)")
-    d.set_defaults(func=_client_demo)
 
 
 def _conn(args):
@@ -202,7 +215,6 @@ def _client_screen(args) -> int:
 
 
 def _client_protect(args) -> int:
-    from guard.errors import InvalidInput
     from server.client import remote_protect_face, remote_protect_image
 
     if bool(args.image) == bool(args.face_photo):
@@ -244,12 +256,13 @@ def _client_health(args) -> int:
 
 def _client_demo(args) -> int:
     from server.client import Connection
-    from server.demo import format_rows, run_demo
+    from server.demo import run_demo
 
+    if args.per_set < 1:
+        raise InvalidInput("per_set", f"{args.per_set} < 1")
     if args.server is not None:
         rows = run_demo(_conn(args), per_set=args.per_set, steps=args.steps)
-        print(format_rows(rows))
-        return 0
+        return _demo_output(rows, args.out)
     from server.app import BackgroundServer
     from server.config import ServerConfig, override
 
@@ -263,8 +276,17 @@ def _client_demo(args) -> int:
         rows = run_demo(Connection(server.target, timeout=args.timeout), per_set=args.per_set, steps=args.steps)
     finally:
         server.stop()
+    return _demo_output(rows, args.out)
+
+
+def _demo_output(rows, out: Path | None) -> int:
+    from server.demo import format_rows, write_images
+
     print(format_rows(rows))
-    return 0
+    if out is not None:
+        paths = write_images(rows, out)
+        print(f"{len(paths)} released image(s) written to {out.resolve()} (blocked requests return none)")
+    return 1 if any(r.result is None for r in rows) else 0
 
 
 def _apikey(args) -> int:

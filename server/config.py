@@ -6,7 +6,7 @@
     metrics_port = 9464               max_queue = 64
     auth_file = "keys.toml"
     tls_cert = "…" / tls_key = "…"    [engine]
-    drain_delay_s = 5.0               engine = "guard.engine:PipelineEngine"
+    drain_delay_s = 5.0               engine = "guard.guarded_engine:GuardedEngine"
     grace_s = 30.0                    model = "guard/testbed/model"
     default_mode = "enforce"          index = "…"
                                       [limits]
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

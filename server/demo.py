@@ -55,6 +55,20 @@ def run_demo(conn: Connection, per_set: int = 3, steps: int = 30, seed: int = 0,
         return list(pool.map(one, jobs))
 
 
+def write_images(rows: list[DemoRow], out: Path) -> list[Path]:
+    """Released images as PNGs under `out` (blocked ones have none); row k → k-<set>-<decision>.png."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, row in enumerate(rows):
+        if row.result is not None and row.result.image is not None:
+            path = out / f"{k:02d}-{row.prompt_set}-{row.result.decision.value.lower()}.png"
+            Image.fromarray(row.result.image).save(path)
+            paths.append(path)
+    return paths
+
+
 def format_rows(rows: list[DemoRow]) -> str:
     lines = [f"{'set':<12} {'decision':<16} {'reason':<16} {'flagged@':>8} {'steps':>5}  prompt",
              "-" * 90]

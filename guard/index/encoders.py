@@ -13,7 +13,8 @@ import numpy as np
 
 from guard.errors import InvalidInput, MissingResource
 from guard.index.pdq import check_image
-from guard.index.vectors import normalize_rows, sha256_file
+from guard.digest import sha256_file
+from guard.index.vectors import normalize_rows
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:

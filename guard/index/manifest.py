@@ -15,7 +15,8 @@ from pathlib import Path
 
 from guard.errors import CorruptData, MissingResource
 from guard.index.config import FORMAT_VERSION, Thresholds
-from guard.index.vectors import sha256_file, write_bytes
+from guard.digest import sha256_file
+from guard.index.vectors import write_bytes
 
 MANIFEST = "manifest.json"
 REGISTRY_DB = "registry.sqlite"   # mutable: protections and the mutation log

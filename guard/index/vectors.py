@@ -6,7 +6,6 @@ of one. Reads turn any decoding failure into CorruptData naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,14 +79,6 @@ def read_faiss(path: Path, *, binary: bool = False):
         return faiss.read_index_binary(str(path)) if binary else faiss.read_index(str(path))
     except RuntimeError as exc:
         raise CorruptData(f"{path}: faiss cannot read it ({str(exc).strip().splitlines()[-1]})") from exc
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ the prompt sets, REPORT.md, a contact sheet and MANIFEST.json with the sha256 of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from guard.digest import sha256_file
 from guard.errors import MemGuardError
 from guard.models import TinyPipelineConfig, build_scheduler
 from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 TESTBED_DIR = Path(__file__).resolve().parent
 MODEL_SUBDIR = "model"
 MANIFEST = "MANIFEST.json"
+# what a build writes (the manifest covers these only: the shipped testbed dir also holds code)
+BUILD_OUTPUTS = (MODEL_SUBDIR, "prompts", "REPORT.md", "report.json", "contact_sheet.png")
 
 
 class BuildError(MemGuardError):
@@ -53,16 +55,9 @@ def check_output_dir(out: Path) -> None:
         raise BuildError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(out: Path, cfg: BuildConfig, timings: dict[str, float]) -> Path:
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for name in BUILD_OUTPUTS for p in ([out / name] if (out / name).is_file()
+                                                          else (out / name).rglob("*")) if p.is_file())
     manifest = {
         "format": 1,
         "config": dataclasses.asdict(cfg),

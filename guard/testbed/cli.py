@@ -1,4 +1,4 @@
-"""`memguard testbed build|report|verify|export` and `memguard demo`."""
+"""`memguard testbed build|report|verify|export`."""
 from __future__ import annotations
 
 import argparse
@@ -35,12 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tb.add_parser("export", help="write the training set as an image folder with captions.jsonl")
     p.add_argument("out", type=Path)
     p.set_defaults(func=_export)
-
-    p = sub.add_parser("demo", help="generate a few images with the testbed model")
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--model", type=Path, default=None, help="pipeline directory (default: the testbed)")
-    p.add_argument("--steps", type=int, default=30)
-    p.set_defaults(func=_demo)
 
 
 def _build(args) -> int:
@@ -91,24 +85,4 @@ def _export(args) -> int:
     items = build_training_set()
     write_image_folder(items, args.out)
     print(f"wrote {len(items)} images and captions.jsonl to {args.out}")
-    return 0
-
-
-def _demo(args) -> int:
-    from PIL import Image
-
-    from guard.loading import load_pipeline, sample_plain
-    from guard.testbed.build import check_output_dir
-
-    check_output_dir(args.out)
-    prompts_dir = TESTBED_DIR / "prompts"
-    prompts = [(prompts_dir / f"{name}.txt").read_text().splitlines()[0] for name in ("memorized", "novel")]
-    prompts += ["a yellow star on a purple striped background"]
-    pipe = load_pipeline(args.model)
-    images = sample_plain(pipe, prompts, list(range(len(prompts))), steps=args.steps)
-    for i, (prompt, image) in enumerate(zip(prompts, images)):
-        path = args.out / f"demo-{i}.png"
-        Image.fromarray(image).save(path)
-        print(f"{path}  <- {prompt!r}")
-    print(f"{len(images)} images written to {args.out.resolve()} (unguarded: the guard lands in a later release)")
     return 0

@@ -20,7 +20,8 @@ RMSE_THRESHOLD = 0.12
 @dataclass(frozen=True)
 class CopyScore:
     ssim: float
-    rmse: float
+    rmse: float          # normalized L2: RMSE after removing each image's mean colour
+    raw_rmse: float      # plain RMSE, for reference
 
     @property
     def is_copy(self) -> bool:
@@ -38,15 +39,28 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean(d * d)))
 
 
+def _centred(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] → float32 [..., H·W·3] on [0, 1] with each image's per-channel mean removed."""
+    x = images.astype(np.float32) / 255.0
+    x = x - x.mean(axis=(-3, -2), keepdims=True)
+    return x.reshape(*x.shape[:-3], -1)
+
+
+def normalized_rmse(a: np.ndarray, b: np.ndarray) -> float:
+    """RMSE on [0, 1] pixels after removing each image's mean colour (blind to a global tint)."""
+    d = _centred(a) - _centred(b)
+    return float(np.sqrt(np.mean(d * d)))
+
+
 def copy_score(generated: np.ndarray, reference: np.ndarray) -> CopyScore:
-    return CopyScore(ssim(generated, reference), rmse(generated, reference))
+    return CopyScore(ssim(generated, reference), normalized_rmse(generated, reference), rmse(generated, reference))
 
 
 def nearest(generated: np.ndarray, references: np.ndarray, shortlist: int = 16) -> tuple[int, CopyScore]:
-    """Best-matching reference by SSIM among the `shortlist` closest in RMSE. references: [M, H, W, 3]."""
-    g = generated.astype(np.float32).reshape(1, -1) / 255.0
-    r = references.astype(np.float32).reshape(len(references), -1) / 255.0
-    dist = np.sqrt(((r - g) ** 2).mean(axis=1))
+    """The reference that comes closest to being copied: among the `shortlist` closest in normalized
+    L2, a near copy if any (the closest in normalized L2 first), else the highest SSIM. references: [M, H, W, 3]."""
+    dist = np.sqrt(((_centred(references) - _centred(generated)[None]) ** 2).mean(axis=1))
     candidates = np.argsort(dist)[:shortlist]
     scores = [(int(i), copy_score(generated, references[i])) for i in candidates]
-    return max(scores, key=lambda s: s[1].ssim)
+    found = [s for s in scores if s[1].is_copy]
+    return found[0] if found else max(scores, key=lambda s: s[1].ssim)

@@ -29,10 +29,14 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_photo_share: float = 0.3   # photos' share of VAE batches: copies are judged on them
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 3000
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1   # empty caption, so classifier-free guidance works
+    # Offset noise (Guttenberg 2023): a per-sample, per-channel constant added to the training noise.
+    # Without it the model cannot move an image's mean colour away from the initial noise's, and
+    # copies of the photos come out with a seed-dependent colour cast (measured: RMSE 0.13-0.19).
+    offset_noise: float = 0.1
     warmup: int = 100
     seed: int = 0
     threads: int = 0               # 0: leave torch's default
@@ -121,6 +125,7 @@ def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer, mode
         tok[drop] = empty
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        noise = noise + cfg.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         cond = text_encoder(tok).last_hidden_state

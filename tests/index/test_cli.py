@@ -1,7 +1,6 @@
 """The `memguard index` commands, end to end, with --json."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

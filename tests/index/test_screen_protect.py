@@ -9,7 +9,7 @@ from PIL import Image
 
 from guard.errors import InvalidInput
 from guard.index.api import FingerprintIndex
-from guard.index.calibrate import aug_crop, aug_jpeg, aug_resize, lfw_faces
+from guard.index.calibrate import aug_crop, aug_resize, lfw_faces
 
 
 def _jpeg(img, quality=60):

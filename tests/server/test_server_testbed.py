@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.engine import TESTBED_MODEL_DIR, EngineConfig, load_engine
+from guard.engine import EngineConfig, load_engine
+from guard.loading import TESTBED_MODEL_DIR
 from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
 from server.app import BackgroundServer
 from server.demo import load_prompt_sets
@@ -57,3 +58,21 @@ def test_memorized_prompts_are_rerouted_or_blocked_and_novel_ones_allowed(testbe
     assert len(allowed) >= 2
     for image in allowed:
         assert np.asarray(Image.open(io.BytesIO(image.png)).convert("RGB")).shape == (64, 64, 3)
+
+
+def test_main_job_demo_writes_the_released_images(tmp_path):
+    """`memguard demo` (the README's main job): local guarded server, the demo mix, images on disk."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "guard.cli", "demo", "--per-set", "1", "--steps", "8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "guarded=True" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["memorized"], ["paraphrased"],
+                                                                                   ["novel"])]
+    assert [row[0] for row in rows] == ["memorized", "paraphrased", "novel"]
+    released = [row for row in rows if row[1] != "BLOCKED"]
+    assert sorted(p.name.split("-")[1] for p in out.glob("*.png")) == sorted(row[0] for row in released)
+    assert f"written to {out.resolve()}" in r.stdout

@@ -49,10 +49,3 @@ def test_missing_package_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["testbed", "build", "--quick", "--out", str(tmp_path / "tb")]) == 2
     err = capsys.readouterr().err
     assert "removed.png" in err and "skimage" in err
-
-
-def test_demo_writes_images(tmp_path):
-    pytest.importorskip("guard.testbed.cli")
-    r = _memguard("demo", "--out", str(tmp_path / "demo"), "--steps", "3")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len(list((tmp_path / "demo").glob("*.png"))) == 3
