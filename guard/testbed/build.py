@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TESTBED_DIR = Path(__file__).resolve().parent
 MODEL_SUBDIR = "model"
 MANIFEST = "MANIFEST.json"
+STAGE_WEIGHTS = "diffusion_pytorch_model.safetensors"   # what save_pretrained writes for the staged VAE
 # what a build writes (the manifest covers these only: the shipped testbed dir also holds code)
 BUILD_OUTPUTS = (MODEL_SUBDIR, "prompts", "REPORT.md", "report.json", "contact_sheet.png")
 
@@ -96,10 +97,15 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
 
     t = time.time()
     stage = out / "stage-vae"  # a finished VAE survives an interrupted build: UNet training resumes after it
-    if (stage / "config.json").is_file():
-        from diffusers import AutoencoderKL
+    if (stage / STAGE_WEIGHTS).is_file():
+        from safetensors.torch import load_file
 
-        vae = AutoencoderKL.from_pretrained(stage).eval()
+        from guard.models import build_vae
+
+        # weights only: a fresh config, so the saved model does not record the stage's path
+        vae = build_vae(cfg.model)
+        vae.load_state_dict(load_file(stage / STAGE_WEIGHTS))
+        vae.eval()
         log.info("reusing the VAE trained earlier in %s", stage)
     else:
         vae = train_vae(items, cfg.model, cfg.train)

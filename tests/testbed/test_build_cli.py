@@ -49,3 +49,26 @@ def test_missing_package_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["testbed", "build", "--quick", "--out", str(tmp_path / "tb")]) == 2
     err = capsys.readouterr().err
     assert "removed.png" in err and "skimage" in err
+
+
+def test_an_interrupted_build_resumes_from_its_trained_vae(tmp_path):
+    """A VAE left in stage-vae by an interrupted build is reused as is, and the model records no stage path."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from guard.models import build_vae
+    from guard.testbed.build import STAGE_WEIGHTS, BuildConfig, build
+    from guard.testbed.train import TrainConfig
+
+    out = tmp_path / "tb"
+    torch.manual_seed(int(torch.randint(2**31, ()).item()))
+    staged = build_vae(BuildConfig().model)
+    staged.save_pretrained(out / "stage-vae")
+    quick = TrainConfig(vae_steps=2, unet_steps=2, warmup=1, vae_batch=4, unet_batch=4)
+    build(out, dataclasses.replace(BuildConfig(), train=quick), report=False)
+    shipped = load_file(out / "model" / "vae" / STAGE_WEIGHTS)
+    assert all(torch.equal(shipped[k], v) for k, v in staged.state_dict().items())
+    assert "_name_or_path" not in _json.loads((out / "model" / "vae" / "config.json").read_text())
+    assert not (out / "stage-vae").exists()
