@@ -3,10 +3,11 @@
 The server knows only `GenerationEngine`: it hands over one micro-batch of compatible requests
 (same `batch_key`) at a time, from one worker thread, and reads back per-request `ImageResult`
 lists, `StepEvent`s as they happen, and plain stats dataclasses that server/metrics.py exports.
-Engines are chosen by name (`load_engine("module:attr", config)`), so the guarded pipeline drops
-in behind the same interface: point `EngineConfig`/`--engine` at it (or change DEFAULT_ENGINE).
+Engines are chosen by name (`load_engine("module:attr", config)`); DEFAULT_ENGINE is the guarded
+one (guard/guarded_engine.py). `IndexedEngine` holds what every engine shares (index gateway,
+stats drain).
 
-`PipelineEngine` runs a diffusers StableDiffusionPipeline's components through its own small
+`PipelineEngine`, the unguarded baseline the load benchmark compares against, runs a diffusers StableDiffusionPipeline's components through its own small
 denoising loop (prompt encoding, CFG, scheduler steps, per-sample cancellation, decoding). It does
 not guard: it applies mode OFF to every request (all images ALLOWED, Reason.NONE) and says so with
 `guarded = False`. It measures the noise-divergence signal (free with CFG) for progress events.
