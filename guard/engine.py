@@ -7,9 +7,9 @@ Engines are chosen by name (`load_engine("module:attr", config)`); DEFAULT_ENGIN
 one (guard/guarded_engine.py). `IndexedEngine` holds what every engine shares (index gateway,
 stats drain).
 
-`PipelineEngine`, the unguarded baseline the load benchmark compares against, runs a diffusers StableDiffusionPipeline's components through its own small
-denoising loop (prompt encoding, CFG, scheduler steps, per-sample cancellation, decoding). It does
-not guard: it applies mode OFF to every request (all images ALLOWED, Reason.NONE) and says so with
+`PipelineEngine`, the unguarded baseline the load benchmark compares against, runs a diffusers
+StableDiffusionPipeline's components through its own small denoising loop (prompt encoding, CFG,
+scheduler steps, per-sample cancellation, decoding). It does not guard: it applies mode OFF to every request (all images ALLOWED, Reason.NONE) and says so with
 `guarded = False`. It measures the noise-divergence signal (free with CFG) for progress events.
 """
 from __future__ import annotations
