@@ -10,7 +10,8 @@ stats drain).
 `PipelineEngine`, the unguarded baseline the load benchmark compares against, runs a diffusers
 StableDiffusionPipeline's components through its own small denoising loop (prompt encoding, CFG,
 scheduler steps, per-sample cancellation, decoding). It does not guard: it applies mode OFF to
-every request (all images ALLOWED, Reason.NONE) and says so with `guarded = False`. It measures the noise-divergence signal (free with CFG) for progress events.
+every request (all images ALLOWED, Reason.NONE) and says so with `guarded = False`. It measures
+the noise-divergence signal (free with CFG) for progress events.
 """
 from __future__ import annotations
 
