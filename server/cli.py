@@ -25,6 +25,7 @@ TESTBED_INDEX_DIR = Path(__file__).resolve().parent.parent / "guard" / "testbed"
 def register(subparsers) -> None:
     _register_serve(subparsers)
     _register_client(subparsers)
+    _add_server_to_generate(subparsers)
     d = subparsers.add_parser("demo", help="the main job: start a local guarded server on the testbed, send "
                                            "memorized, paraphrased and novel prompts, write the released images")
     _demo_args(d, out_default=Path("out/demo"))
@@ -173,6 +174,38 @@ def _conn(args):
 
 def _print(args, payload: dict, text: str) -> None:
     print(json.dumps(payload, indent=1) if args.json else text)
+
+
+def _add_server_to_generate(subparsers) -> None:
+    """`memguard generate --server HOST:PORT`: the same command, answered by a running server.
+
+    guard/generate_cli.py registers `generate` (local generation); the option is added here so that
+    the library never imports the server package."""
+    generate = subparsers.choices.get("generate")
+    if generate is None:
+        return
+    generate.add_argument("--server", help="HOST:PORT of a running MemGuard server: generate there, not locally")
+    generate.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"),
+                          help="API key for --server (default: $MEMGUARD_API_KEY)")
+    generate.add_argument("--tls-ca", help="PEM CA file: connect to --server with TLS")
+    generate.add_argument("--timeout", type=float, help="deadline per call to --server, seconds")
+    local = generate.get_default("func")
+
+    def dispatch(args) -> int:
+        if args.server is None:
+            return local(args)
+        for flag in ("model", "index", "policy", "trace", "audit"):
+            if getattr(args, flag, None):
+                raise InvalidInput(flag, "is a local-generation option; the server chooses its own")
+        status = 0
+        for i, prompt in enumerate(args.prompt):   # one request a prompt; images of prompt i under out/p<i>
+            out = args.out if len(args.prompt) == 1 else args.out / f"p{i}"
+            one = argparse.Namespace(**{**vars(args), "prompt": prompt, "size": args.size or 64, "stream": False,
+                                        "out": out})
+            status = max(status, _client_generate(one))
+        return status
+
+    generate.set_defaults(func=dispatch)
 
 
 def _client_generate(args) -> int:

@@ -85,3 +85,25 @@ def test_scrape_shows_counters_moving(server):
     assert metric(server, "memguard_request_duration_seconds_count", rpc="Generate") >= 1
     assert metric(server, "memguard_signal_score_count", signal="noise_divergence") >= 6
     assert metric(server, "memguard_ready") == 1
+
+
+def test_cli_generate_with_server_is_the_client_side(server, tmp_path, capsys):
+    """`memguard generate --server HOST:PORT`: one request a prompt, images written per prompt."""
+    import json as _json
+
+    from guard.cli import main
+
+    out = tmp_path / "out"
+    argv = ["generate", "--server", server.target, "--prompt", "a red circle on a blue plain background",
+            "--prompt", "a green square on a yellow striped background", "--seed", "3", "--steps", "3",
+            "--out", str(out), "--json"]
+    assert main(argv) == 0
+    docs = [_json.loads(chunk) for chunk in capsys.readouterr().out.replace("}\n{", "}\0{").split("\0")]
+    assert [len(d["images"]) for d in docs] == [1, 1]
+    for i, d in enumerate(docs):
+        image = d["images"][0]
+        assert image["seed"] == 3 and image["decision"] == "ALLOWED"
+        assert image["path"].startswith(str(out / f"p{i}")) and (out / f"p{i}").is_dir()
+    # local-only options are refused with the field named, before anything is sent
+    assert main(["generate", "--server", server.target, "--prompt", "x", "--trace", "--out", str(out)]) == 2
+    assert "trace" in capsys.readouterr().err
