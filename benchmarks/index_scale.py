@@ -3,7 +3,8 @@
 Vectors come from a clustered distribution (`Mixture`: hierarchical clusters of Zipf-like sizes,
 low intrinsic dimension), not uniform noise, on which recall means nothing. Two query sets:
 fresh draws from the mixture (neighbours at cosine ~0.6-0.75: the hard case) and near-copies of
-indexed items (the guard's case). Reported per size and nprobe: build time (the whole builder
+indexed items (the guard's case). Reported per size and search breadth ("nprobe": IVF nprobe, or
+HNSW efSearch for an HNSW factory): build time (the whole builder
 path: staging, SQLite metadata, vector files, faiss train+add, manifest), bytes per item (on disk;
 resident faiss index), p50/p99 latency of `FingerprintIndex.search_latent` (k=10) for 1 and 64
 queries, recall@10 against exact search, and protect latency (durable SQLite commit + swap).
@@ -130,7 +131,9 @@ def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
     rows = []
     sweep = args.nprobe if not fx.is_exact(fx.choose_factory(n, dim, cfg)) else [None]
     for nprobe in sweep:
-        index = FingerprintIndex.open(out, verify_checksums=False, overrides={"nprobe": nprobe} if nprobe else {})
+        # one breadth knob for both families: IVF nprobe, HNSW efSearch
+        index = FingerprintIndex.open(out, verify_checksums=False,
+                                      overrides={"nprobe": nprobe, "hnsw_ef": nprobe} if nprobe else {})
         sig = index.signals["latent"]
         recall_fresh, recall_near = _recall(index, fresh, truth_fresh), _recall(index, near, truth_near)
         top1 = index.search_latent(torch.from_numpy(near), 1)[0]
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
     p.add_argument("--factory", help="force a faiss factory string (default: chosen by size)")
     p.add_argument("--exact-max", type=int, default=50_000)
-    p.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128, 256], help="IVF nprobe sweep")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128, 256], help="search breadth sweep: IVF nprobe, HNSW efSearch")
     p.add_argument("--rerank", type=int, default=4)
     p.add_argument("--train-sample", type=int, default=200_000)
     p.add_argument("--workdir", type=Path, default=None)
