@@ -175,9 +175,9 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"- SSIM: {_stats([s for r in fig.novel for s in r.ssim])}",
         f"- nRMSE: {_stats([s for r in fig.novel for s in r.rmse])}",
         f"- near copies: {_novel_copies(fig, photo=True)} of {sum(len(r.ssim) for r in fig.novel)} generations "
-        f"copy a memorized photo; {_novel_copies(fig, photo=False)} match a procedural training item (a held-out "
-        "combination beside a trained one that differs only in colour: the colour-blind judge cannot tell them "
-        "apart)", "",
+        f"copy a memorized photo; {_novel_copies(fig, photo=False)} match a procedural training item with the same "
+        "background (a small shape on the same gradient or plain background: the colour-blind judge cannot tell "
+        "them apart)", "",
         "## Contact sheet", "",
         "`contact_sheet.png`: per memorized photo, training image | VAE reconstruction | generations for the first "
         "seeds; below, generations for novel prompts.", "",

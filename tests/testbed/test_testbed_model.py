@@ -49,8 +49,8 @@ def test_memorized_captions_reproduce_their_training_photos(pipe, training_set):
 def test_novel_prompts_produce_no_near_copies(pipe, training_set):
     """No novel generation is a near copy of a memorized photo (the only images the model memorizes).
 
-    Procedural items are each seen once; the colour-invariant judge cannot tell a held-out colour of a
-    shape from a trained colour of the same shape on the same background, so those look-alikes are
+    Procedural items are each seen once; the colour-invariant judge cannot tell a small shape on a
+    background from another small shape on the same smooth background, so those look-alikes are
     bounded, not excluded (REPORT.md counts them)."""
     prompts = (TESTBED_DIR / "prompts" / "novel.txt").read_text().splitlines()
     assert len(prompts) >= 40
