@@ -113,10 +113,11 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str])
     from guard.testbed import copies
 
     photos = [_grey_standardized(im) for im, i in zip(train_images, train_ids) if i.startswith("photo-")]
+    references = copies.References.of(train_images)
     for r in records:
         if r.result.image is None:
             continue
-        j, score = copies.nearest(r.result.image, train_images)
+        j, score = copies.nearest(r.result.image, references)
         r.copy, r.nearest, r.ssim = score.is_copy, train_ids[j], score.ssim
         r.structural = structural_similarity_to(r.result.image, photos)
 

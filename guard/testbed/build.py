@@ -56,9 +56,16 @@ def check_output_dir(out: Path) -> None:
         raise BuildError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
 
 
+def build_files(out: Path) -> list[Path]:
+    """Every file a build wrote under `out` (BUILD_OUTPUTS: files, or directories walked)."""
+    files = []
+    for path in (out / name for name in BUILD_OUTPUTS):
+        files += [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sorted(files)
+
+
 def write_manifest(out: Path, cfg: BuildConfig, timings: dict[str, float]) -> Path:
-    files = sorted(p for name in BUILD_OUTPUTS for p in ([out / name] if (out / name).is_file()
-                                                          else (out / name).rglob("*")) if p.is_file())
+    files = build_files(out)
     manifest = {
         "format": 1,
         "config": dataclasses.asdict(cfg),

@@ -97,9 +97,9 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
     nseeds = seeds[:novel_seeds]
     nov_images = sample_plain(pipe, [p for p in novel_prompts for _ in nseeds], nseeds * len(novel_prompts),
                               steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
-    novel = []
+    novel, references = [], copies.References.of(all_images)
     for i, prompt in enumerate(novel_prompts):
-        found = [copies.nearest(nov_images[i * len(nseeds) + j], all_images) for j in range(len(nseeds))]
+        found = [copies.nearest(nov_images[i * len(nseeds) + j], references) for j in range(len(nseeds))]
         novel.append(PromptResult(prompt, "", float(np.mean([s.is_copy for _, s in found])),
                                   [round(s.ssim, 4) for _, s in found], [round(s.rmse, 4) for _, s in found],
                                   [ids[k] for k, _ in found]))
@@ -111,7 +111,7 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
 
 def _novel_copies(fig: TestbedFigures, photo: bool) -> int:
     """Novel generations judged near copies, of a memorized photo (photo=True) or of a procedural item."""
-    return sum(int(ssim >= copies.SSIM_THRESHOLD and rmse <= copies.RMSE_THRESHOLD)
+    return sum(copies.is_near_copy(ssim, rmse)
                for r in fig.novel for ssim, rmse, near in zip(r.ssim, r.rmse, r.nearest)
                if near.startswith("photo-") == photo)
 

@@ -33,9 +33,10 @@ class TrainConfig:
     unet_batch: int = 32
     unet_lr: float = 5e-4
     caption_dropout: float = 0.1   # empty caption, so classifier-free guidance works
-    # Offset noise (Guttenberg 2023): a per-sample, per-channel constant added to the training noise.
-    # Without it the model cannot move an image's mean colour away from the initial noise's, and
-    # copies of the photos come out with a seed-dependent colour cast (measured: RMSE 0.13-0.19).
+    # Offset noise (Guttenberg 2023): a per-sample, per-channel constant added to the training noise,
+    # meant to let the model move an image's mean colour away from the initial noise's. Measured on
+    # the testbed: it did NOT remove the seed-dependent colour cast of the copies (same tints with
+    # and without it); kept because the shipped model was trained with it.
     offset_noise: float = 0.1
     warmup: int = 100
     seed: int = 0

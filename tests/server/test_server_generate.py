@@ -98,7 +98,11 @@ def test_cli_generate_with_server_is_the_client_side(server, tmp_path, capsys):
             "--prompt", "a green square on a yellow striped background", "--seed", "3", "--steps", "3",
             "--out", str(out), "--json"]
     assert main(argv) == 0
-    docs = [_json.loads(chunk) for chunk in capsys.readouterr().out.replace("}\n{", "}\0{").split("\0")]
+    text, docs, decoder = capsys.readouterr().out, [], _json.JSONDecoder()
+    while text.strip():                        # one JSON document a prompt, printed one after another
+        doc, end = decoder.raw_decode(text.lstrip())
+        docs.append(doc)
+        text = text.lstrip()[end:]
     assert [len(d["images"]) for d in docs] == [1, 1]
     for i, d in enumerate(docs):
         image = d["images"][0]
