@@ -52,13 +52,17 @@ def _build(args) -> int:
 
 
 def _report(args) -> int:
+    from guard.testbed.build import refresh_manifest
     from guard.testbed.report import write_report
 
     timings = None
     manifest = args.dir / "MANIFEST.json"
     if manifest.is_file():
         timings = json.loads(manifest.read_text()).get("timings_s")
+    t = time.time()
     fig = write_report(args.dir, seeds=args.seeds, timings=timings)
+    if manifest.is_file():
+        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)})
     print(f"memorized captions copying in most seeds: {fig.share_memorized_copying():.0%}; "
           f"report: {args.dir / 'REPORT.md'}")
     return 0

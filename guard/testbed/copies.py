@@ -1,11 +1,18 @@
 """An independent, pixel-space judge of near copies (not the guard's own signals).
 
-A generated image is a near copy of a training image when it is structurally similar (SSIM) AND
-close pixel by pixel once each image's mean colour is removed (normalized L2: the RMSE on [0, 1]
-pixels after subtracting each image's per-channel mean). The normalization makes the measure
-blind to a global colour cast, as copy detectors are (SSCD is trained with colour jitter): the
-testbed reproduces its photos with a seed-dependent tint (contact_sheet.png), and a tinted copy
-of a face or a photograph is still a copy. `CopyScore.raw_rmse` keeps the plain RMSE for diagnosis.
+A generated image is a near copy of training image x when all three hold:
+- SSIM(gen, x) ≥ SSIM_THRESHOLD: structurally the same picture;
+- normalized L2 ≤ RMSE_THRESHOLD: the RMSE of [0, 1] pixels after removing each image's
+  per-channel mean colour. Blind to a global colour cast, as copy detectors are (SSCD trains with
+  colour jitter): the testbed reproduces its photos with a seed-dependent tint (contact_sheet.png),
+  and a tinted copy of a face or a photograph is still a copy;
+- relative distance ≤ RELATIVE_THRESHOLD: normalized L2 to x divided by the mean normalized L2 to
+  the RELATIVE_NEIGHBOURS nearest *other* training images. After Carlini et al. (2023, "Extracting
+  Training Data from Diffusion Models"), whose extraction criterion divides the distance to the
+  training image by the distance to its nearest neighbours in the training set: a generation
+  close to many training images at once (a small shape on a smooth background the set holds in
+  many variants) is generic, not a copy of one of them; a copy is far closer to its source than
+  to anything else.
 
 The testbed's VAE caps how close any generation can get: its reconstructions of the photos reach
 SSIM ≈ 0.8-0.95 (REPORT.md lists them), so the SSIM threshold sits below that cap and well above
@@ -20,22 +27,26 @@ from skimage.metrics import structural_similarity
 
 SSIM_THRESHOLD = 0.5
 RMSE_THRESHOLD = 0.12
+RELATIVE_THRESHOLD = 0.5
+RELATIVE_NEIGHBOURS = 50
 
 
 @dataclass(frozen=True)
 class CopyScore:
     ssim: float
     rmse: float          # normalized L2: RMSE after removing each image's mean colour
-    raw_rmse: float      # plain RMSE, for reference
+    relative: float      # rmse / mean rmse to the nearest other training images
+    raw_rmse: float      # plain RMSE, for diagnosis
 
     @property
     def is_copy(self) -> bool:
-        return is_near_copy(self.ssim, self.rmse)
+        return is_near_copy(self.ssim, self.rmse, self.relative)
 
 
-def is_near_copy(ssim_value: float, normalized_rmse_value: float) -> bool:
+def is_near_copy(ssim_value: float, normalized_rmse_value: float, relative_value: float) -> bool:
     """The judge's rule, for scores already measured (REPORT.md re-counts stored figures with it)."""
-    return ssim_value >= SSIM_THRESHOLD and normalized_rmse_value <= RMSE_THRESHOLD
+    return (ssim_value >= SSIM_THRESHOLD and normalized_rmse_value <= RMSE_THRESHOLD
+            and relative_value <= RELATIVE_THRESHOLD)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,28 +73,52 @@ def normalized_rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean(d * d)))
 
 
-def copy_score(generated: np.ndarray, reference: np.ndarray) -> CopyScore:
-    return CopyScore(ssim(generated, reference), normalized_rmse(generated, reference), rmse(generated, reference))
-
-
 @dataclass(frozen=True)
 class References:
-    """Training images prepared once for many `nearest` calls (the centring is the costly part)."""
+    """The training images, prepared once for many judgements (the centring is the costly part)."""
     images: np.ndarray       # uint8 [M, H, W, 3]
     centred: np.ndarray      # float32 [M, H·W·3]
 
     @classmethod
     def of(cls, images: np.ndarray) -> "References":
+        if len(images) < 2:
+            raise ValueError("the judge needs at least 2 training images (the relative distance compares them)")
         return cls(images, _centred(images))
 
+    def distances(self, generated: np.ndarray) -> np.ndarray:
+        """Normalized L2 of a uint8 [H, W, 3] image to every reference → float32 [M]."""
+        return np.sqrt(((self.centred - _centred(generated)[None]) ** 2).mean(axis=1))
 
-def nearest(generated: np.ndarray, references: np.ndarray | References, shortlist: int = 16) -> tuple[int, CopyScore]:
+
+def _refs(references: np.ndarray | References) -> References:
+    return references if isinstance(references, References) else References.of(references)
+
+
+def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarray,
+           exclude: int | None) -> CopyScore:
+    others = np.delete(dist, [target] if exclude in (None, target) else [target, exclude])
+    k = min(RELATIVE_NEIGHBOURS, len(others))
+    context = float(np.partition(others, k - 1)[:k].mean())
+    d = float(dist[target])
+    return CopyScore(ssim(generated, refs.images[target]), d, d / max(context, 1e-12),
+                     rmse(generated, refs.images[target]))
+
+
+def copy_score(generated: np.ndarray, target: int, references: np.ndarray | References) -> CopyScore:
+    """How close `generated` (uint8 [H, W, 3]) comes to being a copy of references[target]."""
+    refs = _refs(references)
+    return _score(generated, target, refs, refs.distances(generated), None)
+
+
+def nearest(generated: np.ndarray, references: np.ndarray | References, shortlist: int = 16,
+            exclude: int | None = None) -> tuple[int, CopyScore]:
     """The reference that comes closest to being copied: among the `shortlist` closest in normalized
     L2, a near copy if any (the closest in normalized L2 first), else the highest SSIM.
-    references: uint8 [M, H, W, 3], or `References.of(...)` of them when calling many times."""
-    refs = references if isinstance(references, References) else References.of(references)
-    dist = np.sqrt(((refs.centred - _centred(generated)[None]) ** 2).mean(axis=1))
-    candidates = np.argsort(dist)[:shortlist]
-    scores = [(int(i), copy_score(generated, refs.images[i])) for i in candidates]
+    references: uint8 [M, H, W, 3], or `References.of(...)` of them when calling many times;
+    exclude: a reference index to leave out (an image judged against the set that holds it)."""
+    refs = _refs(references)
+    dist = refs.distances(generated)
+    order = [int(i) for i in np.argsort(dist) if i != exclude][:shortlist]
+    scores = [(i, _score(generated, i, refs, dist, exclude)) for i in order]
     found = [s for s in scores if s[1].is_copy]
     return found[0] if found else max(scores, key=lambda s: s[1].ssim)

@@ -23,6 +23,12 @@ def test_quick_build_writes_a_loadable_verified_testbed(tmp_path):
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert "model/unet/diffusion_pytorch_model.safetensors" in manifest["files"]
     assert _memguard("testbed", "verify", "--dir", str(out)).returncode == 0
+    # re-measuring rewrites the report and re-hashes it into the manifest
+    (out / "REPORT.md").write_text("stale\n")
+    r = _memguard("testbed", "report", "--dir", str(out), "--seeds", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "near copy" in (out / "REPORT.md").read_text()
+    assert _memguard("testbed", "verify", "--dir", str(out)).returncode == 0
 
     # tamper with one file: verify names it and fails cleanly
     with open(out / "prompts" / "novel.txt", "a") as f:
@@ -65,7 +71,9 @@ def test_an_interrupted_build_resumes_from_its_trained_vae(tmp_path):
     staged = build_vae(BuildConfig().model)
     staged.save_pretrained(out / "stage-vae")
     quick = TrainConfig(vae_steps=2, unet_steps=2, warmup=1, vae_batch=4, unet_batch=4)
-    build(out, dataclasses.replace(BuildConfig(), train=quick), report=False)
+    manifest = build(out, dataclasses.replace(BuildConfig(), train=quick), report=False)
+    timings = _json.loads(manifest.read_text())["timings_s"]
+    assert "vae_reused" in timings and "vae" not in timings   # a reused VAE is not reported as trained
     shipped = load_file(out / "model" / "vae" / STAGE_WEIGHTS)
     assert all(torch.equal(shipped[k], v) for k, v in staged.state_dict().items())
     assert "_name_or_path" not in _json.loads((out / "model" / "vae" / "config.json").read_text())
