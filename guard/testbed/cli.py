@@ -19,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tb.add_parser("build", help="generate the data, train the model, write the report (~40 min on 2 cores)")
     p.add_argument("--out", type=Path, default=TESTBED_DIR, help="output directory (default: the shipped testbed)")
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not a model")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per prompt in the report")
+    p.add_argument("--seeds", type=int, default=16, help="seeds per prompt in the report")
     p.add_argument("--no-report", action="store_true")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")
     p.add_argument("--dir", type=Path, default=TESTBED_DIR)
-    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=16)
     p.set_defaults(func=_report)
 
     p = tb.add_parser("verify", help="check every file against MANIFEST.json")
@@ -62,7 +62,7 @@ def _report(args) -> int:
     t = time.time()
     fig = write_report(args.dir, seeds=args.seeds, timings=timings)
     if manifest.is_file():
-        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)})
+        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)}, report_seeds=args.seeds)
     print(f"memorized captions copying in most seeds: {fig.share_memorized_copying():.0%}; "
           f"report: {args.dir / 'REPORT.md'}")
     return 0
