@@ -21,6 +21,7 @@ from guard.digest import sha256_file
 from guard.errors import MemGuardError
 from guard.models import TinyPipelineConfig, build_scheduler
 from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
+from guard.testbed.report import REPORT_SEEDS, write_report
 from guard.testbed.tokenizer import load_clip_tokenizer
 from guard.testbed.train import TrainConfig, encode_latents, train_unet, train_vae
 
@@ -43,7 +44,7 @@ class BuildConfig:
     data: TestbedDataConfig = TestbedDataConfig()
     model: TinyPipelineConfig = TinyPipelineConfig()
     train: TrainConfig = TrainConfig()
-    report_seeds: int = 16     # = report.REPORT_SEEDS
+    report_seeds: int = REPORT_SEEDS
 
 
 def check_output_dir(out: Path) -> None:
@@ -157,8 +158,6 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
 
 def build(out: Path, cfg: BuildConfig = BuildConfig(), *, report: bool = True) -> Path:
     """Reproduce the testbed into `out`. Returns the manifest path."""
-    from guard.testbed.report import write_report
-
     check_output_dir(out)
     build_training_set(dataclasses.replace(cfg.data, num_procedural=1))  # missing photos fail before training
     timings = train_and_save(out, cfg)

@@ -19,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tb.add_parser("build", help="generate the data, train the model, write the report (~40 min on 2 cores)")
     p.add_argument("--out", type=Path, default=TESTBED_DIR, help="output directory (default: the shipped testbed)")
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not a model")
-    p.add_argument("--seeds", type=int, default=16, help="seeds per prompt in the report")
+    p.add_argument("--seeds", type=int, help="seeds per prompt in the report (default: report.REPORT_SEEDS)")
     p.add_argument("--no-report", action="store_true")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")
     p.add_argument("--dir", type=Path, default=TESTBED_DIR)
-    p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--seeds", type=int, help="seeds per prompt (default: report.REPORT_SEEDS)")
     p.set_defaults(func=_report)
 
     p = tb.add_parser("verify", help="check every file against MANIFEST.json")
@@ -41,7 +41,7 @@ def _build(args) -> int:
     from guard.testbed.build import BuildConfig, build
     from guard.testbed.train import TrainConfig
 
-    cfg = BuildConfig(report_seeds=args.seeds)
+    cfg = BuildConfig(report_seeds=args.seeds) if args.seeds else BuildConfig()
     if args.quick:
         cfg = dataclasses.replace(cfg, train=TrainConfig(vae_steps=4, unet_steps=4, warmup=1, vae_batch=8,
                                                          unet_batch=8))
@@ -53,16 +53,16 @@ def _build(args) -> int:
 
 def _report(args) -> int:
     from guard.testbed.build import refresh_manifest
-    from guard.testbed.report import write_report
+    from guard.testbed.report import REPORT_SEEDS, write_report
 
     timings = None
     manifest = args.dir / "MANIFEST.json"
     if manifest.is_file():
         timings = json.loads(manifest.read_text()).get("timings_s")
     t = time.time()
-    fig = write_report(args.dir, seeds=args.seeds, timings=timings)
+    fig = write_report(args.dir, seeds=args.seeds or REPORT_SEEDS, timings=timings)
     if manifest.is_file():
-        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)}, report_seeds=args.seeds)
+        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)}, report_seeds=len(fig.seeds))
     print(f"memorized captions copying in most seeds: {fig.share_memorized_copying():.0%}; "
           f"report: {args.dir / 'REPORT.md'}")
     return 0

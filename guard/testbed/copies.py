@@ -94,11 +94,11 @@ def _refs(references: np.ndarray | References) -> References:
     return references if isinstance(references, References) else References.of(references)
 
 
-def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarray,
+def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarray, order: np.ndarray,
            exclude: int | None) -> CopyScore:
-    others = np.delete(dist, [target] if exclude in (None, target) else [target, exclude])
-    k = min(RELATIVE_NEIGHBOURS, len(others))
-    context = float(np.partition(others, k - 1)[:k].mean())
+    """dist: normalized L2 to every reference; order: argsort(dist), shared by all targets."""
+    nearest_others = order[(order != target) & (order != (-1 if exclude is None else exclude))]
+    context = float(dist[nearest_others[:RELATIVE_NEIGHBOURS]].mean())
     d = float(dist[target])
     return CopyScore(ssim(generated, refs.images[target]), d, d / max(context, 1e-12),
                      rmse(generated, refs.images[target]))
@@ -107,7 +107,8 @@ def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarra
 def copy_score(generated: np.ndarray, target: int, references: np.ndarray | References) -> CopyScore:
     """How close `generated` (uint8 [H, W, 3]) comes to being a copy of references[target]."""
     refs = _refs(references)
-    return _score(generated, target, refs, refs.distances(generated), None)
+    dist = refs.distances(generated)
+    return _score(generated, target, refs, dist, np.argsort(dist), None)
 
 
 def nearest(generated: np.ndarray, references: np.ndarray | References, shortlist: int = 16,
@@ -118,7 +119,8 @@ def nearest(generated: np.ndarray, references: np.ndarray | References, shortlis
     exclude: a reference index to leave out (an image judged against the set that holds it)."""
     refs = _refs(references)
     dist = refs.distances(generated)
-    order = [int(i) for i in np.argsort(dist) if i != exclude][:shortlist]
-    scores = [(i, _score(generated, i, refs, dist, exclude)) for i in order]
+    order = np.argsort(dist)
+    candidates = order[order != (-1 if exclude is None else exclude)][:shortlist]
+    scores = [(int(i), _score(generated, int(i), refs, dist, order, exclude)) for i in candidates]
     found = [s for s in scores if s[1].is_copy]
     return found[0] if found else max(scores, key=lambda s: s[1].ssim)

@@ -21,7 +21,7 @@ pytestmark = needs_testbed
 @pytest.fixture(scope="module")
 def training_images():
     items = build_training_set()
-    return np.stack([it.image for it in items])
+    return copies.References.of(np.stack([it.image for it in items]))   # prepared once for every judgement
 
 
 # memorized captions whose generations the testbed's policy flags at step 1 in every seed we have seen
@@ -67,7 +67,7 @@ def test_mixed_batch_gets_per_sample_decisions(testbed_pipe, testbed_index, test
     for r in mixed:
         if r.image is not None:   # nothing released is a near copy of a memorized photo
             j, score = copies.nearest(r.image, training_images)
-            assert not (score.is_copy and j >= len(training_images) - len(PHOTOS))
+            assert not (score.is_copy and j >= len(training_images.images) - len(PHOTOS))
         # membership information only in the audit dict, never in the coarse outcome
         assert "photo-" not in json.dumps([r.decision.value, r.reason.value, r.report.scores])
 
