@@ -62,11 +62,27 @@ def build_tiny_unet(cfg: TinyPipelineConfig = TinyPipelineConfig()) -> UNet2DCon
     )
 
 
-def build_scheduler() -> DDIMScheduler:
-    """Stable Diffusion's noise schedule, epsilon prediction."""
+def build_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDIMScheduler:
+    """Stable Diffusion's noise schedule (scaled linear betas), DDIM.
+
+    Defaults: SD 1.x exactly (ε-prediction, leading timesteps). zero_terminal_snr rescales the betas so
+    the last timestep is pure noise and samples from it ("trailing" timesteps), after Lin et al.
+    (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed"; it needs v-prediction,
+    because ε-prediction cannot recover x0 from pure noise.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("a zero terminal SNR schedule needs prediction_type='v_prediction'")
+    if zero_terminal_snr:
+        return DDIMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
+            rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=1,   # unused by trailing; SD pipelines set it
+        )
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
 
 

@@ -57,6 +57,9 @@ COLUMNS = list(SIGNALS) + [f"z_{s}" for s in SIGNALS] + ["combined", "guidance"]
 COMBINED, GUIDANCE = 2 * S, 2 * S + 1
 
 
+ALPHA_BAR_FLOOR = 2.0 ** -24   # ᾱ of a zero-terminal-SNR schedule's first step, for ε-space signals
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     candidates: int = 8                     # K candidates per sample from the index
@@ -250,7 +253,10 @@ class GuardedPipeline:
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)   # per-batch state
         sched.set_timesteps(steps, device=self.device)
         timesteps = [float(t) for t in sched.timesteps]
-        alpha_bars = [float(sched.alphas_cumprod[int(round(t))]) for t in timesteps]
+        # the guard's signals live in ε-space, which needs ᾱ > 0: a zero-terminal-SNR schedule's first
+        # step (ᾱ = 0, pure noise) gets diffusers' own floor for such schedules (Euler: ᾱ_T = 2⁻²⁴);
+        # the v ↔ ε round trip at that floor stays exact to ~1e-3 in fp32
+        alpha_bars = [max(float(sched.alphas_cumprod[int(round(t))]), ALPHA_BAR_FLOOR) for t in timesteps]
         host_tables = self.policy.tables(timesteps)
         trace = torch.full((len(timesteps), len(samples), len(COLUMNS)), float("nan"), device=self.device)
         # scheduler-space latents per DDPM-space x_t: 1, or √(1+σ²) = 1/√ᾱ for σ-space (Euler-type) schedulers

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource
-from guard.index.builder import ITEMS_DB, BuildReport, IndexBuilder
+from guard.errors import CorruptData, InvalidInput, MissingResource
+from guard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
 from guard.index.config import IndexConfig, Thresholds
 from guard.index.faces import FaceEmbedder
 from guard.index.manifest import REGISTRY_DB, Manifest, check_files, read_manifest, write_manifest
@@ -26,6 +26,7 @@ from guard.index.pdq import check_image, pdq_hash
 from guard.index.protected import ProtectedSnapshot
 from guard.index.signals import SignalIndex, best_first, exact_scores
 from guard.index.store import ItemStore, Registry
+from guard.index.vectors import read_array
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class FingerprintIndex:
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
         self.signals = {name: SignalIndex(name, info, self.path, self.cfg) for name, info in manifest.signals.items()}
+        self.maps = self._read_maps()
         self.items = ItemStore(self.path / ITEMS_DB)
         self.registry = Registry(self.path / REGISTRY_DB)
         self._model_dir = Path(model_dir) if model_dir else None
@@ -87,6 +89,17 @@ class FingerprintIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _read_maps(self) -> np.ndarray | None:
+        """The latent maps of the aligned re-score [items, map_dim] float16 (memory-mapped), if built."""
+        info = self.manifest.maps
+        if not info:
+            return None
+        path = self.path / info["file"]
+        maps = read_array(path, dtype=np.float16)
+        if maps.shape != (info["count"], info["dim"]):
+            raise CorruptData(f"{path}: shape {maps.shape}, manifest says {(info['count'], info['dim'])}")
+        return maps
 
     # ---- encoders, loaded on first use ------------------------------------------------------------
     @property
@@ -144,7 +157,10 @@ class FingerprintIndex:
         image = check_image(image, "image")
         if item_id is not None and (not isinstance(item_id, str) or not item_id.strip()):
             raise InvalidInput("item_id", "must be a non-empty string or None")
-        vectors = [("latent", self.latent_encoder().encode([image])[0], None), ("pdq", pdq_hash(image)[0], None)]
+        fingerprint, latent_map = self.latent_encoder().encode_with_maps([image])
+        vectors = [("latent", fingerprint[0], None), ("pdq", pdq_hash(image)[0], None)]
+        if self.maps is not None:
+            vectors.append((MAPS, latent_map[0].astype(np.float32), None))
         if "clip" in self.signals:
             vectors.append(("clip", self.clip_encoder().encode([image])[0], None))
         return self._protect("image", item_id, reason, vectors)

@@ -30,6 +30,8 @@ from guard.index.vectors import fsync_dir, normalize_rows, write_array, write_fa
 
 log = logging.getLogger(__name__)
 STAGING = ".build"
+MAPS = "align"              # staging name of the latent maps (guard.index.align)
+MAPS_FILE = "align.npy"
 ITEMS_DB = "items.sqlite"
 
 
@@ -134,6 +136,8 @@ class IndexBuilder:
         self.widths: dict[str, tuple[int, np.dtype]] = {}
         if self.embedding_signal is None:
             self.widths["latent"] = (latent.dim, np.float32)
+            if cfg.align_maps:
+                self.widths[MAPS] = (latent.map_dim, np.float16)
             self.widths["pdq"] = (PDQ_BYTES, np.uint8)
             if clip is not None:
                 self.widths["clip"] = (clip.dim, np.float32)
@@ -226,8 +230,11 @@ class IndexBuilder:
             vecs = np.stack([r.vector for r in good]) if good else np.zeros((0, 1), np.float32)
             return {self.embedding_signal: normalize_rows(vecs)}, []
         images = [r.image for r in good]
-        vectors = {"latent": self.latent.encode(images),
+        fingerprints, maps = self.latent.encode_with_maps(images)
+        vectors = {"latent": fingerprints,
                    "pdq": np.stack([pdq_hash(im)[0] for im in images]) if images else np.zeros((0, PDQ_BYTES), np.uint8)}
+        if MAPS in self.widths:
+            vectors[MAPS] = maps
         if self.clip is not None:
             vectors["clip"] = self.clip.encode(images)
         faces, descriptors = [], []
@@ -252,7 +259,13 @@ class IndexBuilder:
                                          f"({stage.state['skipped']} skipped; see the build report)")
         signals: dict[str, SignalInfo] = {}
         for signal in self.widths:
-            signals[signal] = self._write_signal(signal, stage.array(signal))
+            if signal != MAPS:
+                signals[signal] = self._write_signal(signal, stage.array(signal))
+        maps = None
+        if MAPS in self.widths:   # stored for the aligned re-score only: no faiss index
+            write_array(self.out / MAPS_FILE, stage.array(MAPS))
+            maps = {"file": MAPS_FILE, "dim": self.latent.map_dim, "grid": self.latent.map_grid,
+                    "channels": self.latent.channels, "count": stage.state["rows"], "dtype": "float16"}
         items_path = self.out / ITEMS_DB
         tmp = self.out / f".{ITEMS_DB}.tmp"
         tmp.unlink(missing_ok=True)
@@ -261,7 +274,8 @@ class IndexBuilder:
             os.fsync(f.fileno())
         os.replace(tmp, items_path)
         Registry(self.out / REGISTRY_DB, create=True).close()
-        names = sorted({ITEMS_DB} | {s.vectors for s in signals.values()} | {s.index for s in signals.values()})
+        names = sorted({ITEMS_DB} | {s.vectors for s in signals.values()} | {s.index for s in signals.values()}
+                       | ({MAPS_FILE} if maps else set()))
         manifest = Manifest(
             signals=signals,
             models={k: getattr(self, k).describe() for k in ("latent", "clip") if getattr(self, k)}
@@ -270,7 +284,7 @@ class IndexBuilder:
             counts={"items": stage.state["rows"], "faces": stage.state["face_rows"],
                     "skipped": stage.state["skipped"]},
             config=asdict(self.cfg), thresholds=Thresholds(), files=record_files(self.out, names),
-            build={"source": self.source.describe(), "seconds": round(time.time() - t0, 3)})
+            build={"source": self.source.describe(), "seconds": round(time.time() - t0, 3)}, maps=maps)
         write_manifest(self.out, manifest)
         return True
 

@@ -3,7 +3,10 @@ stated false-match rate, write them into the manifest.
 
 Positives: augmented copies (crop, resize, JPEG, colour jitter, small rotation) of indexed items,
 scored against their own item. Negatives: the same augmented images scored against the closest
-*other* item (one score per query: the screen flags a query, not a pair). Each of S signals gets
+*other* item (one score per query: the screen flags a query, not a pair). The aligned signal's
+positive is the standout z when the own item stands out; its negative is the standout z with the
+own item left out of the index (leave-one-out), exactly what the screen would see for an image
+that is not indexed but resembles indexed ones. Each of S signals gets
 the budget fmr / S, so the rate of "any signal crossed" stays ≤ fmr (union bound). Held-out images
 (never indexed), when given, are an independent check: their false-match rate is reported, not fitted.
 Faces: positives are faces found in augmented indexed images scored against their own descriptors;
@@ -21,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from guard.errors import InvalidInput
+from guard.index.builder import MAPS
 from guard.index.config import Thresholds, crosses, higher_is_closer
 from guard.index.pdq import pdq_hash
 
@@ -103,13 +107,35 @@ class CalibrationConfig:
 
 # ---- measuring ----------------------------------------------------------------------------------------
 def _embed(index, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Query vectors of every stored signal except faces: signal -> [B, D]."""
+    """Query vectors of every stored signal except faces: signal -> [B, D]; latent maps under MAPS
+    when the index re-scores aligned."""
     out = {"pdq": np.stack([pdq_hash(im)[0] for im in images])}
     if "latent" in index.signals:
-        out["latent"] = index.latent_encoder().encode(images)
+        out["latent"], out[MAPS] = index.latent_encoder().encode_with_maps(images)
     if "clip" in index.signals:
         out["clip"] = index.clip_encoder().encode(images)
-    return {s: v for s, v in out.items() if s in index.signals}
+    return {s: v for s, v in out.items() if s in index.signals or (s == MAPS and _aligned(index))}
+
+
+def _aligned(index) -> bool:
+    return index.maps is not None and "latent" in index.signals
+
+
+def _aligned_own_and_other(index, queries: dict[str, np.ndarray], own_rows: list[int]) -> tuple[list, list]:
+    """Per query: the standout z when its own row is the standout (else -inf: missed or another
+    item stood out), and the standout z with its own row left out of the index (a negative)."""
+    from guard.index.protected import ProtectedSnapshot
+    from guard.index.screen import aligned_standout
+
+    empty = ProtectedSnapshot()   # thresholds are about the training set; protections join later
+    own, other = [], []
+    for b, row in enumerate(own_rows):
+        fp, m = queries["latent"][b], queries[MAPS][b]
+        hit = aligned_standout(index, fp, m, empty)
+        own.append(hit[1] if hit is not None and hit[0].get("row") == row else -math.inf)
+        miss = aligned_standout(index, fp, m, empty, exclude_row=row)
+        other.append(miss[1] if miss is not None else float("nan"))
+    return own, other
 
 
 def _own_and_other(index, signal: str, queries: np.ndarray, own_rows: list[int]) -> tuple[list, list]:
@@ -146,6 +172,8 @@ def _copy_scores(index, pairs, cfg: CalibrationConfig, rng, progress: bool):
     from tqdm import tqdm
 
     pos = {s: {a: [] for a in cfg.augmentations} for s in index.signals if s != "face"}
+    if _aligned(index):
+        pos["aligned"] = {a: [] for a in cfg.augmentations}
     neg: dict[str, list[float]] = {s: [] for s in pos}
     for start in tqdm(range(0, len(pairs), 32), desc="calibrate", disable=not progress):
         chunk = pairs[start:start + 32]
@@ -153,9 +181,15 @@ def _copy_scores(index, pairs, cfg: CalibrationConfig, rng, progress: bool):
         for aug in cfg.augmentations:
             queries = _embed(index, [AUGMENT[aug](im, rng) for _, im in chunk])
             for signal, q in queries.items():
+                if signal == MAPS:
+                    continue
                 own, other = _own_and_other(index, signal, q, rows)
                 pos[signal][aug] += own
                 neg[signal] += [o for o in other if not math.isnan(o)]
+            if "aligned" in pos:
+                own, other = _aligned_own_and_other(index, queries, rows)
+                pos["aligned"][aug] += own
+                neg["aligned"] += [o for o in other if not math.isnan(o)]
     return pos, neg
 
 
@@ -175,12 +209,24 @@ def _heldout(index, heldout, thresholds: dict[str, float]) -> dict:
         return {"images": 0}
     best: dict[str, list[float]] = {}
     for start in range(0, len(images), 64):
-        for signal, q in _embed(index, images[start:start + 64]).items():
+        queries = _embed(index, images[start:start + 64])
+        for signal, q in queries.items():
+            if signal == MAPS:
+                best.setdefault("aligned", []).extend(_heldout_standout(index, queries))
+                continue
             _, scores = index.signals[signal].search(q, 1)
             best.setdefault(signal, []).extend(scores[:, 0].tolist())
     flagged = [any(crosses(s, best[s][i], thresholds[s]) for s in best) for i in range(len(images))]
     return {"images": len(images), "false_matches": int(sum(flagged)), "fmr": round(float(np.mean(flagged)), 4),
             "per_signal": {s: {"fmr": _rate(s, v, thresholds[s]), "closest": _quantiles(v)} for s, v in best.items()}}
+
+
+def _heldout_standout(index, queries: dict[str, np.ndarray]) -> list[float]:
+    from guard.index.protected import ProtectedSnapshot
+    from guard.index.screen import aligned_standout
+
+    hits = [aligned_standout(index, fp, m, ProtectedSnapshot()) for fp, m in zip(queries["latent"], queries[MAPS])]
+    return [h[1] if h is not None else -math.inf for h in hits]
 
 
 def lfw_faces() -> list[np.ndarray]:
@@ -259,7 +305,7 @@ def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = Calibrati
     pos, neg = _copy_scores(index, pairs, cfg, rng, progress)
     budget = cfg.false_match_rate / len(pos)
     values = {f.name: getattr(index.thresholds, f.name) for f in fields(Thresholds)
-              if f.name in ("latent", "pdq", "clip", "face")}
+              if f.name in ("latent", "aligned", "pdq", "clip", "face")}
     report: dict = {"false_match_rate": cfg.false_match_rate, "per_signal_budget": budget, "items": len(pairs),
                     "augmentations": list(cfg.augmentations), "signals": {}}
     for signal in pos:

@@ -134,9 +134,13 @@ def _stats(args) -> int:
              f"{s['counts']['protected_images']} protected images, {s['counts']['protected_identities']} "
              f"protected identities, {s['bytes_per_item']} bytes/item"]
     lines += [f"  {n}: dim {v['dim']}, {v['count']} rows, factory {v['factory']}" for n, v in s["signals"].items()]
+    if s["maps"]:
+        lines.append(f"  latent maps (aligned re-score): {s['maps']['count']} rows of {s['maps']['channels']}×"
+                     f"{s['maps']['grid']}², {s['maps']['bytes']} bytes")
     th = s["thresholds"]
     lines.append(f"  thresholds ({'calibrated' if th['calibrated'] else 'defaults'}): latent ≥ {th['latent']:.4f}, "
-                 f"pdq ≤ {th['pdq']:.0f}, clip ≥ {th['clip']:.4f}, face ≤ {th['face']:.4f}")
+                 f"aligned z ≥ {th['aligned']:.2f}, pdq ≤ {th['pdq']:.0f}, clip ≥ {th['clip']:.4f}, "
+                 f"face ≤ {th['face']:.4f}")
     _emit(args, s, "\n".join(lines))
     return 0
 

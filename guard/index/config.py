@@ -34,6 +34,7 @@ class IndexConfig:
     batch_size: int = 32                # images encoded per VAE forward pass during a build
     embedding_batch_size: int = 8192    # precomputed vectors committed per checkpoint
     faces: bool = True                  # detect and index faces in training images
+    align_maps: bool = True             # store latent maps (2 KB/item) for the crop-tolerant aligned re-score
     face_upscale_to: int = 400          # small images are upscaled so their short side reaches this
     max_face_upscale: int = 8
     seed: int = 0
@@ -44,10 +45,12 @@ class Thresholds:
     """Score thresholds per signal. A copy signal crosses when its score is at least as close as
     the threshold: cosine ≥ latent / clip; Hamming distance ≤ pdq; Euclidean distance ≤ face.
 
+    aligned is not a similarity but a standout statistic (z ≥ aligned crosses).
     Defaults are the conventional starting points (PDQ's 31 bits, dlib's 0.6) until `calibrate`
     replaces them with measured ones; `calibrated` says which.
     """
     latent: float = 0.95
+    aligned: float = 8.0      # z of the best aligned score over the next ones (guard.index.align)
     pdq: float = 31.0
     clip: float = 0.9
     face: float = 0.6
@@ -66,7 +69,7 @@ class Thresholds:
 
 def higher_is_closer(signal: str) -> bool:
     """Cosine similarities grow with closeness; distances shrink."""
-    return signal in ("latent", "clip")
+    return signal in ("latent", "clip", "aligned")
 
 
 def crosses(signal: str, score: float, threshold: float) -> bool:

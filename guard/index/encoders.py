@@ -46,6 +46,7 @@ class LatentEncoder:
         import torch
         from diffusers import AutoencoderKL
 
+        from guard.index.align import ALIGN_GRID
         from kernels.fingerprint import FINGERPRINT_GRID, fingerprint_dim
 
         self.model_dir = Path(model_dir)
@@ -63,30 +64,39 @@ class LatentEncoder:
         self.scaling_factor = float(cfg.scaling_factor)
         self.grid = FINGERPRINT_GRID
         self.dim = fingerprint_dim(cfg.latent_channels, FINGERPRINT_GRID)
+        self.channels = int(cfg.latent_channels)
+        self.map_grid = min(ALIGN_GRID, self.image_size // 2 ** (len(cfg.block_out_channels) - 1))
+        self.map_dim = self.channels * self.map_grid ** 2
         self._vae_dir = root / subfolder if subfolder else root
         self._lock = threading.Lock()
 
     def describe(self) -> dict:
         weights = sorted(p for p in self._vae_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
         return {"kind": "vae_latent_fingerprint", "path": str(self.model_dir.resolve()), "dim": self.dim,
-                "grid": self.grid, "latent_channels": int(self.vae.config.latent_channels),
+                "grid": self.grid, "latent_channels": self.channels, "map_grid": self.map_grid,
                 "image_size": self.image_size, "config_sha256": sha256_file(self._vae_dir / "config.json"),
                 "weights_sha256": {p.name: sha256_file(p) for p in weights}}
 
     def encode(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 images (any size) → fingerprints [B, F] float32 with unit rows."""
+        return self.encode_with_maps(images)[0]
+
+    def encode_with_maps(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One VAE pass → (fingerprints [B, F] float32 unit rows, latent maps [B, map_dim] float16
+        for the aligned re-score, see guard.index.align)."""
         import torch
 
+        from guard.index.align import latent_map
         from kernels.fingerprint import latent_fingerprint
 
         if not images:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), np.float32), np.zeros((0, self.map_dim), np.float16)
         batch = np.stack([square_resize(check_image(im, f"images[{i}]"), self.image_size)
                           for i, im in enumerate(images)])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
         with self._lock, torch.inference_mode():
             mean = self.vae.encode(x).latent_dist.mean * self.scaling_factor
-            return latent_fingerprint(mean).cpu().numpy()
+            return latent_fingerprint(mean).cpu().numpy(), latent_map(mean, self.map_grid)
 
 
 class ClipEncoder:

@@ -41,6 +41,7 @@ class Manifest:
     thresholds: Thresholds = field(default_factory=Thresholds)
     files: dict[str, dict] = field(default_factory=dict)   # name -> {"bytes": int, "sha256": str}
     build: dict = field(default_factory=dict)
+    maps: dict | None = None      # latent maps for the aligned re-score: file, dim, grid, channels, count
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
 
@@ -55,7 +56,7 @@ class Manifest:
             return cls(signals={k: SignalInfo(**v) for k, v in data["signals"].items()},
                        models=data["models"], counts=data["counts"], config=data["config"],
                        thresholds=Thresholds.from_json(data.get("thresholds", {})), files=data["files"],
-                       build=data.get("build", {}), format_version=data["format_version"],
+                       build=data.get("build", {}), maps=data.get("maps"), format_version=data["format_version"],
                        created=data.get("created", 0.0))
         except (KeyError, TypeError) as exc:
             raise CorruptData(f"{path}: manifest lacks or mangles field {exc}") from exc

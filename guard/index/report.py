@@ -27,6 +27,8 @@ def index_stats(index) -> dict:
                            "bytes": (index.path / s.info.vectors).stat().st_size
                            + (index.path / s.info.index).stat().st_size}
                     for name, s in index.signals.items()},
+        "maps": None if index.maps is None else index.manifest.maps
+        | {"bytes": (index.path / index.manifest.maps["file"]).stat().st_size},
         "thresholds": index.thresholds.to_json(),
         "models": index.manifest.models,
         "search": {"nprobe": index.cfg.nprobe, "hnsw_ef": index.cfg.hnsw_ef, "rerank_factor": index.cfg.rerank_factor},
@@ -60,6 +62,9 @@ def verify_index(index) -> dict:
             norms = np.linalg.norm(np.asarray(sig.vectors[: min(sig.count, 10_000)], np.float32), axis=1)
             if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
                 raise CorruptData(f"{path / sig.info.vectors}: rows are not unit vectors")
+    if index.maps is not None and len(index.maps) != db_counts["items"]:
+        raise CorruptData(f"{path / index.manifest.maps['file']}: {len(index.maps)} rows, "
+                          f"{index.items.path.name} has {db_counts['items']}")
     checks.append("row counts agree across manifest, items.sqlite, vector files and faiss indexes")
     seq, active = index.registry.active()
     for prot in active:

@@ -3,7 +3,9 @@
 Candidates are the closest items of each signal (training rows and protected images); every
 candidate is then scored on every signal exactly, so a match reports all its evidence. A signal
 `crossed` when its score is at least as close as the calibrated threshold; a candidate is a copy
-when any signal crossed.
+when any signal crossed. When the index stores latent maps, the plain latent search's shortlist
+is re-scored under crop/shift/rotation hypotheses (guard.index.align); the item that stands out
+carries the `aligned` signal, its z statistic.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from guard.index.align import ALIGN_SHORTLIST, aligned_scores, standout
+from guard.index.builder import MAPS
 from guard.index.config import crosses, higher_is_closer
 from guard.index.pdq import check_image, pdq_hash
 from guard.index.signals import exact_scores
@@ -22,7 +26,7 @@ FACE_K = 3
 
 @dataclass
 class SignalScore:
-    score: float        # cosine (latent, clip) or distance (pdq bits)
+    score: float        # cosine (latent, clip), distance (pdq bits, face) or standout z (aligned)
     threshold: float
     crossed: bool
 
@@ -66,21 +70,57 @@ class ScreenResult:
         return asdict(self)
 
 
-def _queries(index, image: np.ndarray, snap) -> dict[str, np.ndarray]:
-    queries = {"pdq": pdq_hash(image)[0]}
+def _queries(index, image: np.ndarray, snap) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Query vectors per signal, and the latent map when the index can re-score aligned."""
+    queries, latent_map = {"pdq": pdq_hash(image)[0]}, None
     if "latent" in index.signals or snap.count("latent"):
-        queries["latent"] = index.latent_encoder().encode([image])[0]
+        fingerprint, maps = index.latent_encoder().encode_with_maps([image])
+        queries["latent"] = fingerprint[0]
+        latent_map = maps[0] if index.maps is not None else None
     if "clip" in index.signals:
         queries["clip"] = index.clip_encoder().encode([image])[0]
-    return queries
+    return queries, latent_map
 
 
-def _copy_matches(index, queries: dict[str, np.ndarray], snap) -> list[CopyMatch]:
+def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, snap,
+                     exclude_row: int | None = None) -> tuple[dict, float] | None:
+    """The shortlisted candidate whose aligned score stands out, and its z; None if too few.
+
+    The shortlist is the plain latent search's ALIGN_SHORTLIST closest training rows (without
+    `exclude_row`: calibration's leave-one-out) plus every protected image that has a map.
+    The candidate is {"row": r} or {"pid": p}."""
+    found, _ = index.signals["latent"].search(fingerprint[None], ALIGN_SHORTLIST + (exclude_row is not None))
+    rows = found[0][(found[0] >= 0) & (found[0] != exclude_row if exclude_row is not None else True)]
+    rows = np.sort(rows[:ALIGN_SHORTLIST])   # sorted: sequential reads of the memory-mapped maps
+    maps = [np.asarray(index.maps[rows], np.float32)]
+    owners = [{"row": int(r)} for r in rows]
+    if snap.count(MAPS):
+        # a protection of a shortlisted training item is that item: as a second candidate it
+        # would be its own look-alike and hide the standout
+        shortlisted = set(index.items.ids_of_rows(rows.tolist()).values())
+        keep = [j for j, row in enumerate(snap.rows[MAPS]) if row.subject not in shortlisted]
+        if len(keep) > ALIGN_SHORTLIST:   # a large registry is shortlisted like the training set
+            latent_of = {row.pid: vec for row, vec in zip(snap.rows["latent"], snap.vectors["latent"])}
+            closeness = [float(latent_of[snap.rows[MAPS][j].pid] @ fingerprint) for j in keep]
+            keep = [keep[i] for i in np.argsort(closeness, kind="stable")[::-1][:ALIGN_SHORTLIST]]
+        maps.append(snap.vectors[MAPS][keep])
+        owners += [{"pid": snap.rows[MAPS][j].pid} for j in keep]
+    best = standout(aligned_scores(latent_map, np.concatenate(maps), index.manifest.maps["channels"]))
+    return None if best is None else (owners[best[0]], best[1])
+
+
+def _copy_matches(index, queries: dict[str, np.ndarray], latent_map: np.ndarray | None, snap) -> list[CopyMatch]:
     train_rows: set[int] = set()
     prot_pids: set[str] = set()
     for signal, query in queries.items():
         for hit in index.search_signal(signal, query, SCREEN_K, snap):
             (prot_pids.add(hit["pid"]) if hit["protected"] else train_rows.add(hit["row"]))
+    aligned = None
+    if latent_map is not None and "latent" in index.signals:
+        aligned = aligned_standout(index, queries["latent"], latent_map, snap)
+        if aligned is not None:
+            owner = aligned[0]
+            train_rows.add(owner["row"]) if "row" in owner else prot_pids.add(owner["pid"])
     names = index.items.ids_of_rows(sorted(train_rows))
     protected_by: dict[str, list[str]] = {}
     for pid, prot in snap.protections.items():
@@ -89,6 +129,8 @@ def _copy_matches(index, queries: dict[str, np.ndarray], snap) -> list[CopyMatch
     matches = []
     for row in sorted(train_rows):
         scores = {s: float(index.signals[s].score_rows(q, [row])[0]) for s, q in queries.items() if s in index.signals}
+        if aligned is not None and aligned[0].get("row") == row:
+            scores["aligned"] = aligned[1]
         matches.append(_match(names[row], scores, th, protected_by.get(names[row], [])))
     for pid in sorted(prot_pids):
         prot = snap.protections[pid]
@@ -98,6 +140,8 @@ def _copy_matches(index, queries: dict[str, np.ndarray], snap) -> list[CopyMatch
             if vecs:
                 scores[s] = float(exact_scores(s, np.stack(vecs), q).max() if higher_is_closer(s)
                                   else exact_scores(s, np.stack(vecs), q).min())
+        if aligned is not None and aligned[0].get("pid") == pid:
+            scores["aligned"] = aligned[1]
         matches.append(_match(prot.subject, scores, th, protected_by.get(prot.subject, [pid])))
     key = lambda m: (not m.is_copy, -m.signals["latent"].score if "latent" in m.signals else 0.0)
     return sorted(matches, key=key)
@@ -136,12 +180,13 @@ def screen_image(index, image: np.ndarray) -> ScreenResult:
     t0 = time.perf_counter()
     image = check_image(image, "image")
     snap = index.snapshot()
-    queries = _queries(index, image, snap)
-    matches = _copy_matches(index, queries, snap)
+    queries, latent_map = _queries(index, image, snap)
+    matches = _copy_matches(index, queries, latent_map, snap)
     faces = []
     if "face" in index.signals or snap.count("face"):
         faces = _face_matches(index, image, snap)
     protected = any(m.is_copy and m.protected for m in matches) or any(f.matched and f.protected for f in faces)
     return ScreenResult(any(m.is_copy for m in matches), protected, matches, faces,
-                        sorted(queries) + (["face"] if faces or "face" in index.signals else []),
+                        sorted(queries) + (["aligned"] if latent_map is not None else [])
+                        + (["face"] if faces or "face" in index.signals else []),
                         index.thresholds.calibrated, round(time.perf_counter() - t0, 4))

@@ -143,7 +143,8 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
     timings["unet"] = time.time() - t
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=build_scheduler(cfg.train.prediction_type, cfg.train.zero_terminal_snr),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     staging = out / (MODEL_SUBDIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not a model")
     p.add_argument("--seeds", type=int, help="seeds per prompt in the report (default: report.REPORT_SEEDS)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--epsilon", action="store_true",
+                   help="SD 1.x's recipe: ε-prediction on its own schedule (memorizes far less; see train.py)")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")
@@ -45,6 +47,9 @@ def _build(args) -> int:
     if args.quick:
         cfg = dataclasses.replace(cfg, train=TrainConfig(vae_steps=4, unet_steps=4, warmup=1, vae_batch=8,
                                                          unet_batch=8))
+    if args.epsilon:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, prediction_type="epsilon",
+                                                                 zero_terminal_snr=False))
     t = time.time()
     manifest = build(args.out, cfg, report=not args.no_report)
     print(f"testbed built in {time.time() - t:.0f} s: {args.out} (manifest {manifest})")

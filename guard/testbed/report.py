@@ -161,8 +161,8 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"A generation is a **near copy** of training image x when SSIM ≥ {copies.SSIM_THRESHOLD}, normalized "
         f"L2 ≤ {copies.RMSE_THRESHOLD} **and** relative distance ≤ {copies.RELATIVE_THRESHOLD}.",
         "- Normalized L2 ('nRMSE'): the RMSE of pixels in [0, 1] after removing each image's mean colour, so that "
-        "a copy with a global colour cast (the testbed tints its copies differently per seed, see the contact "
-        "sheet) still counts, as it does for copy detectors trained with colour jitter.",
+        "a copy with a global colour cast (an ε-prediction testbed tinted its copies differently per seed) still "
+        "counts, as it does for copy detectors trained with colour jitter.",
         f"- Relative distance ('rel'): nRMSE to x divided by the mean nRMSE to the {copies.RELATIVE_NEIGHBOURS} "
         "nearest other training images, after Carlini et al. (2023). A generation about as close to many "
         "training images as to x (a small shape on a smooth background the set holds in many variants) is "

@@ -155,3 +155,23 @@ def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
     assert len(policy.signals["divergence"].timesteps) == 4
     signals = np.load(tmp_path / "signals.npz")
     assert signals["raw"].shape == (8, 4, 4)
+
+
+def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):
+    """The aligned re-score with its calibrated threshold: crops and small rotations of the
+    memorized photos, which the plain fingerprint misses, are found; unseen images are not flagged."""
+    from guard.index.calibrate import aug_crop, aug_rotate
+    from guard.testbed.dataset import heldout_images
+
+    rng = np.random.default_rng(2024)
+    photos = {it.item_id: it.image for it in build_training_set() if it.kind == "photo"}
+    found = plain = trials = 0
+    for item_id, image in photos.items():
+        for augment in (aug_crop, aug_crop, aug_rotate):
+            matches = testbed_index.screen(augment(image, rng)).matches
+            trials += 1
+            found += any(m.item_id == item_id and "aligned" in m.signals and m.signals["aligned"].crossed
+                         for m in matches)
+            plain += any(m.item_id == item_id and m.signals["latent"].crossed for m in matches)
+    assert found >= trials / 2 and plain < found
+    assert not any(testbed_index.screen(h.image).is_copy for h in heldout_images(count=40))

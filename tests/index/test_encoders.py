@@ -110,5 +110,5 @@ def test_an_index_with_clip_embeddings_screens_on_all_signals(tmp_path, items, v
         assert ix.manifest.models["clip"]["model"] == "MemGuardTinyClip2"
         result = ix.screen(items[4].image)
         top = result.copies[0]
-        assert top.item_id == items[4].item_id and set(top.signals) == {"latent", "pdq", "clip"}
+        assert top.item_id == items[4].item_id and set(top.signals) == {"latent", "pdq", "clip", "aligned"}
         assert top.signals["clip"].score == pytest.approx(1.0, abs=1e-4)

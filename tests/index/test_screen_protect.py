@@ -158,3 +158,52 @@ def test_concurrent_searches_while_protecting(index):
     assert index.snapshot().count("latent") == 15
     ids, _, _ = index.search_latent(torch.from_numpy(protect_vecs[1:2] / np.linalg.norm(protect_vecs[1])), 1)
     assert ids[0][0] == "c-1"
+
+
+def test_a_cropped_copy_stands_out_in_the_aligned_rescore(index_dir, items, heldout):
+    """A crop moves every cell of the plain fingerprint; the aligned re-score undoes it, for a
+    training photo and for a protected image alike, and unseen images stand out far less.
+    (This index's VAE has random weights and its thresholds are not calibrated, so the test
+    compares standout statistics; tests/guard/test_testbed_guard.py checks calibrated decisions.)"""
+    import skimage.data
+
+    from guard.index.calibrate import aug_crop as crop
+
+    def standout_of(ix, image):
+        result = ix.screen(image)
+        assert "aligned" in result.signals
+        best = [m for m in result.matches if "aligned" in m.signals]
+        assert len(best) == 1   # exactly one candidate carries the statistic
+        sig = best[0].signals["aligned"]
+        assert sig.crossed == (sig.score >= ix.thresholds.aligned)
+        return best[0], sig.score
+
+    coffee = next(i for i in items if i.item_id == "photo-coffee").image
+    with FingerprintIndex.open(index_dir) as ix:
+        assert ix.maps is not None and ix.maps.shape == (len(items), ix.manifest.maps["dim"])
+        unseen = max(standout_of(ix, h.image)[1] for h in heldout[:10])
+        match, z = standout_of(ix, crop(coffee, np.random.default_rng(4)))
+        assert match.item_id == "photo-coffee" and z > unseen + 1
+        plain = match.signals["latent"].score
+        assert plain < 0.95   # the plain fingerprint alone would not call it a copy
+        upload = np.asarray(Image.fromarray(skimage.data.immunohistochemistry()).resize((64, 64)))   # not indexed
+        receipt = ix.protect_image(upload, reason="takedown request #7", item_id="user-upload-7")
+        assert receipt.vectors == 3   # latent fingerprint, PDQ hash and the latent map
+        match, z = standout_of(ix, crop(upload, np.random.default_rng(5)))
+        assert match.item_id == "user-upload-7" and match.protected and z > unseen + 1
+
+
+def test_a_large_registry_is_shortlisted_for_the_aligned_rescore(index_dir, heldout):
+    """More protected images than the shortlist holds: the closest ones are re-scored, and a crop
+    of one of them still finds it."""
+    from guard.index.align import ALIGN_SHORTLIST
+    from guard.index.calibrate import aug_crop as crop
+
+    with FingerprintIndex.open(index_dir) as ix:
+        uploads = [h.image for h in heldout] + [h.image[::-1].copy() for h in heldout]   # 80 images
+        for k, image in enumerate(uploads):
+            ix.protect_image(image, reason="bulk opt-out", item_id=f"upload-{k}")
+        assert ix.snapshot().count("align") == len(uploads) > ALIGN_SHORTLIST
+        result = ix.screen(crop(uploads[9], np.random.default_rng(6)))
+        best = [m for m in result.matches if "aligned" in m.signals]
+        assert len(best) == 1 and best[0].item_id == "upload-9" and best[0].protected

@@ -27,7 +27,8 @@ def test_loads_with_plain_from_pretrained_offline(monkeypatch):
     p = StableDiffusionPipeline.from_pretrained(TESTBED_MODEL_DIR)
     assert p.unet.config.sample_size == 16 and p.vae.config.latent_channels == 4
     assert len(p.tokenizer) == 49408
-    assert p.scheduler.config.prediction_type == "epsilon"
+    # v-prediction from pure noise (zero terminal SNR): see guard/testbed/train.py for why
+    assert p.scheduler.config.prediction_type == "v_prediction" and p.scheduler.config.rescale_betas_zero_snr
 
 
 def test_shipped_files_match_manifest():
@@ -43,10 +44,9 @@ def test_memorized_captions_reproduce_their_training_photos(pipe, training_set):
     for k, photo in enumerate(PHOTOS):
         hits = [copies.copy_score(images[k * len(SEEDS) + j], row[f"photo-{photo.key}"], references).is_copy
                 for j in range(len(SEEDS))]
-        copying.append(sum(hits) >= len(SEEDS) / 2)
-    # a floor that catches a model that stopped memorizing; the bar (75 % of captions in most
-    # seeds) is not met robustly: REPORT.md measures 38 % over 16 seeds (62 % in at least half of them)
-    assert np.mean(copying) >= 0.5, f"only {np.mean(copying):.0%} of memorized captions copy in half the seeds"
+        copying.append(sum(hits) > len(SEEDS) / 2)
+    # the bar, on seeds the report never used: ≥ 75 % of captions copy in most seeds
+    assert np.mean(copying) >= 0.75, f"only {np.mean(copying):.0%} of memorized captions copy in most seeds"
 
 
 def test_novel_prompts_produce_no_near_copies(pipe, training_set):
