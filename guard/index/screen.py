@@ -90,7 +90,9 @@ def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, sna
     `exclude_row`: calibration's leave-one-out) plus every protected image that has a map.
     The candidate is {"row": r} or {"pid": p}."""
     found, _ = index.signals["latent"].search(fingerprint[None], ALIGN_SHORTLIST + (exclude_row is not None))
-    rows = found[0][(found[0] >= 0) & (found[0] != exclude_row if exclude_row is not None else True)]
+    rows = found[0][found[0] >= 0]
+    if exclude_row is not None:
+        rows = rows[rows != exclude_row]
     rows = np.sort(rows[:ALIGN_SHORTLIST])   # sorted: sequential reads of the memory-mapped maps
     maps = [np.asarray(index.maps[rows], np.float32)]
     owners = [{"row": int(r)} for r in rows]
