@@ -53,8 +53,7 @@ def hypotheses() -> torch.Tensor:
 
 def latent_map(latents: torch.Tensor, grid: int = ALIGN_GRID) -> np.ndarray:
     """Scaled VAE latents [B, C, h, w] → stored maps [B, C·grid·grid] float16 (pooled, not normalised)."""
-    pooled = F.adaptive_avg_pool2d(latents.float(), grid) if latents.shape[-1] != grid else latents.float()
-    return pooled.flatten(1).cpu().numpy().astype(np.float16)
+    return F.adaptive_avg_pool2d(latents.float(), grid).flatten(1).cpu().numpy().astype(np.float16)
 
 
 def _unit(maps: torch.Tensor) -> torch.Tensor:

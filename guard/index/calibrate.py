@@ -124,18 +124,11 @@ def _aligned(index) -> bool:
 def _aligned_own_and_other(index, queries: dict[str, np.ndarray], own_rows: list[int]) -> tuple[list, list]:
     """Per query: the standout z when its own row is the standout (else -inf: missed or another
     item stood out), and the standout z with its own row left out of the index (a negative)."""
-    from guard.index.protected import ProtectedSnapshot
-    from guard.index.screen import aligned_standout
+    from guard.index.screen import aligned_own_and_left_out
 
-    empty = ProtectedSnapshot()   # thresholds are about the training set; protections join later
-    own, other = [], []
-    for b, row in enumerate(own_rows):
-        fp, m = queries["latent"][b], queries[MAPS][b]
-        hit = aligned_standout(index, fp, m, empty)
-        own.append(hit[1] if hit is not None and hit[0].get("row") == row else -math.inf)
-        miss = aligned_standout(index, fp, m, empty, exclude_row=row)
-        other.append(miss[1] if miss is not None else float("nan"))
-    return own, other
+    pairs = [aligned_own_and_left_out(index, queries["latent"][b], queries[MAPS][b], row)
+             for b, row in enumerate(own_rows)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _own_and_other(index, signal: str, queries: np.ndarray, own_rows: list[int]) -> tuple[list, list]:

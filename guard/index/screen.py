@@ -9,6 +9,7 @@ carries the `aligned` signal, its z statistic.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -82,6 +83,28 @@ def _queries(index, image: np.ndarray, snap) -> tuple[dict[str, np.ndarray], np.
     return queries, latent_map
 
 
+def _shortlist(index, fingerprint: np.ndarray, k: int) -> np.ndarray:
+    """The plain latent search's k closest training rows, closest first."""
+    found, _ = index.signals["latent"].search(fingerprint[None], k)
+    return found[0][found[0] >= 0]
+
+
+def aligned_own_and_left_out(index, fingerprint: np.ndarray, latent_map: np.ndarray, own_row: int) -> tuple[float, float]:
+    """Calibration's pair for an augmented copy of training row `own_row`, from one re-score of the
+    shortlist: the standout z when own_row is the standout (else -inf), and the standout z with
+    own_row left out of the index (nan when too few candidates). The same shortlists as
+    aligned_standout without and with exclude_row; protections play no part in thresholds."""
+    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + 1)
+    order = np.argsort(rows)   # read the memory-mapped maps sequentially, score in search order
+    scores = np.empty(len(rows), np.float32)
+    scores[order] = aligned_scores(latent_map, np.asarray(index.maps[rows[order]], np.float32),
+                                   index.manifest.maps["channels"])
+    hit = standout(scores[:ALIGN_SHORTLIST])
+    own = hit[1] if hit is not None and rows[hit[0]] == own_row else -math.inf
+    miss = standout(scores[rows != own_row][:ALIGN_SHORTLIST])
+    return own, (miss[1] if miss is not None else math.nan)
+
+
 def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, snap,
                      exclude_row: int | None = None) -> tuple[dict, float] | None:
     """The shortlisted candidate whose aligned score stands out, and its z; None if too few.
@@ -89,8 +112,7 @@ def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, sna
     The shortlist is the plain latent search's ALIGN_SHORTLIST closest training rows (without
     `exclude_row`: calibration's leave-one-out) plus every protected image that has a map.
     The candidate is {"row": r} or {"pid": p}."""
-    found, _ = index.signals["latent"].search(fingerprint[None], ALIGN_SHORTLIST + (exclude_row is not None))
-    rows = found[0][found[0] >= 0]
+    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + (exclude_row is not None))
     if exclude_row is not None:
         rows = rows[rows != exclude_row]
     rows = np.sort(rows[:ALIGN_SHORTLIST])   # sorted: sequential reads of the memory-mapped maps

@@ -4,8 +4,8 @@ A generated image is a near copy of training image x when all three hold:
 - SSIM(gen, x) ≥ SSIM_THRESHOLD: structurally the same picture;
 - normalized L2 ≤ RMSE_THRESHOLD: the RMSE of [0, 1] pixels after removing each image's
   per-channel mean colour. Blind to a global colour cast, as copy detectors are (SSCD trains with
-  colour jitter): the testbed reproduces its photos with a seed-dependent tint (contact_sheet.png),
-  and a tinted copy of a face or a photograph is still a copy;
+  colour jitter): an ε-prediction testbed reproduced its photos with a seed-dependent tint, and a
+  tinted copy of a face or a photograph is still a copy;
 - relative distance ≤ RELATIVE_THRESHOLD: normalized L2 to x divided by the mean normalized L2 to
   the RELATIVE_NEIGHBOURS nearest *other* training images. After Carlini et al. (2023, "Extracting
   Training Data from Diffusion Models"), whose extraction criterion divides the distance to the
