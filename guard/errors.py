@@ -27,3 +27,10 @@ class CorruptData(MemGuardError):
 
 class ScreeningUnavailable(MemGuardError):
     """The guard could not screen an output; nothing is released (fail closed)."""
+
+
+class RegistryUnavailable(ScreeningUnavailable):
+    """The protected registry cannot be read or written (unreachable, or out of contact for too long).
+
+    A subclass of ScreeningUnavailable: without a current registry nothing can be screened, so
+    Screen and Protect answer UNAVAILABLE and guarded generation releases nothing (fail closed)."""

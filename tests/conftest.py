@@ -3,3 +3,23 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# --- registry (issues 14, 15): a test data key (face protections are sealed with it) and one
+# throwaway PostgreSQL server per session, started on first use ---
+import pytest  # noqa: E402
+
+os.environ.setdefault("MEMGUARD_DATA_KEY", "5a" * 32)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from guard.errors import MissingResource
+    from guard.index.pg_local import LocalPostgres
+
+    try:
+        server = LocalPostgres.start()
+    except MissingResource as exc:
+        pytest.skip(f"no PostgreSQL server binaries: {exc}")
+    yield server
+    server.stop()
+# --- end registry ---

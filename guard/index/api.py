@@ -5,28 +5,36 @@
     result = index.screen(image)                          # copies and faces in one image
     index.protect_image(image, reason="takedown #12")     # durable when it returns
 
-Reads never block on writes: protect/unprotect commit to SQLite, then swap in a new immutable
+Reads never block on writes: protect/unprotect commit to the registry, then swap in a new immutable
 snapshot of the protected registry. Changes committed by another process (the CLI while a server
-runs) are picked up on the next call through SQLite's data_version, at the cost of one PRAGMA.
+runs, another replica) are picked up on the next call: SQLite's data_version costs one PRAGMA;
+PostgreSQL's watcher thread keeps the version in memory (guard.index.registry_pg). A registry that
+cannot be read raises RegistryUnavailable (fail closed), and the next call tries again.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
+from guard.crypto import DataKey
+from guard.errors import CorruptData, InvalidInput, MissingResource, RegistryUnavailable
 from guard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
 from guard.index.config import IndexConfig, Thresholds
 from guard.index.faces import FaceEmbedder
-from guard.index.manifest import REGISTRY_DB, Manifest, check_files, read_manifest, write_manifest
+from guard.index.manifest import Manifest, check_files, read_manifest, write_manifest
 from guard.index.pdq import check_image, pdq_hash
 from guard.index.protected import ProtectedSnapshot
 from guard.index.signals import SignalIndex, best_first, exact_scores
-from guard.index.store import ItemStore, Registry
+from guard.index.registry import open_registry
+from guard.index.registry_sql import content_digest
+from guard.index.store import ItemStore
 from guard.index.vectors import read_array
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,22 +46,24 @@ class ProtectionReceipt:
     reason: str
     vectors: int
     seq: int
+    replayed: bool = False   # the protection an earlier identical request (or idempotency key) made
 
 
 class FingerprintIndex:
     def __init__(self, path: Path, manifest: Manifest, *, model_dir: Path | None = None, device: str = "cpu",
-                 latent_encoder=None, clip_encoder=None, overrides: dict | None = None):
+                 latent_encoder=None, clip_encoder=None, overrides: dict | None = None,
+                 registry: str | None = None, data_key: bytes | str | None = None):
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
         self.signals = {name: SignalIndex(name, info, self.path, self.cfg) for name, info in manifest.signals.items()}
         self.maps = self._read_maps()
         self.items = ItemStore(self.path / ITEMS_DB)
-        self.registry = Registry(self.path / REGISTRY_DB)
+        self.registry = open_registry(registry, self.path, key=DataKey.resolve(data_key))
         self._model_dir = Path(model_dir) if model_dir else None
         self._latent, self._clip, self._faces = latent_encoder, clip_encoder, None
         self._write_lock = threading.RLock()
         self._load_lock = threading.Lock()
-        self._seen_version = self.registry.data_version()
+        self._seen_version = self.registry.version()
         self.protected = ProtectedSnapshot.from_protections(*self.registry.active())
 
     # ---- opening and building -------------------------------------------------------------------
@@ -61,7 +71,8 @@ class FingerprintIndex:
     def open(cls, path: str | Path, *, verify_checksums: bool = True, **kwargs) -> "FingerprintIndex":
         """Open an index directory. Sizes of all files are always checked, sha256 unless told not to;
         CorruptData names the first bad file. kwargs: model_dir, device, latent_encoder, clip_encoder,
-        overrides (IndexConfig fields for search, e.g. {"nprobe": 64})."""
+        overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
+        $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see guard.crypto)."""
         manifest = read_manifest(Path(path))
         check_files(Path(path), manifest, checksums=verify_checksums)
         return cls(Path(path), manifest, **kwargs)
@@ -136,15 +147,35 @@ class FingerprintIndex:
 
     # ---- the protected registry -------------------------------------------------------------------
     def snapshot(self) -> ProtectedSnapshot:
-        """The current protected registry, after picking up changes committed by other processes."""
-        version = self.registry.data_version()
+        """The current protected registry, after picking up changes committed by other processes.
+        Raises RegistryUnavailable when the registry cannot be read: never a stale answer."""
+        version = self.registry.version()
         if version != self._seen_version:
             with self._write_lock:
                 if version != self._seen_version:
-                    self._seen_version = version
-                    if self.registry.last_seq() != self.protected.seq:
-                        self.protected = ProtectedSnapshot.from_protections(*self.registry.active())
+                    self._reload()
+                    self._seen_version = version   # only after the swap: a failed reload is retried
         return self.protected
+
+    def _reload(self) -> None:
+        if self.registry.last_seq() == self.protected.seq:
+            return
+        try:
+            self.protected = ProtectedSnapshot.from_protections(*self.registry.active())
+        except (RegistryUnavailable, CorruptData, MissingResource):
+            raise
+        except Exception as exc:   # noqa: BLE001 - whatever broke, the snapshot is not current: fail closed
+            self.registry.errors += 1
+            log.exception("registry %s: reload failed", self.registry.label)
+            raise RegistryUnavailable(f"registry {self.registry.label}: reload failed ({type(exc).__name__})") from exc
+
+    def registry_available(self) -> bool:
+        """False while the registry cannot be read (health reports NOT_SERVING then)."""
+        try:
+            self.snapshot()
+        except RegistryUnavailable:
+            return False
+        return True
 
     def _apply(self, make, seq_first: int) -> None:
         """Swap in the snapshot after a local commit; reload everything if another writer got in between."""
@@ -152,8 +183,11 @@ class FingerprintIndex:
         self.protected = make(current) if seq_first == current.seq + 1 else \
             ProtectedSnapshot.from_protections(*self.registry.active())
 
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> ProtectionReceipt:
-        """Protect an image: its latent fingerprint, PDQ hash (and CLIP embedding) join the registry."""
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None,
+                      idempotency_key: str | None = None) -> ProtectionReceipt:
+        """Protect an image: its latent fingerprint, PDQ hash (and CLIP embedding) join the registry.
+        A repeated idempotency_key, or the same image and item_id again while it is protected,
+        returns the original receipt (replayed=True) and stores nothing."""
         image = check_image(image, "image")
         if item_id is not None and (not isinstance(item_id, str) or not item_id.strip()):
             raise InvalidInput("item_id", "must be a non-empty string or None")
@@ -163,9 +197,10 @@ class FingerprintIndex:
             vectors.append((MAPS, latent_map[0].astype(np.float32), None))
         if "clip" in self.signals:
             vectors.append(("clip", self.clip_encoder().encode([image])[0], None))
-        return self._protect("image", item_id, reason, vectors)
+        return self._protect("image", item_id, reason, vectors, idempotency_key, _image_digest(image))
 
-    def protect_vectors(self, reason: str, item_id: str | None = None, **vectors: np.ndarray) -> ProtectionReceipt:
+    def protect_vectors(self, reason: str, item_id: str | None = None, idempotency_key: str | None = None,
+                        **vectors: np.ndarray) -> ProtectionReceipt:
         """Protect precomputed vectors (latent=[F] float32, pdq=[32] uint8, clip=[D] float32)."""
         out = []
         for signal, vec in vectors.items():
@@ -174,10 +209,15 @@ class FingerprintIndex:
             out.append((signal, self._check_vector(signal, vec), None))
         if not out:
             raise InvalidInput("vectors", "give at least one of latent, pdq, clip")
-        return self._protect("image", item_id, reason, out)
+        digest = content_digest(*(part for signal, vec, _ in sorted(out, key=lambda e: e[0])
+                                  for part in (signal, np.ascontiguousarray(vec).tobytes())))
+        return self._protect("image", item_id, reason, out, idempotency_key, digest)
 
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> ProtectionReceipt:
-        """Protect a person: the largest face of each photo becomes a descriptor of `identity`."""
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str,
+                     idempotency_key: str | None = None) -> ProtectionReceipt:
+        """Protect a person: the largest face of each photo becomes a descriptor of `identity`.
+        Descriptors and the name are stored sealed with the data key (guard.crypto); unprotect
+        erases them."""
         if not isinstance(identity, str) or not identity.strip():
             raise InvalidInput("identity", "must be a non-empty string")
         if not isinstance(images, (list, tuple)) or not images:
@@ -188,14 +228,19 @@ class FingerprintIndex:
             if not found:
                 raise InvalidInput(f"images[{i}]", "no face detected (frontal faces of about 20 px and up are found)")
             vectors.append(("face", found[0].descriptor, list(found[0].box)))
-        return self._protect("face", identity, reason, vectors)
+        digest = content_digest(*(_image_digest(np.asarray(image)) for image in images))
+        return self._protect("face", identity, reason, vectors, idempotency_key, digest)
 
-    def _protect(self, kind: str, subject: str | None, reason: str, vectors: list) -> ProtectionReceipt:
+    def _protect(self, kind: str, subject: str | None, reason: str, vectors: list,
+                 idempotency_key: str | None, content_hash: str) -> ProtectionReceipt:
         with self._write_lock:
             self.snapshot()   # apply other writers' changes first, so seq stays contiguous
-            prot = self.registry.add(kind, subject, reason, vectors)
-            self._apply(lambda snap: snap.with_added(prot), prot.seq)
-        return ProtectionReceipt(prot.pid, kind, prot.subject, reason, len(vectors), prot.seq)
+            prot = self.registry.add(kind, subject, reason, vectors, idempotency_key=idempotency_key,
+                                     content_hash=content_hash)
+            if not prot.replayed:
+                self._apply(lambda snap: snap.with_added(prot), prot.seq)
+        return ProtectionReceipt(prot.pid, prot.kind, prot.subject, prot.reason, prot.n_vectors, prot.seq,
+                                 prot.replayed)
 
     def unprotect(self, ident: str, reason: str) -> list[str]:
         """Remove the protection `ident` (a protection id, item id or identity); returns removed ids."""
@@ -321,3 +366,8 @@ class FingerprintIndex:
         with self._write_lock:
             self.manifest.thresholds = thresholds
             write_manifest(self.path, self.manifest)
+
+
+def _image_digest(image: np.ndarray) -> str:
+    """What dedupes a repeated protect of the same picture: its shape and pixels."""
+    return content_digest(str(image.shape), str(image.dtype), np.ascontiguousarray(image).tobytes())

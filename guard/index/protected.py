@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from guard.index.store import Protection
+from guard.index.registry_sql import Protection
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.errors import CorruptData
-from guard.index.manifest import MANIFEST, REGISTRY_DB, check_files
+from guard.index.manifest import MANIFEST, check_files
 
 
 def _dir_bytes(path: Path) -> int:
@@ -49,7 +49,7 @@ def verify_index(index) -> dict:
         errors = store.integrity_errors()
         if errors:
             raise CorruptData("; ".join(errors[:3]))
-        checks.append(f"{store.path.name}: SQLite integrity ok")
+        checks.append(f"{store.label}: integrity ok")
     db_counts = index.items.counts()
     for key in ("items", "faces"):
         if db_counts[key] != index.manifest.counts.get(key, 0):
@@ -72,7 +72,7 @@ def verify_index(index) -> dict:
             dim = index.signals[signal].info.dim if signal in index.signals and signal != "pdq" else None
             for vec, _ in entries:
                 if dim is not None and vec.shape != (dim,):
-                    raise CorruptData(f"{path / REGISTRY_DB}: protection {prot.pid} has a {signal} vector of "
+                    raise CorruptData(f"{index.registry.label}: protection {prot.pid} has a {signal} vector of "
                                       f"{vec.shape[0]} values, index dimension {dim}")
-    checks.append(f"{REGISTRY_DB}: {len(active)} active protections, mutation log at seq {seq}")
+    checks.append(f"{index.registry.label}: {len(active)} active protections, mutation log at seq {seq}")
     return {"ok": True, "path": str(path), "checks": checks}

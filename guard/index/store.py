@@ -3,23 +3,28 @@
 - items.sqlite: one row per indexed item (row = its position in every vector file), detected
   faces, and the images the build skipped. Written during the build in a staging directory, copied
   compacted into the index directory at the end and checksummed by the manifest; opened read-only.
-- registry.sqlite (WAL, synchronous=FULL): protections, their vectors, and an append-only mutation
-  log. A protection is acknowledged only after its transaction has committed, i.e. after SQLite has
+- registry.sqlite (WAL, synchronous=FULL, secure_delete): the embedded store of the protected
+  registry (guard.index.registry_sql holds its logic; registry_pg the shared PostgreSQL store). A
+  protection is acknowledged only after its transaction has committed, i.e. after SQLite has
   fsync'ed the WAL, so it survives kill -9 and power loss.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
+from guard.crypto import DataKey
+from guard.errors import CorruptData, RegistryUnavailable
+from guard.index.registry_sql import V2_COLUMNS, Protection, SqlRegistry
 
-from guard.errors import CorruptData, InvalidInput
+__all__ = ["ItemStore", "Protection", "Registry", "connect", "integrity_errors"]
+log = logging.getLogger(__name__)
 
 ITEMS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (row INTEGER PRIMARY KEY, item_id TEXT NOT NULL UNIQUE,
@@ -41,16 +46,27 @@ CREATE INDEX IF NOT EXISTS protected_vectors_pid ON protected_vectors (pid);
 CREATE TABLE IF NOT EXISTS mutations (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
     op TEXT NOT NULL, pid TEXT NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL);
 """
+# version 2 (idempotency, dedupe, sealed identity names); added to older registries at their first write
+REGISTRY_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, pid TEXT NOT NULL, request TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS protections_dedupe ON protections (dedupe);
+"""
 
-PROTECTION_KINDS = ("image", "face")
 
 
 def connect(path: Path, *, readonly: bool = False, wal: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), usable from any thread."""
+    """A connection in autocommit mode (transactions are explicit), usable from any thread.
+    A database it creates is created 0600 (SQLite gives its -wal and -shm files the same mode);
+    deleted content is overwritten with zeros (secure_delete)."""
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    if not readonly and not Path(path).exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.execute("PRAGMA busy_timeout=30000")
+        if not readonly:
+            conn.execute("PRAGMA secure_delete=ON")
         if wal:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")   # fsync the WAL at every commit
@@ -70,6 +86,7 @@ class ItemStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.label = self.path.name
         self._conn = connect(self.path, readonly=True)
         self._lock = threading.Lock()
 
@@ -125,126 +142,83 @@ class ItemStore:
         self._conn.close()
 
 
-@dataclass
-class Protection:
-    """One active protection with its vectors: signal -> list of (vector, box or None)."""
-    pid: str
-    kind: str
-    subject: str
-    reason: str
-    created: float
-    vectors: dict[str, list[tuple[np.ndarray, list[int] | None]]] = field(default_factory=dict)
-    seq: int = 0          # mutation-log sequence number of the protect
+class Registry(SqlRegistry):
+    """registry.sqlite (WAL, synchronous=FULL, secure_delete): the embedded protected registry.
 
+    Writers are serialised by BEGIN IMMEDIATE; other processes' commits are seen through
+    `PRAGMA data_version` on a second connection, one cheap call per snapshot check."""
 
-class Registry:
-    """registry.sqlite: the durable protected registry and its mutation log."""
-
-    def __init__(self, path: Path, *, create: bool = False):
+    def __init__(self, path: Path, *, create: bool = False, key: DataKey | None = None):
         self.path = Path(path)
+        self.label = self.path.name
         if not create and not self.path.is_file():
             raise CorruptData(f"{self.path}: missing")
+        super().__init__(key)
         self._conn = connect(self.path, wal=True)
         self._poll = connect(self.path)   # a second connection: data_version sees others' commits
         self._lock = threading.Lock()
         if create:
             self._conn.executescript(REGISTRY_SCHEMA)
+            self._migrate(self._conn)
 
-    def add(self, kind: str, subject: str | None, reason: str,
-            vectors: list[tuple[str, np.ndarray, list[int] | None]]) -> Protection:
-        """Insert a protection and its vectors in one durable transaction; returns it once committed.
-        subject: the protected item id or identity name; None uses the new protection id."""
-        if kind not in PROTECTION_KINDS:
-            raise InvalidInput("kind", f"must be one of {PROTECTION_KINDS}, got {kind!r}")
-        if not reason or not reason.strip():
-            raise InvalidInput("reason", "a protection needs a non-empty reason (it goes to the audit log)")
-        pid = f"prot-{uuid.uuid4().hex[:16]}"
-        prot = Protection(pid, kind, subject or pid, reason, time.time())
-        subject = prot.subject
+    @contextmanager
+    def _transaction(self, write: bool):
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("INSERT INTO protections (pid, kind, subject, reason, created) VALUES (?,?,?,?,?)",
-                                   (prot.pid, kind, subject, reason, prot.created))
-                for signal, vec, box in vectors:
-                    self._conn.execute("INSERT INTO protected_vectors (pid, signal, vec, box) VALUES (?,?,?,?)",
-                                       (prot.pid, signal, _encode_vec(vec), json.dumps(box) if box else None))
-                    prot.vectors.setdefault(signal, []).append((vec, box))
-                prot.seq = self._conn.execute(
-                    "INSERT INTO mutations (ts, op, pid, subject, reason) VALUES (?,?,?,?,?)",
-                    (prot.created, "protect", prot.pid, subject, reason)).lastrowid
+                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.OperationalError as exc:
+                self.errors += 1
+                raise RegistryUnavailable(f"{self.path}: {exc}") from exc
+            try:
+                yield self._conn
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        return prot
 
-    def remove(self, ident: str, reason: str) -> list[tuple[str, int]]:
-        """Deactivate the protection with pid `ident`, or every active one whose subject is `ident`.
-        Returns (pid, mutation seq) of each, once committed."""
-        if not reason or not reason.strip():
-            raise InvalidInput("reason", "unprotect needs a non-empty reason (it goes to the audit log)")
-        now = time.time()
+    def _has_v2(self, conn) -> bool:
+        return "subject_enc" in {row[1] for row in conn.execute("PRAGMA table_info(protections)")}
+
+    def _migrate(self, conn) -> None:
+        if not self._has_v2(conn):
+            for name, kind in V2_COLUMNS:
+                conn.execute(f"ALTER TABLE protections ADD COLUMN {name} {kind}")
+        for statement in REGISTRY_SCHEMA_V2.strip().split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+    def _purge(self) -> None:
+        """Rewrite the file without free pages, then copy the WAL back and truncate it to zero bytes,
+        so no old page holding erased bytes is left in registry.sqlite or its -wal."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._conn.execute(
-                    "SELECT pid, subject FROM protections WHERE active = 1 AND (pid = ? OR subject = ?)",
-                    (ident, ident)).fetchall()
-                done = []
-                for pid, subject in rows:
-                    self._conn.execute("UPDATE protections SET active = 0, removed = ?, removed_reason = ? "
-                                       "WHERE pid = ?", (now, reason, pid))
-                    done.append((pid, self._conn.execute(
-                        "INSERT INTO mutations (ts, op, pid, subject, reason) VALUES (?,?,?,?,?)",
-                        (now, "unprotect", pid, subject, reason)).lastrowid))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-        if not rows:
-            raise InvalidInput("id", f"no active protection has id or subject {ident!r}")
-        return done
+                self._conn.execute("VACUUM")
+                for _ in range(100):
+                    busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    if not busy:
+                        return
+                    time.sleep(0.05)   # another process is reading: wait for it to finish
+            except sqlite3.OperationalError as exc:
+                log.error("%s: purge after an erasure failed: %s", self.path, exc)
+            else:
+                log.error("%s: purge after an erasure: the WAL stayed busy; it is truncated at the next erasure",
+                          self.path)
+            self.errors += 1
 
-    def active(self) -> tuple[int, list[Protection]]:
-        """(last mutation seq, every active protection with its vectors), read in one snapshot."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                seq = self._conn.execute("SELECT coalesce(max(seq), 0) FROM mutations").fetchone()[0]
-                prots = {pid: Protection(pid, kind, subject, reason, created) for pid, kind, subject, reason, created
-                         in self._conn.execute("SELECT pid, kind, subject, reason, created FROM protections "
-                                               "WHERE active = 1 ORDER BY created, pid")}
-                for pid, signal, blob, box in self._conn.execute(
-                        "SELECT v.pid, v.signal, v.vec, v.box FROM protected_vectors v JOIN protections p "
-                        "ON p.pid = v.pid WHERE p.active = 1 ORDER BY v.id"):
-                    prots[pid].vectors.setdefault(signal, []).append((_decode_vec(blob, self.path),
-                                                                       json.loads(box) if box else None))
-            finally:
-                self._conn.execute("COMMIT")
-        return seq, list(prots.values())
-
-    def data_version(self) -> int:
+    def version(self) -> int:
         """Changes whenever another connection (this process or another) commits to the registry."""
         with self._lock:
-            return self._poll.execute("PRAGMA data_version").fetchone()[0]
+            try:
+                return self._poll.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                self.errors += 1
+                raise RegistryUnavailable(f"{self.path}: {exc}") from exc
+
+    data_version = version
 
     def last_seq(self) -> int:
         with self._lock:
             return self._poll.execute("SELECT coalesce(max(seq), 0) FROM mutations").fetchone()[0]
-
-    def mutations(self, limit: int = 50) -> list[dict]:
-        with self._lock:
-            rows = self._conn.execute("SELECT seq, ts, op, pid, subject, reason FROM mutations "
-                                      "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(("seq", "ts", "op", "pid", "subject", "reason"), r)) for r in rows]
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            q = self._conn.execute
-            return {"protected_images": q("SELECT count(*) FROM protections WHERE active=1 AND kind='image'").fetchone()[0],
-                    "protected_identities": q("SELECT count(*) FROM protections WHERE active=1 AND kind='face'").fetchone()[0],
-                    "mutations": q("SELECT count(*) FROM mutations").fetchone()[0]}
 
     def integrity_errors(self) -> list[str]:
         with self._lock:
@@ -253,20 +227,3 @@ class Registry:
     def close(self) -> None:
         self._conn.close()
         self._poll.close()
-
-
-def _encode_vec(vec: np.ndarray) -> bytes:
-    """A vector as bytes: one dtype byte ('f' float32, 'u' uint8) then the raw values."""
-    v = np.asarray(vec)
-    if v.dtype == np.uint8:
-        return b"u" + v.tobytes()
-    return b"f" + np.asarray(v, dtype=np.float32).tobytes()
-
-
-def _decode_vec(blob: bytes, path: Path) -> np.ndarray:
-    tag, body = blob[:1], blob[1:]
-    if tag == b"u":
-        return np.frombuffer(body, dtype=np.uint8).copy()
-    if tag == b"f" and len(body) % 4 == 0:
-        return np.frombuffer(body, dtype=np.float32).copy()
-    raise CorruptData(f"{path}: a protected vector has an unknown encoding")
