@@ -18,6 +18,7 @@ from guard.errors import MemGuardError
 # module paths whose `register(subparsers)` adds commands
 COMMAND_GROUPS = (
     "guard.testbed.cli",
+    "guard.audit",
 )
 OPTIONAL_GROUPS = (  # groups that land in later issues; absent modules are skipped
     "guard.index.cli",

@@ -3,13 +3,15 @@
 Lifecycle: start listening with health NOT_SERVING → load/warm up the engine off the loop → start
 the batcher → SERVING. Shutdown (SIGTERM/SIGINT): NOT_SERVING → wait `drain_delay_s` (still
 accepting, so load balancers move away) → stop accepting and give in-flight RPCs `grace_s` →
-stop the batcher, the metrics endpoint and the engine.
+stop the batcher, the metrics endpoint and the engine. SIGHUP reloads the API keys and the TLS
+certificates (and the mTLS client CA) with no restart; a reload that fails keeps the old ones.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,19 @@ from grpc_reflection.v1alpha import reflection
 
 from guard.engine import GenerationEngine, load_engine
 from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2, memguard_pb2_grpc
-from server.auth import KeyStore
+from guard.audit import AuditLog
+from guard.errors import MemGuardError
+from server.audit_trail import ServerAudit
+from server.auth import KeyRing
 from server.batcher import Batcher
 from server.config import ServerConfig
 from server.convert import RequestDefaults
 from server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from server.metrics import Metrics
-from server.service import IndexAdminService, MemGuardService
+from server.registry_health import RegistryHealth
+from server.ratelimit import RateLimiter
+from server.service import IndexAdminService, MemGuardService, Shared
+from server.uploads import UploadPool
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,37 @@ SERVICE_NAMES = (memguard_pb2.DESCRIPTOR.services_by_name["MemGuard"].full_name,
 class Endpoints:
     port: int
     metrics_port: int | None
+
+
+class Certificates:
+    """The server's TLS identity (and mTLS client CA), swapped in on reload for new connections."""
+
+    def __init__(self, cert: str, key: str, client_ca: str | None):
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self._lock = threading.Lock()
+        self._pending = None
+        self.current = self._load()
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)  # pair matches?
+        roots = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())], root_certificates=roots)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.current, self._fetch,
+                                                   require_client_authentication=self.client_ca is not None)
+
+    def reload(self) -> None:
+        config = self._load()          # raises on a bad file: the old identity stays
+        with self._lock:
+            self._pending = config
+
+    def _fetch(self):
+        """Called by gRPC at each handshake: the new configuration once after a reload, else None."""
+        with self._lock:
+            config, self._pending = self._pending, None
+        return config
 
 
 class MemGuardServer:
@@ -52,6 +91,10 @@ class MemGuardServer:
         self.batcher: Batcher | None = None
         self.server: grpc.aio.Server | None = None
         self.endpoints: Endpoints | None = None
+        self.keys: KeyRing | None = None
+        self.certificates: Certificates | None = None
+        self.audit = ServerAudit(None)
+        self.uploads: UploadPool | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -60,16 +103,18 @@ class MemGuardServer:
         if self.metrics is not None:
             self.metrics.set_ready(serving)
 
-    def _build_grpc_server(self, keys: KeyStore | None) -> grpc.aio.Server:
+    def _build_grpc_server(self) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics), AuthInterceptor(keys), ErrorInterceptor()],
+            interceptors=[MetricsInterceptor(self.metrics), AuthInterceptor(self.keys, self.audit, self.metrics),
+                          ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", cfg.max_receive_bytes),
                      ("grpc.max_send_message_length", cfg.max_send_bytes)])
         defaults = RequestDefaults(steps=cfg.default_steps, mode=cfg.default_mode, face_action=cfg.default_face_action)
-        memguard_pb2_grpc.add_MemGuardServicer_to_server(
-            MemGuardService(self.batcher, self.metrics, defaults, cfg.limits), server)
-        self.admin = IndexAdminService(self.batcher, self.metrics)
+        self.uploads = UploadPool(cfg.uploads, self.metrics.upload_queue_depth)
+        shared = Shared(self.batcher, self.metrics, cfg, self.uploads, RateLimiter(cfg.rate_limits), self.audit)
+        memguard_pb2_grpc.add_MemGuardServicer_to_server(MemGuardService(shared, defaults, cfg.limits), server)
+        self.admin = IndexAdminService(shared)
         admin_pb2_grpc.add_IndexAdminServicer_to_server(self.admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -79,8 +124,8 @@ class MemGuardServer:
         cfg = self.config
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            port = server.add_secure_port(address, creds)
+            self.certificates = Certificates(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            port = server.add_secure_port(address, self.certificates.credentials())
         else:
             port = server.add_insecure_port(address)
         if port == 0:
@@ -90,12 +135,15 @@ class MemGuardServer:
     async def start(self) -> Endpoints:
         """Listen (NOT_SERVING), load and warm up the engine off the loop, then report SERVING."""
         cfg = self.config
-        keys = KeyStore.load(cfg.auth_file) if cfg.auth_file else None
-        if keys is None:
+        self.keys = KeyRing(cfg.auth_file)
+        if not self.keys.enabled:
             log.warning("no auth_file: authentication is DISABLED (allowed on loopback %s only)", cfg.host)
+        if cfg.auth_file and not cfg.tls_cert:
+            log.warning("API keys travel in plaintext (no TLS)%s", "" if cfg.insecure else " on loopback")
         self.metrics = Metrics(queue_capacity=cfg.batching.max_queue)
+        self.audit = ServerAudit(AuditLog(cfg.audit_log) if cfg.audit_log else None, self.metrics)
         self.batcher = Batcher(cfg.batching, self.metrics)
-        self.server = self._build_grpc_server(keys)
+        self.server = self._build_grpc_server()
         await self._set_health(False)
         port = self._bind(self.server)
         await self.server.start()
@@ -111,6 +159,8 @@ class MemGuardServer:
         self.batcher.start(self.engine)
         await self._refresh_index_stats()
         await self._set_health(True)
+        self.registry_health = RegistryHealth(self.engine, self._set_health)   # registry (issue 15)
+        self.registry_health.start()
         log.info("serving")
         return self.endpoints
 
@@ -131,6 +181,8 @@ class MemGuardServer:
 
     async def shutdown(self) -> None:
         """Drain and stop; safe to call once the server started."""
+        if getattr(self, "registry_health", None) is not None:
+            self.registry_health.stop()
         await self._set_health(False)
         if self.config.drain_delay_s > 0:
             log.info("draining: NOT_SERVING for %.1f s before refusing new RPCs", self.config.drain_delay_s)
@@ -139,11 +191,31 @@ class MemGuardServer:
             await self.server.stop(self.config.grace_s)
         if self.batcher is not None:
             await self.batcher.close()
+        if self.uploads is not None:
+            await asyncio.to_thread(self.uploads.close)
         if self.metrics is not None:
             self.metrics.stop()
         if self.engine is not None:
             self.engine.close()
+        self.audit.close()
         log.info("stopped")
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the key file and the certificates; what fails to load keeps its old value."""
+        ok = True
+        for what, target in (("keys", self.keys), ("certificates", self.certificates)):
+            if target is None or (what == "keys" and not target.enabled):
+                continue
+            try:
+                target.reload()
+            except (MemGuardError, OSError, ssl.SSLError) as exc:
+                log.error("reload of %s failed, keeping the old ones: %s", what, exc)
+                ok = False
+                self.metrics.reloaded(what, False)
+            else:
+                log.info("reloaded %s", what)
+                self.metrics.reloaded(what, True)
+        return ok
 
 
 async def serve_until_signal(config: ServerConfig) -> None:
@@ -153,6 +225,7 @@ async def serve_until_signal(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     endpoints = await server.start()
     print(f"memguard serving on {config.host}:{endpoints.port}"
           + (f", metrics on http://{config.metrics_host}:{endpoints.metrics_port}/metrics"

@@ -9,6 +9,10 @@
 Clients send `authorization: Bearer <key>` or `x-api-key: <key>`. `memguard apikey` makes a key
 and prints the entry. Without a key file the server runs with auth disabled, which the config only
 allows on a loopback address; every caller then has every scope (a local developer).
+
+Scopes: `generate`, `screen`, `admin` (the RPCs in METHOD_SCOPES), `audit` (membership details:
+matched items, continuous scores, per-step signals) and `guard_override` (may ask for MONITOR or OFF;
+without it a request runs in ENFORCE). `KeyRing` holds the current KeyStore; SIGHUP reloads it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import contextvars
 import hashlib
 import json
 import secrets
+import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Iterable
 
 from guard.errors import CorruptData, InvalidInput, MissingResource
 
-SCOPES = ("generate", "screen", "admin", "audit")
+SCOPES = ("generate", "screen", "admin", "audit", "guard_override")
 KEY_PREFIX = "mg_"
 
 # Scope each RPC needs; methods not listed (health, reflection) are public.
@@ -118,3 +123,32 @@ class KeyStore:
         if not key:
             return None
         return self._by_hash.get(hash_key(key))
+
+
+class KeyRing:
+    """The KeyStore in use (None: auth disabled); `reload()` swaps in a fresh load of the file, atomically.
+
+    A reload that fails keeps the previous keys (and raises): a typo in keys.toml must not open the door."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._store = KeyStore.load(self.path) if self.path else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._store is not None
+
+    def reload(self) -> int:
+        """Re-read the key file; return how many keys it holds."""
+        if self.path is None:
+            return 0
+        store = KeyStore.load(self.path)
+        with self._lock:
+            self._store = store
+        return len(store._by_hash)
+
+    def authenticate(self, key: str | None) -> Principal | None:
+        with self._lock:
+            store = self._store
+        return ANONYMOUS_DEV if store is None else store.authenticate(key)

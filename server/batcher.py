@@ -5,7 +5,8 @@ takes the oldest request, waits at most `max_queue_delay_ms` from that request's
 compatible ones (same `engine.batch_key`: size, steps, scheduler) to fill `max_batch_images`, and
 runs the engine on them, off the event loop. Results and step events go back to each request's
 event loop. A cancelled request leaves the queue at once; one already running is polled between
-denoising steps (`is_cancelled`) and its samples leave the batch.
+denoising steps (`is_cancelled`) and its samples leave the batch. When the engine raises on a batch
+of several requests, each is re-run alone, so only the request that raises fails.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class BatchObserver(Protocol):
     def engine_stats(self, stats: EngineStats) -> None: ...
 
     def images(self, results: list[ImageResult]) -> None: ...
+
+    def batch_retry(self, outcome: str) -> None: ...
 
 
 _DONE = object()   # end-of-events marker
@@ -239,19 +242,38 @@ class Batcher:
         now = time.monotonic()
         for job in batch:
             self._observe("queue_wait", now - job.enqueued_at)
+        error = self._generate(batch)
+        if error is not None and len(batch) > 1:
+            # one request may have broken the whole batch: re-run each alone, so only it fails
+            log.warning("engine failed on a batch of %d requests (%s); re-running each alone",
+                        len(batch), type(error).__name__)
+            for job in batch:
+                if job.is_cancelled():
+                    results = cancelled_results(job.request)
+                    job.resolve(results)
+                    self._observe("images", results)
+                    continue
+                alone = self._generate([job])
+                self._observe("batch_retry", "ok" if alone is None else "error")
+                if alone is not None:
+                    job.resolve(None, alone)
+        elif error is not None:
+            batch[0].resolve(None, error)
+        self._observe("engine_stats", self.engine.stats())
+
+    def _generate(self, batch: list[Job]) -> BaseException | None:
+        """One engine call; resolve the jobs on success, return the exception otherwise."""
         self._observe("batch", len(batch), sum(j.request.num_images for j in batch))
         try:
             results = self.engine.generate(
                 [j.request for j in batch],
                 on_step=lambda i, event: batch[i].emit(event),
                 is_cancelled=lambda i: batch[i].is_cancelled())
-        except Exception as exc:  # the jobs fail, the worker lives on; MemGuardErrors keep their type
+        except Exception as exc:  # the worker lives on; MemGuardErrors keep their type
             if not isinstance(exc, MemGuardError):
                 log.exception("engine.generate failed on a batch of %d requests", len(batch))
-            for job in batch:
-                job.resolve(None, exc)
-        else:
-            for job, result in zip(batch, results):
-                job.resolve(result)
-                self._observe("images", result)
-        self._observe("engine_stats", self.engine.stats())
+            return exc
+        for job, result in zip(batch, results):
+            job.resolve(result)
+            self._observe("images", result)
+        return None

@@ -5,7 +5,7 @@
     memguard client generate --server 127.0.0.1:50051 --prompt "a red apple" --out out/
     memguard demo                                    # the main job: local guarded server, demo mix, images
     memguard client demo --server HOST:PORT          # the demo mix against a running server
-    memguard apikey --name frontend --scopes generate,screen >> keys.toml
+    memguard apikey --name frontend --scopes generate,screen >> keys.toml   # the key goes to stderr only
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 
 from guard.errors import InvalidInput
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     d.set_defaults(func=_client_demo, server=None, json=False)
     p = subparsers.add_parser("apikey", help="make an API key and print its key-file entry (hash only)")
     p.add_argument("--name", required=True, help="who holds the key (shown in PERMISSION_DENIED messages)")
-    p.add_argument("--scopes", default="generate,screen", help="comma list of generate,screen,admin,audit")
+    p.add_argument("--scopes", default="generate,screen",
+                   help="comma list of generate,screen,admin,audit,guard_override")
     p.set_defaults(func=_apikey)
 
 
@@ -49,6 +51,8 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
     p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")
     p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
+    p.add_argument("--registry", help="protected registry: postgresql://… shared by replicas, or sqlite:///PATH "
+                                      "(default $MEMGUARD_REGISTRY, else registry.sqlite in the index directory)")
     p.add_argument("--policy", help="guard policy file (guarded engine; default: the model's calibrated policy)")
     p.add_argument("--tiny-random", action="store_true", help="random-weight testbed architecture (smoke tests)")
     p.add_argument("--device", help="torch device (default cpu)")
@@ -56,6 +60,12 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--auth-file", help="API key file (TOML/JSON, sha256 hashes); none: auth off, loopback only")
     p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--tls-client-ca", help="mTLS: require client certificates signed by this PEM CA")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow plaintext off loopback with an auth file (API keys cross the network unencrypted)")
+    p.add_argument("--audit-log", help="append-only hash-chained audit log (JSONL, created 0600)")
+    p.add_argument("--allow-mode-override", action="store_true", default=None,
+                   help="let every generate key ask for MONITOR/OFF (default: only keys with guard_override)")
     p.add_argument("--max-batch-images", type=int, help="images per micro-batch (default 8)")
     p.add_argument("--max-queue-delay-ms", type=float, help="max wait for a batch to fill (default 10)")
     p.add_argument("--max-queue", type=int, help="admission queue size (default 64)")
@@ -75,6 +85,8 @@ def build_config(args: argparse.Namespace):
     return override(
         config, host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         engine_spec=args.engine, auth_file=args.auth_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, insecure=args.insecure, audit_log=args.audit_log,
+        allow_mode_override=args.allow_mode_override,
         default_mode=GuardMode(args.mode) if args.mode else None,
         drain_delay_s=args.drain_delay, grace_s=args.grace,
         **{"engine.model": args.model, "engine.index": index, "engine.policy": args.policy,
@@ -89,16 +101,41 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     config.validate()
+    if args.registry:   # read by guard.index.registry when the engine opens its index
+        from guard.index.registry import ENV_REGISTRY
+        os.environ[ENV_REGISTRY] = args.registry
     asyncio.run(serve_until_signal(config))
     return 0
 
 
 # ----------------------------------------------------------------------------- client
+def _key_args(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--api-key", help=f"API key{what} (shows in `ps`: prefer --api-key-file or $MEMGUARD_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, help=f"file holding the API key{what}")
+
+
+def api_key(args) -> str | None:
+    """--api-key, else --api-key-file, else $MEMGUARD_API_KEY."""
+    if getattr(args, "api_key", None):
+        return args.api_key
+    path = getattr(args, "api_key_file", None)
+    if path is not None:
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput("api_key_file", f"cannot read {path}: {exc.strerror}") from exc
+        if not key:
+            raise InvalidInput("api_key_file", f"{path} is empty")
+        return key
+    return os.environ.get("MEMGUARD_API_KEY") or None
+
+
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
-    p.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"),
-                   help="API key (default: $MEMGUARD_API_KEY)")
+    _key_args(p)
     p.add_argument("--tls-ca", help="PEM CA file: connect with TLS")
+    p.add_argument("--tls-cert", help="mTLS: client certificate (PEM)")
+    p.add_argument("--tls-key", help="mTLS: client private key (PEM)")
     p.add_argument("--timeout", type=float, help="deadline per call, seconds")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -169,7 +206,8 @@ def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
 def _conn(args):
     from server.client import Connection
 
-    return Connection(args.server, args.api_key, args.tls_ca, args.timeout)
+    return Connection(args.server, api_key(args), args.tls_ca, args.timeout,
+                      getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
 
 
 def _print(args, payload: dict, text: str) -> None:
@@ -185,8 +223,7 @@ def _add_server_to_generate(subparsers) -> None:
     if generate is None:
         return
     generate.add_argument("--server", help="HOST:PORT of a running MemGuard server: generate there, not locally")
-    generate.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"),
-                          help="API key for --server (default: $MEMGUARD_API_KEY)")
+    _key_args(generate, " for --server")
     generate.add_argument("--tls-ca", help="PEM CA file: connect to --server with TLS")
     generate.add_argument("--timeout", type=float, help="deadline per call to --server, seconds")
     local = generate.get_default("func")
@@ -327,7 +364,8 @@ def _apikey(args) -> int:
 
     key = new_key()
     entry = key_entry(args.name, key, [s.strip() for s in args.scopes.split(",") if s.strip()])
-    print(f"# API key for {args.name} (shown once; the file keeps only its sha256): {key}")
+    # the key goes to stderr (the terminal) only: stdout is meant for `>> keys.toml`
+    print(f"API key for {args.name} (shown once; the key file keeps only its sha256): {key}", file=sys.stderr)
     print(f'[[keys]]\nname = {json.dumps(entry["name"])}\nsha256 = "{entry["sha256"]}"\n'
           f'scopes = {json.dumps(entry["scopes"])}')
     return 0

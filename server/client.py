@@ -39,12 +39,15 @@ class Connection:
     api_key: str | None = None
     tls_ca: str | None = None        # PEM file: use TLS, trusting this CA
     timeout: float | None = None     # seconds per call
+    tls_cert: str | None = None      # mTLS: this client's certificate and key (PEM)
+    tls_key: str | None = None
 
     def channel(self) -> grpc.Channel:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if self.tls_ca:
-            creds = grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes())
+            pair = (Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes()) if self.tls_cert else (None, None)
+            creds = grpc.ssl_channel_credentials(Path(self.tls_ca).read_bytes(), *pair)
             return grpc.secure_channel(self.target, creds, options=options)
         return grpc.insecure_channel(self.target, options=options)
 

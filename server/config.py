@@ -6,11 +6,15 @@
     metrics_port = 9464               max_queue = 64
     auth_file = "keys.toml"
     tls_cert = "…" / tls_key = "…"    [engine]
-    drain_delay_s = 5.0               engine = "guard.guarded_engine:GuardedEngine"
-    grace_s = 30.0                    model = "guard/testbed/model"
-    default_mode = "enforce"          index = "…"
-                                      [limits]
-                                      max_steps = 150 …
+    tls_client_ca = "…"   # mTLS      engine = "guard.guarded_engine:GuardedEngine"
+    insecure = false                  model = "guard/testbed/model"
+    drain_delay_s = 5.0               index = "…"
+    grace_s = 30.0                    [limits]
+    default_mode = "enforce"          max_steps = 150 …
+    allow_mode_override = false       [rate_limits]
+    audit_log = "audit.jsonl"         generate_per_s = 2.0 / generate_burst = 10 …
+    face_match_scope = "any"          [uploads]
+                                      max_queue = 16 / workers = 2 / max_aspect_ratio = 8 …
 
 An unknown key is an error naming it (`config: server.prot is not a setting`).
 """
@@ -43,6 +47,47 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """Per-key token buckets (rate per second, burst). 0 rate: unlimited."""
+    generate_per_s: float = 0.0
+    generate_burst: int = 20
+    screen_per_s: float = 0.0
+    screen_burst: int = 20
+
+    def validate(self) -> None:
+        for name in ("generate_per_s", "screen_per_s"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"rate_limits.{name}", "must not be negative")
+        for name in ("generate_burst", "screen_burst"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"rate_limits.{name}", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """Screen / Protect uploads: decoded and screened off the event loop behind a bounded queue."""
+    max_queue: int = 16                 # uploads waiting or running; more → RESOURCE_EXHAUSTED
+    workers: int = 2                    # threads that decode and screen
+    max_pixels: int = 4096 * 4096       # decoded size
+    min_side: int = 16
+    max_aspect_ratio: float = 8.0       # long side / short side
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+
+    def validate(self) -> None:
+        if self.max_queue < 1 or self.workers < 1:
+            raise InvalidInput("uploads.max_queue", "max_queue and workers must be at least 1")
+        if self.min_side < 1 or self.max_aspect_ratio < 1 or self.max_pixels < self.min_side ** 2:
+            raise InvalidInput("uploads.min_side", "need min_side >= 1, max_aspect_ratio >= 1, "
+                                                    "max_pixels >= min_side²")
+        bad = [f for f in self.formats if f not in ("PNG", "JPEG", "WEBP")]
+        if bad:
+            raise InvalidInput("uploads.formats", f"{bad} not among PNG, JPEG, WEBP")
+
+
+FACE_MATCH_SCOPES = ("any", "protected")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051                   # 0: pick a free port
@@ -51,6 +96,11 @@ class ServerConfig:
     auth_file: str | None = None        # None: auth disabled (allowed on loopback only)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None    # mTLS: client certificates signed by this CA are required
+    insecure: bool = False              # allow plaintext off loopback with an auth file
+    audit_log: str | None = None        # append-only hash-chained JSONL (guard/audit.py); None: off
+    allow_mode_override: bool = False   # True: any generate key may ask for MONITOR / OFF
+    face_match_scope: str = "any"       # Screen's faces_matched: "any" indexed face, or "protected" only
     max_receive_bytes: int = 16 << 20   # uploads (Screen, Protect)
     max_send_bytes: int = 64 << 20
     drain_delay_s: float = 0.0          # NOT_SERVING but still accepting, so balancers move away
@@ -61,13 +111,25 @@ class ServerConfig:
     engine_spec: str = DEFAULT_ENGINE
     engine: EngineConfig = EngineConfig()
     batching: BatchingConfig = BatchingConfig()
-    limits: RequestLimits = RequestLimits()
+    limits: RequestLimits = RequestLimits()   # num_images is also capped at batching.max_batch_images
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    uploads: UploadConfig = UploadConfig()
 
     def validate(self) -> None:
         self.batching.validate()
+        self.rate_limits.validate()
+        self.uploads.validate()
+        if self.face_match_scope not in FACE_MATCH_SCOPES:
+            raise InvalidInput("face_match_scope", f"{self.face_match_scope!r} is not one of {FACE_MATCH_SCOPES}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidInput("tls_cert", "tls_cert and tls_key go together")
-        for name in ("auth_file", "tls_cert", "tls_key"):
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("tls_client_ca", "mTLS needs the server's own tls_cert and tls_key")
+        if (self.auth_file is not None and self.tls_cert is None and not self.insecure
+                and not is_loopback(self.host)):
+            raise InvalidInput("host", f"{self.host} is not a loopback address: API keys would cross the network "
+                                       "in plaintext; give tls_cert/tls_key (or --insecure to accept that)")
+        for name in ("auth_file", "tls_cert", "tls_key", "tls_client_ca"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise MissingResource(f"{name}: file {value} does not exist")
@@ -80,7 +142,8 @@ def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
-_SECTIONS = {"server": None, "engine": "engine", "batching": "batching", "limits": "limits"}
+_SECTIONS = {"server": None, "engine": "engine", "batching": "batching", "limits": "limits",
+             "rate_limits": "rate_limits", "uploads": "uploads"}
 _ENUMS = {"default_mode": GuardMode, "default_face_action": FaceAction}
 
 
@@ -102,7 +165,7 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, base: ServerConfig = ServerConfig()) -> ServerConfig:
-    """Read a TOML file over `base`; sections [server] [engine] [batching] [limits]."""
+    """Read a TOML file over `base`; sections [server] [engine] [batching] [limits] [rate_limits] [uploads]."""
     if path is None:
         return base
     try:
@@ -118,7 +181,8 @@ def load_config(path: str | Path | None = None, base: ServerConfig = ServerConfi
     engine = data.get("engine", {})
     if "engine" in engine:
         config = dataclasses.replace(config, engine_spec=engine.pop("engine"))
-    for section, attr in (("engine", "engine"), ("batching", "batching"), ("limits", "limits")):
+    for section, attr in (("engine", "engine"), ("batching", "batching"), ("limits", "limits"),
+                          ("rate_limits", "rate_limits"), ("uploads", "uploads")):
         config = dataclasses.replace(config, **{attr: _apply(getattr(config, attr), engine if section == "engine"
                                                             else data.get(section, {}), section)})
     return config

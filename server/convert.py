@@ -1,12 +1,18 @@
 """protobuf ⇄ guard types, both directions (the server uses one, the client the other).
 
-Membership information (GuardReport.audit, ScreenOutcome.audit) is copied into a message only
-when the caller says `audit=True`; the servicer decides that from the caller's scopes.
+Membership information is copied into a message only when the caller says `audit=True` (the
+servicer decides that from the caller's scopes): GuardReport.audit / ScreenOutcome.audit, and every
+continuous value (GuardReport.scores, first_flagged_step, StepProgress.signals, the step numbers in
+mitigations). Without it a caller sees decisions, coarse reasons and coarse progress only.
+
+Uploads are decoded under `UploadConfig`: PNG, JPEG or WebP only, pixel cap, minimum side and
+aspect-ratio bound checked from the header before any pixel is decoded.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -18,8 +24,12 @@ from guard.errors import InvalidInput
 from guard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
                          RequestLimits, StepEvent)
 from proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
+from server.config import UploadConfig
 
-MAX_UPLOAD_PIXELS = 4096 * 4096   # decoded size cap for uploads: no decompression bombs
+MAX_UPLOAD_PIXELS = UploadConfig().max_pixels   # decoded size cap for uploads: no decompression bombs
+MAX_REQUEST_ID_CHARS = 128
+_PRINTABLE_ID = re.compile(r"[\x21-\x7e]+")     # printable ASCII, no spaces or control characters
+_STEP_PREFIX = re.compile(r"^step \d+: ")
 
 MODES = {pb.GUARD_MODE_ENFORCE: GuardMode.ENFORCE, pb.GUARD_MODE_MONITOR: GuardMode.MONITOR,
          pb.GUARD_MODE_OFF: GuardMode.OFF}
@@ -53,19 +63,42 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, field: str) -> np.ndarray:
-    """PNG/JPEG bytes → uint8 [H, W, 3]; InvalidInput naming `field` otherwise."""
-    from PIL import Image, UnidentifiedImageError
+def check_image_header(width: int, height: int, field: str, limits: UploadConfig) -> None:
+    """Bound the work an upload can cause before decoding it: pixels, minimum side, aspect ratio."""
+    if width * height > limits.max_pixels:
+        raise InvalidInput(field, f"{width}x{height} exceeds {limits.max_pixels} pixels")
+    if min(width, height) < limits.min_side:
+        raise InvalidInput(field, f"{width}x{height}: the short side is under {limits.min_side} pixels")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise InvalidInput(field, f"{width}x{height}: aspect ratio over {limits.max_aspect_ratio:g}:1")
+
+
+def decode_image(data: bytes, field: str, limits: UploadConfig = UploadConfig()) -> np.ndarray:
+    """PNG/JPEG/WebP bytes → uint8 [H, W, 3]; InvalidInput naming `field` for anything else."""
+    from PIL import Image
 
     if not data:
         raise InvalidInput(field, "no image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_UPLOAD_PIXELS:
-                raise InvalidInput(field, f"{img.width}x{img.height} exceeds {MAX_UPLOAD_PIXELS} pixels")
+        with Image.open(io.BytesIO(data), formats=list(limits.formats)) as img:
+            check_image_header(img.width, img.height, field, limits)
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InvalidInput(field, f"not a decodable PNG or JPEG image ({exc})") from exc
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(field, f"decompression bomb refused ({exc})") from exc
+    except Exception as exc:   # PIL raises many types on hostile bytes; all mean "not an image we take"
+        raise InvalidInput(field, f"not a decodable {'/'.join(limits.formats)} image "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """≤ 128 printable ASCII characters (it is echoed in every event and written to the audit log)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(field, f"{len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    if request_id and not _PRINTABLE_ID.fullmatch(request_id):
+        raise InvalidInput(field, "only printable ASCII characters without spaces are allowed")
+    return request_id
 
 
 # ----------------------------------------------------------------------------- server direction
@@ -83,7 +116,7 @@ def generation_request(msg: pb.GenerateRequest, defaults: RequestDefaults, limit
         num_images=msg.num_images or 1,
         mode=MODES.get(msg.mode, defaults.mode),
         face_action=FACE_ACTIONS.get(msg.face_action, defaults.face_action),
-        request_id=msg.request_id or uuid.uuid4().hex)
+        request_id=check_request_id(msg.request_id) or uuid.uuid4().hex)
     if msg.HasField("guidance_scale"):
         request.guidance_scale = msg.guidance_scale
     request.validate(limits)
@@ -104,12 +137,20 @@ def to_struct(data: dict) -> struct_pb2.Struct:
     return struct
 
 
+def coarse_mitigations(mitigations: list[str]) -> list[str]:
+    """Mitigation names without the step they started at (the step hints at the similarity)."""
+    return list(dict.fromkeys(_STEP_PREFIX.sub("", m) for m in mitigations))
+
+
 def report_message(report: GuardReport, audit: bool) -> pb.GuardReport:
+    if not audit:
+        return pb.GuardReport(steps_computed=report.steps_computed,
+                              mitigations=coarse_mitigations(report.mitigations))
     msg = pb.GuardReport(scores={k: float(v) for k, v in report.scores.items()},
                          steps_computed=report.steps_computed, mitigations=report.mitigations)
     if report.first_flagged_step is not None:
         msg.first_flagged_step = report.first_flagged_step
-    if audit and report.audit:
+    if report.audit:
         msg.audit.CopyFrom(to_struct(report.audit))
     return msg
 
@@ -127,16 +168,30 @@ def generate_response(request: GenerationRequest, results: list[ImageResult], ef
                                images=[image_message(r, audit) for r in results])
 
 
-def progress_message(event: StepEvent) -> pb.StepProgress:
+def progress_message(event: StepEvent, audit: bool) -> pb.StepProgress:
+    """Coarse progress (step, total, action) for everyone; the per-step signals for audit only."""
     return pb.StepProgress(request_id=event.request_id, image_index=event.image_index, step=event.step,
                            total_steps=event.total_steps, action=event.action,
-                           signals={k: float(v) for k, v in event.signals.items()})
+                           signals={k: float(v) for k, v in event.signals.items()} if audit else {})
 
 
-def screen_response(outcome: ScreenOutcome, request_id: str, audit: bool) -> pb.ScreenResponse:
+def protected_faces(outcome: ScreenOutcome) -> int:
+    """Matched faces of protected identities only (from the index's per-face detail)."""
+    faces = outcome.audit.get("faces") if isinstance(outcome.audit, dict) else None
+    if not isinstance(faces, list):
+        return 0
+    return sum(1 for f in faces if isinstance(f, dict) and f.get("matched") and f.get("protected"))
+
+
+def screen_response(outcome: ScreenOutcome, request_id: str, audit: bool,
+                    face_match_scope: str = "any") -> pb.ScreenResponse:
+    matched = outcome.faces_matched if face_match_scope == "any" else protected_faces(outcome)
+    reason = outcome.reason
+    if reason is Reason.PROTECTED_FACE and not matched:
+        reason = Reason.NONE
     msg = pb.ScreenResponse(request_id=request_id, copy_detected=outcome.copy_detected,
-                            faces_detected=outcome.faces_detected, faces_matched=outcome.faces_matched,
-                            reason=REASONS[outcome.reason])
+                            faces_detected=outcome.faces_detected, faces_matched=matched,
+                            reason=REASONS[reason])
     if audit and outcome.audit:
         msg.audit.CopyFrom(to_struct(outcome.audit))
     return msg

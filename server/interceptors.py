@@ -3,6 +3,8 @@
 They wrap only MemGuard's own services (`/memguard.v1.*`); health and reflection pass untouched.
 The error interceptor is the one place that maps exception types to gRPC status codes; an
 unexpected exception becomes INTERNAL with a logged traceback, and the process keeps serving.
+A rate-limited call carries trailing metadata `retry-after` (seconds) and a google.rpc.RetryInfo
+detail (`grpc-status-details-bin`). Every authentication or scope failure is audited.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from typing import Callable
 import grpc
 
 from guard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource, ScreeningUnavailable
-from server.auth import ANONYMOUS_DEV, METHOD_SCOPES, KeyStore, Principal, current_principal, key_from_metadata
+from server.audit_trail import ServerAudit
+from server.auth import METHOD_SCOPES, KeyRing, Principal, current_principal, key_from_metadata
 from server.batcher import DeadlineExceeded, NotServing, QueueFull
 from server.metrics import Metrics
+from server.ratelimit import RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,7 @@ OUR_PREFIX = "/memguard.v1."
 STATUS_CODES: tuple[tuple[type[MemGuardError], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotServing, grpc.StatusCode.UNAVAILABLE),
     (ScreeningUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -37,6 +42,22 @@ STATUS_CODES: tuple[tuple[type[MemGuardError], grpc.StatusCode], ...] = (
 
 Behavior = Callable  # (request, context) -> Awaitable[response] | AsyncIterator[response]
 Around = Callable[[Behavior, bool], Behavior]   # (behavior, streaming) -> wrapped behavior
+
+
+def retry_metadata(seconds: float, message: str) -> tuple[tuple[str, str | bytes], ...]:
+    """`retry-after` (seconds, as HTTP's header) plus google.rpc.RetryInfo when grpcio-status is installed."""
+    pairs: list[tuple[str, str | bytes]] = [("retry-after", f"{seconds:.2f}")]
+    try:
+        from google.protobuf import any_pb2, duration_pb2
+        from google.rpc import code_pb2, error_details_pb2, status_pb2
+    except ImportError:
+        return tuple(pairs)
+    delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
+    pairs.append(("grpc-status-details-bin", status.SerializeToString()))
+    return tuple(pairs)
 
 
 def status_for(exc: MemGuardError) -> grpc.StatusCode:
@@ -106,16 +127,25 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, around)
 
 
-def _abort_with(code: grpc.StatusCode, message: str) -> Around:
+def _abort_with(code: grpc.StatusCode, message: str, on_deny: Callable | None = None) -> Around:
+    """Refuse the call; `on_deny(request, context)` runs first (the audit entry)."""
+    async def refuse(request, context) -> None:
+        if on_deny is not None:
+            try:
+                await on_deny(request, context)
+            except Exception:   # the refusal stands even when it cannot be audited (logged, counted)
+                log.warning("could not audit a refused call")
+        await context.abort(code, message)
+
     def around(behavior: Behavior, streaming: bool) -> Behavior:
         if streaming:
             async def deny_stream(request, context):
-                await context.abort(code, message)
+                await refuse(request, context)
                 yield  # pragma: no cover - abort raises; this line makes it an async generator
             return deny_stream
 
         async def deny(request, context):
-            await context.abort(code, message)
+            await refuse(request, context)
         return deny
     return around
 
@@ -144,26 +174,38 @@ def _as_principal(principal: Principal) -> Around:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """API key → principal → scope check. `keys=None` means auth disabled (local developer)."""
+    """API key → principal → scope check. A KeyRing without a file means auth disabled (local developer)."""
 
-    def __init__(self, keys: KeyStore | None):
-        self.keys = keys
+    def __init__(self, keys: KeyRing, audit: ServerAudit | None = None, metrics: Metrics | None = None):
+        self.keys, self.audit, self.metrics = keys, audit, metrics
+
+    def _denied(self, rpc: str, who: str, code: grpc.StatusCode):
+        async def on_deny(request, context) -> None:
+            if self.metrics is not None:
+                self.metrics.reject(rpc, code.name.lower())
+            if self.audit is not None:
+                request_id = getattr(request, "request_id", "")
+                await self.audit.record(who=who, rpc=rpc, outcome=code.name,
+                                        request_id=request_id if isinstance(request_id, str) else "",
+                                        peer=context.peer())
+        return on_deny
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         scope = METHOD_SCOPES.get(details.method)
         if scope is None:
             return handler
-        if self.keys is None:
-            return wrap_handler(handler, _as_principal(ANONYMOUS_DEV))
+        rpc = details.method.rsplit("/", 1)[-1]
         principal = self.keys.authenticate(key_from_metadata(details.invocation_metadata))
         if principal is None:
-            return wrap_handler(handler, _abort_with(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key "
-                "(send `authorization: Bearer <key>` or `x-api-key: <key>`)"))
+            code = grpc.StatusCode.UNAUTHENTICATED
+            return wrap_handler(handler, _abort_with(code, "missing or unknown API key "
+                                "(send `authorization: Bearer <key>` or `x-api-key: <key>`)",
+                                self._denied(rpc, "anonymous", code)))
         if not principal.can(scope):
-            return wrap_handler(handler, _abort_with(
-                grpc.StatusCode.PERMISSION_DENIED, f"key {principal.name!r} lacks the {scope!r} scope"))
+            code = grpc.StatusCode.PERMISSION_DENIED
+            return wrap_handler(handler, _abort_with(code, f"key {principal.name!r} lacks the {scope!r} scope",
+                                                     self._denied(rpc, principal.name, code)))
         return wrap_handler(handler, _as_principal(principal))
 
 
@@ -177,6 +219,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
 
         async def fail(context, exc: Exception) -> None:
+            if isinstance(exc, RateLimited):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                    trailing_metadata=retry_metadata(exc.retry_after_s, str(exc)))
             if isinstance(exc, MemGuardError):
                 await context.abort(status_for(exc), str(exc))
             incident = uuid.uuid4().hex[:12]

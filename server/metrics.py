@@ -80,6 +80,18 @@ class Metrics:
                                           registry=r)
         self.protect_ops = Counter("memguard_protect_operations", "Protected-registry operations",
                                    ["operation", "outcome"], registry=r)
+        self.rejections = Counter("memguard_rejections", "Requests refused or downgraded before work, by cause "
+                                  "(rate_limited, queue_full, upload_queue_full, invalid_image, request_id, "
+                                  "mode_override, unauthenticated, permission_denied)", ["rpc", "cause"], registry=r)
+        self.upload_depth = Gauge("memguard_upload_queue_depth", "Screen/Protect uploads waiting or running",
+                                  registry=r)
+        self.audit_entries = Counter("memguard_audit_entries", "Entries appended to the audit log", registry=r)
+        self.audit_failures = Counter("memguard_audit_failures", "Audit entries that could not be written "
+                                      "(the RPC answered UNAVAILABLE)", registry=r)
+        self.reloads = Counter("memguard_reloads", "SIGHUP reloads of keys and certificates",
+                               ["what", "outcome"], registry=r)
+        self.batch_retries = Counter("memguard_batch_retries", "Requests re-run alone after their batch's engine "
+                                     "call failed", ["outcome"], registry=r)
         self.ready = Gauge("memguard_ready", "1 while serving: warmed up and not draining", registry=r)
         self.build = Info("memguard_build", "Build and engine of this server", registry=r)
         self.set_build(engine_name="loading", guarded=False)
@@ -98,6 +110,21 @@ class Metrics:
         rpc = rpc if rpc in RPCS else "other"
         self.requests.labels(rpc, code).inc()
         self.request_seconds.labels(rpc).observe(seconds)
+
+    def reject(self, rpc: str, cause: str) -> None:
+        self.rejections.labels(rpc if rpc in RPCS else "other", cause).inc()
+
+    def upload_queue_depth(self, depth: int) -> None:
+        self.upload_depth.set(depth)
+
+    def audited(self, ok: bool) -> None:
+        (self.audit_entries if ok else self.audit_failures).inc()
+
+    def reloaded(self, what: str, ok: bool) -> None:
+        self.reloads.labels(what, "ok" if ok else "error").inc()
+
+    def batch_retry(self, outcome: str) -> None:
+        self.batch_retries.labels(outcome).inc()
 
     # -- BatchObserver --------------------------------------------------------------------------
     def queue_depth(self, depth: int) -> None:

@@ -1,26 +1,51 @@
 """The servicers: protobuf in, engine (through the batcher) out, protobuf back.
 
 Errors are raised as MemGuardError subclasses and mapped to status codes by the error
-interceptor; auth and metrics live in interceptors too. Blocking work (screening, registry
-writes, PNG encoding) runs in threads so the event loop keeps serving.
+interceptor; auth and metrics live in interceptors too. Generation goes through the batcher;
+uploads (Screen, Protect) are decoded and processed in the bounded UploadPool, never on the loop.
+
+Hardening (issue 14): the guard mode is ENFORCE unless the key holds `guard_override` (or the
+config allows overrides); continuous scores and signals go only to the `audit` scope; Generate and
+Screen are rate-limited per key; request ids are bounded; a cancelled unary Generate leaves its
+batch at the next step; Screen, Protect, Unprotect and every flagged generation are audited.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from functools import partial
 
 import grpc
 
 from guard.engine import GenerationEngine
-from guard.errors import InvalidInput
+from guard.errors import InvalidInput, MemGuardError
 from guard.types import GenerationRequest, GuardMode, ImageResult, Reason, RequestLimits
 from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
 from server import convert
-from server.auth import caller_can
+from server.audit_trail import ServerAudit, matched_ids
+from server.auth import ANONYMOUS_DEV, Principal, current_principal
 from server.batcher import Batcher, DeadlineExceeded, Job, NotServing
+from server.config import ServerConfig
 from server.metrics import Metrics
+from server.ratelimit import RateLimited, RateLimiter
+from server.uploads import UploadPool, UploadQueueFull
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Shared:
+    """What both servicers use."""
+    batcher: Batcher
+    metrics: Metrics
+    config: ServerConfig
+    uploads: UploadPool
+    limiter: RateLimiter
+    audit: ServerAudit
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -40,105 +65,218 @@ def _engine(batcher: Batcher) -> GenerationEngine:
     return batcher.engine
 
 
-class MemGuardService(memguard_pb2_grpc.MemGuardServicer):
-    def __init__(self, batcher: Batcher, metrics: Metrics, defaults: convert.RequestDefaults, limits: RequestLimits):
-        self.batcher, self.metrics = batcher, metrics
-        self.defaults, self.limits = defaults, limits
+def _caller() -> Principal:
+    return current_principal.get() or ANONYMOUS_DEV
+
+
+class _Base:
+    def __init__(self, shared: Shared):
+        self.s = shared
 
     @property
     def engine(self) -> GenerationEngine:
-        return _engine(self.batcher)
+        return _engine(self.s.batcher)
+
+    def _limit(self, rpc: str, family: str, cost: float = 1.0) -> None:
+        try:
+            self.s.limiter.take(_caller().name, family, cost)
+        except RateLimited:
+            self.s.metrics.reject(rpc, "rate_limited")
+            raise
+
+    async def _upload(self, rpc: str, fn):
+        try:
+            return await self.s.uploads.run(fn)
+        except UploadQueueFull:
+            self.s.metrics.reject(rpc, "upload_queue_full")
+            raise
+        except InvalidInput as exc:
+            if exc.field.startswith(("image", "face.photos")):
+                self.s.metrics.reject(rpc, "invalid_image")
+            raise
+
+
+class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
+    def __init__(self, shared: Shared, defaults: convert.RequestDefaults, limits: RequestLimits):
+        super().__init__(shared)
+        self.defaults, self.limits = defaults, limits
 
     def _effective_mode(self, request: GenerationRequest) -> GuardMode:
         return request.mode if self.engine.guarded else GuardMode.OFF
 
-    async def _respond(self, request: GenerationRequest, results: list[ImageResult]) -> pb.GenerateResponse:
-        return await asyncio.to_thread(convert.generate_response, request, results,
-                                       self._effective_mode(request), caller_can("audit"))
+    def _request(self, msg: pb.GenerateRequest, rpc: str) -> GenerationRequest:
+        try:
+            request = convert.generation_request(msg, self.defaults, self.limits)
+        except InvalidInput as exc:
+            if exc.field == "request_id":
+                self.s.metrics.reject(rpc, "request_id")
+            raise
+        cap = self.s.config.batching.max_batch_images
+        if request.num_images > cap:
+            raise InvalidInput("num_images", f"{request.num_images} exceeds this server's batch size {cap}")
+        if request.mode is not GuardMode.ENFORCE and not self._may_override():
+            log.info("key %r asked for mode %s without guard_override: running ENFORCE",
+                     _caller().name, request.mode.value)
+            self.s.metrics.reject(rpc, "mode_override")
+            request.mode = GuardMode.ENFORCE
+        self._limit(rpc, "generate", request.num_images)
+        return request
+
+    def _may_override(self) -> bool:
+        return self.s.config.allow_mode_override or _caller().can("guard_override")
+
+    async def _respond(self, rpc: str, request: GenerationRequest, results: list[ImageResult]) -> pb.GenerateResponse:
+        mode = self._effective_mode(request)
+        await self.s.audit.generation(who=_caller().name, rpc=rpc, request_id=request.request_id,
+                                      prompt=request.prompt, mode=mode.value, results=results)
+        return await asyncio.to_thread(convert.generate_response, request, results, mode, _caller().can("audit"))
 
     async def Generate(self, msg: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        request = convert.generation_request(msg, self.defaults, self.limits)
-        job = self.batcher.submit(request, deadline=_deadline(context))
+        request = self._request(msg, "Generate")
+        job = self.s.batcher.submit(request, deadline=_deadline(context))
+        finished = False
         try:
             results = await job.future
+            finished = True
         finally:
-            if not job.future.done():   # the caller left (cancel or deadline): free the slot
-                job.cancel()
+            # awaiting the future cancels it with the caller, so test our own flag, not future.done()
+            if not finished:
+                job.cancel()   # the caller left (cancel or deadline): leave the queue or the batch
         _check_finished(job, results)
-        return await self._respond(request, results)
+        return await self._respond("Generate", request, results)
 
     async def GenerateStream(self, msg: pb.GenerateRequest, context):
-        request = convert.generation_request(msg, self.defaults, self.limits)
-        job = self.batcher.submit(request, deadline=_deadline(context), stream=True)
+        request = self._request(msg, "GenerateStream")
+        audit = _caller().can("audit")
+        job = self.s.batcher.submit(request, deadline=_deadline(context), stream=True)
+        finished = False
         try:
             async for event in job.stream_events():
-                yield pb.GenerateEvent(progress=convert.progress_message(event))
+                yield pb.GenerateEvent(progress=convert.progress_message(event, audit))
             results = await job.future
+            finished = True
         finally:
-            if not job.future.done():
+            if not finished:
                 job.cancel()
         _check_finished(job, results)
-        yield pb.GenerateEvent(result=await self._respond(request, results))
+        yield pb.GenerateEvent(result=await self._respond("GenerateStream", request, results))
 
     async def Screen(self, msg: pb.ScreenRequest, context) -> pb.ScreenResponse:
-        image = convert.decode_image(msg.image, "image")
+        request_id = convert.check_request_id(msg.request_id) or uuid.uuid4().hex
+        self._limit("Screen", "screen")
+        engine, limits = self.engine, self.s.config.uploads
+        who = _caller().name
         try:
-            outcome = await asyncio.to_thread(self.engine.screen, image)
-        finally:
-            self.metrics.engine_stats(self.engine.stats())
-        return convert.screen_response(outcome, msg.request_id or uuid.uuid4().hex, caller_can("audit"))
-
-
-class IndexAdminService(admin_pb2_grpc.IndexAdminServicer):
-    def __init__(self, batcher: Batcher, metrics: Metrics):
-        self.batcher, self.metrics = batcher, metrics
-
-    @property
-    def engine(self) -> GenerationEngine:
-        return _engine(self.batcher)
-
-    async def _registry_op(self, operation: str, fn):
-        try:
-            result = await asyncio.to_thread(fn)
-        except Exception:
-            self.metrics.protect_op(operation, "error")
+            outcome = await self._upload("Screen", lambda: engine.screen(convert.decode_image(msg.image, "image",
+                                                                                              limits)))
+        except MemGuardError as exc:
+            await self.s.audit.record(who=who, rpc="Screen", outcome=type(exc).__name__, request_id=request_id)
             raise
-        self.metrics.protect_op(operation, "ok")
+        finally:
+            self.s.metrics.engine_stats(engine.stats())
+        response = convert.screen_response(outcome, request_id, _caller().can("audit"), self.s.config.face_match_scope)
+        await self.s.audit.record(who=who, rpc="Screen", outcome="OK", request_id=request_id,
+                                  copy_detected=response.copy_detected, faces_matched=response.faces_matched,
+                                  reason=pb.Reason.Name(response.reason), matched=matched_ids(outcome.audit))
+        return response
+
+
+def _accepts(fn, name: str) -> bool:
+    """Does `fn` take keyword `name` (explicitly or through **kwargs)?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class IndexAdminService(_Base, admin_pb2_grpc.IndexAdminServicer):
+    async def _registry_op(self, operation: str, fn, *, upload: bool = False):
+        try:
+            result = await (self._upload("Protect", fn) if upload else asyncio.to_thread(fn))
+        except Exception:
+            self.s.metrics.protect_op(operation, "error")
+            raise
+        self.s.metrics.protect_op(operation, "ok")
         await self.refresh_stats()
         return result
 
     async def refresh_stats(self) -> None:
-        self.metrics.index_stats(await asyncio.to_thread(self.engine.index_stats))
+        self.s.metrics.index_stats(await asyncio.to_thread(self.engine.index_stats))
+
+    def _protect_fn(self, msg: admin_pb2.ProtectRequest, reason: str):
+        """(target, detail for the audit log, a function that decodes and protects in a worker)."""
+        engine, limits, target = self.engine, self.s.config.uploads, msg.WhichOneof("target")
+        extra = {}
+        key = msg.idempotency_key
+        if key:
+            if len(key) > convert.MAX_REQUEST_ID_CHARS:
+                raise InvalidInput("idempotency_key", f"{len(key)} characters; at most {convert.MAX_REQUEST_ID_CHARS}")
+            if _accepts(engine.protect_image if target == "image" else engine.protect_face, "idempotency_key"):
+                extra["idempotency_key"] = key
+            else:
+                log.warning("engine %r does not take idempotency_key yet: Protect is not deduplicated",
+                            engine.name)
+        if target == "image":
+            image_msg = msg.image
+            item_id = image_msg.item_id or None
+            if item_id is not None and len(item_id) > 256:
+                raise InvalidInput("image.item_id", f"{len(item_id)} characters; at most 256")
+            return target, {"item_id": item_id}, lambda: engine.protect_image(
+                convert.decode_image(image_msg.image, "image.image", limits), reason, item_id, **extra)
+        if target == "face":
+            identity = msg.face.identity.strip()
+            if not identity:
+                raise InvalidInput("face.identity", "name the protected identity")
+            if not msg.face.photos:
+                raise InvalidInput("face.photos", "at least one photo of the person is needed")
+            if len(msg.face.photos) > 16:
+                raise InvalidInput("face.photos", f"{len(msg.face.photos)} photos; at most 16")
+            photos = list(msg.face.photos)
+            return target, {"identity": identity, "photos": len(photos)}, lambda: engine.protect_face(
+                [convert.decode_image(p, f"face.photos[{i}]", limits) for i, p in enumerate(photos)],
+                identity, reason, **extra)
+        raise InvalidInput("target", "set either image or face")
 
     async def Protect(self, msg: admin_pb2.ProtectRequest, context) -> admin_pb2.ProtectResponse:
         reason = msg.reason.strip()
         if not reason:
             raise InvalidInput("reason", "say why this item is protected (it goes to the audit log)")
-        target = msg.WhichOneof("target")
-        if target == "image":
-            image = convert.decode_image(msg.image.image, "image.image")
-            fn = partial(self.engine.protect_image, image, reason, msg.image.item_id or None)
-        elif target == "face":
-            if not msg.face.identity.strip():
-                raise InvalidInput("face.identity", "name the protected identity")
-            if not msg.face.photos:
-                raise InvalidInput("face.photos", "at least one photo of the person is needed")
-            images = [convert.decode_image(p, f"face.photos[{i}]") for i, p in enumerate(msg.face.photos)]
-            fn = partial(self.engine.protect_face, images, msg.face.identity.strip(), reason)
-        else:
-            raise InvalidInput("target", "set either image or face")
-        item_id = await self._registry_op(f"protect_{target}", fn)
+        if len(reason) > 1000:
+            raise InvalidInput("reason", f"{len(reason)} characters; at most 1000")
+        target, detail, fn = self._protect_fn(msg, reason)
+        who = _caller().name
+        try:
+            item_id = await self._registry_op(f"protect_{target}", fn, upload=True)
+        except MemGuardError as exc:
+            await self.s.audit.record(who=who, rpc="Protect", outcome=type(exc).__name__, target=target,
+                                      reason=reason, **detail)
+            raise
+        await self.s.audit.record(who=who, rpc="Protect", outcome="OK", target=target, id=item_id, reason=reason,
+                                  idempotency_key=msg.idempotency_key or None, **detail)
         return admin_pb2.ProtectResponse(id=item_id)
 
     async def Unprotect(self, msg: admin_pb2.UnprotectRequest, context) -> admin_pb2.UnprotectResponse:
         if not msg.id:
             raise InvalidInput("id", "the registry id returned by Protect is required")
-        if not msg.reason.strip():
+        if len(msg.id) > 256:
+            raise InvalidInput("id", f"{len(msg.id)} characters; at most 256")
+        reason = msg.reason.strip()
+        if not reason:
             raise InvalidInput("reason", "say why the protection is lifted (it goes to the audit log)")
-        removed = await self._registry_op("unprotect", partial(self.engine.unprotect, msg.id, msg.reason.strip()))
+        if len(reason) > 1000:
+            raise InvalidInput("reason", f"{len(reason)} characters; at most 1000")
+        who = _caller().name
+        try:
+            removed = await self._registry_op("unprotect", partial(self.engine.unprotect, msg.id, reason))
+        except MemGuardError as exc:
+            await self.s.audit.record(who=who, rpc="Unprotect", outcome=type(exc).__name__, id=msg.id, reason=reason)
+            raise
+        await self.s.audit.record(who=who, rpc="Unprotect", outcome="OK" if removed else "NOT_FOUND", id=msg.id,
+                                  reason=reason, removed=removed)
         return admin_pb2.UnprotectResponse(removed=removed)
 
     async def GetIndexStats(self, msg: admin_pb2.GetIndexStatsRequest, context) -> admin_pb2.IndexStats:
         stats = await asyncio.to_thread(self.engine.index_stats)
-        self.metrics.index_stats(stats)
+        self.s.metrics.index_stats(stats)
         return convert.index_stats_message(stats)

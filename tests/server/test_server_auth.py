@@ -109,7 +109,8 @@ def test_audit_details_only_for_the_audit_scope(authed):
     for image in (plain, streamed):
         assert not image.report.HasField("audit")
         assert "train-0042" not in image.SerializeToString().decode("latin-1")
-        assert image.report.scores["memorization"] == pytest.approx(0.5)   # coarse scores stay public
+        assert not image.report.scores   # continuous scores are membership signals: audit only (issue 14)
+    assert audited.report.scores["memorization"] == pytest.approx(0.5)
     assert audited.report.audit["matched_item"] == "train-0042"
     assert audited.report.audit["similarity"] == pytest.approx(0.91)
 

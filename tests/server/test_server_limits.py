@@ -32,7 +32,7 @@ def test_deadline_stops_denoising_and_frees_the_slot(engine, serve):
 
 
 def test_client_cancel_stops_the_stream_between_steps(engine, serve):
-    server = serve(engine, batching={"max_batch_images": 1})
+    server = serve(engine, batching={"max_batch_images": 2})
     with channel(server) as ch:
         stub = memguard_pb2_grpc.MemGuardStub(ch)
         call = stub.GenerateStream(pb.GenerateRequest(prompt="cancel me", steps=LONG, num_images=2))

@@ -38,5 +38,5 @@ def test_reflection_describes_admin_messages(server):
     with channel(server) as ch:
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(ch))
         protect = pool.FindMessageTypeByName("memguard.v1.ProtectRequest")
-    assert {f.name for f in protect.fields} == {"image", "face", "reason"}
+    assert {f.name for f in protect.fields} == {"image", "face", "reason", "idempotency_key"}
     assert [f.name for f in protect.oneofs_by_name["target"].fields] == ["image", "face"]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/memguard/v1/admin.proto\x12\x0bmemguard.v1\".\n\x0cProtectImage\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"/\n\x0bProtectFace\x12\x0e\n\x06photos\x18\x01 \x03(\x0c\x12\x10\n\x08identity\x18\x02 \x01(\t\"\x80\x01\n\x0eProtectRequest\x12*\n\x05image\x18\x01 \x01(\x0b\x32\x19.memguard.v1.ProtectImageH\x00\x12(\n\x04\x66\x61\x63\x65\x18\x02 \x01(\x0b\x32\x18.memguard.v1.ProtectFaceH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\tB\x08\n\x06target\"\x1d\n\x0fProtectResponse\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x10UnprotectRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"$\n\x11UnprotectResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x16\n\x14GetIndexStatsRequest\"\x9b\x01\n\nIndexStats\x12\r\n\x05items\x18\x01 \x01(\x04\x12\x17\n\x0fprotected_items\x18\x02 \x01(\x04\x12\x35\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32$.memguard.v1.IndexStats.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xeb\x01\n\nIndexAdmin\x12\x44\n\x07Protect\x12\x1b.memguard.v1.ProtectRequest\x1a\x1c.memguard.v1.ProtectResponse\x12J\n\tUnprotect\x12\x1d.memguard.v1.UnprotectRequest\x1a\x1e.memguard.v1.UnprotectResponse\x12K\n\rGetIndexStats\x12!.memguard.v1.GetIndexStatsRequest\x1a\x17.memguard.v1.IndexStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/memguard/v1/admin.proto\x12\x0bmemguard.v1\".\n\x0cProtectImage\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07item_id\x18\x02 \x01(\t\"/\n\x0bProtectFace\x12\x0e\n\x06photos\x18\x01 \x03(\x0c\x12\x10\n\x08identity\x18\x02 \x01(\t\"\x99\x01\n\x0eProtectRequest\x12*\n\x05image\x18\x01 \x01(\x0b\x32\x19.memguard.v1.ProtectImageH\x00\x12(\n\x04\x66\x61\x63\x65\x18\x02 \x01(\x0b\x32\x18.memguard.v1.ProtectFaceH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\tB\x08\n\x06target\"\x1d\n\x0fProtectResponse\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x10UnprotectRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"$\n\x11UnprotectResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x16\n\x14GetIndexStatsRequest\"\x9b\x01\n\nIndexStats\x12\r\n\x05items\x18\x01 \x01(\x04\x12\x17\n\x0fprotected_items\x18\x02 \x01(\x04\x12\x35\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32$.memguard.v1.IndexStats.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xeb\x01\n\nIndexAdmin\x12\x44\n\x07Protect\x12\x1b.memguard.v1.ProtectRequest\x1a\x1c.memguard.v1.ProtectResponse\x12J\n\tUnprotect\x12\x1d.memguard.v1.UnprotectRequest\x1a\x1e.memguard.v1.UnprotectResponse\x12K\n\rGetIndexStats\x12!.memguard.v1.GetIndexStatsRequest\x1a\x17.memguard.v1.IndexStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROTECTFACE']._serialized_start=94
   _globals['_PROTECTFACE']._serialized_end=141
   _globals['_PROTECTREQUEST']._serialized_start=144
-  _globals['_PROTECTREQUEST']._serialized_end=272
-  _globals['_PROTECTRESPONSE']._serialized_start=274
-  _globals['_PROTECTRESPONSE']._serialized_end=303
-  _globals['_UNPROTECTREQUEST']._serialized_start=305
-  _globals['_UNPROTECTREQUEST']._serialized_end=351
-  _globals['_UNPROTECTRESPONSE']._serialized_start=353
-  _globals['_UNPROTECTRESPONSE']._serialized_end=389
-  _globals['_GETINDEXSTATSREQUEST']._serialized_start=391
-  _globals['_GETINDEXSTATSREQUEST']._serialized_end=413
-  _globals['_INDEXSTATS']._serialized_start=416
-  _globals['_INDEXSTATS']._serialized_end=571
-  _globals['_INDEXSTATS_DETAILSENTRY']._serialized_start=525
-  _globals['_INDEXSTATS_DETAILSENTRY']._serialized_end=571
-  _globals['_INDEXADMIN']._serialized_start=574
-  _globals['_INDEXADMIN']._serialized_end=809
+  _globals['_PROTECTREQUEST']._serialized_end=297
+  _globals['_PROTECTRESPONSE']._serialized_start=299
+  _globals['_PROTECTRESPONSE']._serialized_end=328
+  _globals['_UNPROTECTREQUEST']._serialized_start=330
+  _globals['_UNPROTECTREQUEST']._serialized_end=376
+  _globals['_UNPROTECTRESPONSE']._serialized_start=378
+  _globals['_UNPROTECTRESPONSE']._serialized_end=414
+  _globals['_GETINDEXSTATSREQUEST']._serialized_start=416
+  _globals['_GETINDEXSTATSREQUEST']._serialized_end=438
+  _globals['_INDEXSTATS']._serialized_start=441
+  _globals['_INDEXSTATS']._serialized_end=596
+  _globals['_INDEXSTATS_DETAILSENTRY']._serialized_start=550
+  _globals['_INDEXSTATS_DETAILSENTRY']._serialized_end=596
+  _globals['_INDEXADMIN']._serialized_start=599
+  _globals['_INDEXADMIN']._serialized_end=834
 # @@protoc_insertion_point(module_scope)

@@ -23,14 +23,16 @@ class ProtectFace(_message.Message):
     def __init__(self, photos: _Optional[_Iterable[bytes]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class ProtectRequest(_message.Message):
-    __slots__ = ("image", "face", "reason")
+    __slots__ = ("image", "face", "reason", "idempotency_key")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FACE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     image: ProtectImage
     face: ProtectFace
     reason: str
-    def __init__(self, image: _Optional[_Union[ProtectImage, _Mapping]] = ..., face: _Optional[_Union[ProtectFace, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, image: _Optional[_Union[ProtectImage, _Mapping]] = ..., face: _Optional[_Union[ProtectFace, _Mapping]] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ProtectResponse(_message.Message):
     __slots__ = ("id",)
