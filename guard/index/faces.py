@@ -25,6 +25,7 @@ from guard.errors import MissingResource
 from guard.index.pdq import check_image
 
 FACE_DIM = 128
+MAX_WORK_PIXELS = 2048 * 2048   # cap of the detector's working copy (upscaled or not): bounded memory and time
 MODEL_FILES = {"landmarks": "shape_predictor_5_face_landmarks.dat",
                "descriptor": "dlib_face_recognition_resnet_model_v1.dat"}
 
@@ -50,9 +51,10 @@ class DetectedFace:
 class FaceEmbedder:
     """Detects faces and computes descriptors. Loads dlib models on first use; thread-safe."""
 
-    def __init__(self, upscale_to: int = 400, max_upscale: int = 8):
+    def __init__(self, upscale_to: int = 400, max_upscale: int = 8, max_work_pixels: int = MAX_WORK_PIXELS):
         self.upscale_to = upscale_to
         self.max_upscale = max_upscale
+        self.max_work_pixels = max_work_pixels
         self._models = None
         self._lock = threading.Lock()
 
@@ -72,15 +74,20 @@ class FaceEmbedder:
         short = min(height, width)
         return 1 if short >= self.upscale_to else min(self.max_upscale, math.ceil(self.upscale_to / short))
 
+    def work_scale(self, height: int, width: int) -> float:
+        """The upscale factor, capped so that the working copy holds at most max_work_pixels
+        (below 1: a very large input is downscaled)."""
+        return min(float(self.upscale_factor(height, width)), math.sqrt(self.max_work_pixels / (height * width)))
+
     def detect(self, image: np.ndarray, field_name: str = "image") -> list[DetectedFace]:
         """Every frontal face in an RGB uint8 image [H, W, 3], largest first."""
         image = check_image(image, field_name)
-        factor = self.upscale_factor(*image.shape[:2])
+        factor = self.work_scale(*image.shape[:2])
         work = image
-        if factor > 1:
+        size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+        if size != (image.shape[1], image.shape[0]):
             from PIL import Image
-            work = np.asarray(Image.fromarray(image).resize(
-                (image.shape[1] * factor, image.shape[0] * factor), Image.LANCZOS))
+            work = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
         with self._lock:
             detector, landmarks, descriptor = self._load()
             found = []

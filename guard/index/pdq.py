@@ -12,6 +12,7 @@ from guard.errors import InvalidInput, MissingResource
 PDQ_BITS = 256
 PDQ_BYTES = PDQ_BITS // 8
 PDQ_MIN_SIDE = 64   # PDQ downsamples to 64×64 internally; smaller inputs are upscaled first
+PDQ_MAX_SIDE = 2048  # working-size cap of every resize here: bounded memory whatever the aspect ratio
 
 
 def check_image(image: np.ndarray, field_name: str = "image") -> np.ndarray:
@@ -29,6 +30,16 @@ def check_image(image: np.ndarray, field_name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def working_size(height: int, width: int) -> tuple[int, int]:
+    """(width, height) PDQ hashes at: the short side up to PDQ_MIN_SIDE, no side over PDQ_MAX_SIDE.
+
+    PDQ reduces any input to 64×64 (ignoring the aspect ratio), so clipping a side costs nothing
+    in matching, and an 8×2,097,152 upload no longer grows into a 64×16,777,216 working copy."""
+    short, long_ = min(height, width), max(height, width)
+    scale = PDQ_MIN_SIDE / short if short < PDQ_MIN_SIDE else min(1.0, PDQ_MAX_SIDE / long_)
+    return (min(PDQ_MAX_SIDE, max(1, round(width * scale))), min(PDQ_MAX_SIDE, max(1, round(height * scale))))
+
+
 def pdq_hash(image: np.ndarray) -> tuple[np.ndarray, int]:
     """PDQ code of an RGB uint8 image [H, W, 3] → (packed code [32] uint8, quality 0..100)."""
     try:
@@ -36,10 +47,9 @@ def pdq_hash(image: np.ndarray) -> tuple[np.ndarray, int]:
     except ImportError as exc:  # a declared dependency; say so instead of a bare ImportError
         raise MissingResource("PDQ hashing needs the 'pdqhash' package (pip install pdqhash)") from exc
     image = check_image(image)
-    if min(image.shape[:2]) < PDQ_MIN_SIDE:
+    size = working_size(image.shape[0], image.shape[1])
+    if size != (image.shape[1], image.shape[0]):
         from PIL import Image
-        scale = PDQ_MIN_SIDE / min(image.shape[:2])
-        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
         image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
     bits, quality = pdqhash.compute(image)
     return np.packbits(bits.astype(np.uint8), bitorder="little"), int(quality)
