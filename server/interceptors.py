@@ -64,11 +64,33 @@ def status_for(exc: MemGuardError) -> grpc.StatusCode:
     return next(code for cls, code in STATUS_CODES if isinstance(exc, cls))
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.RpcMethodHandler | None:
-    """The same handler with its unary-unary or unary-stream behavior wrapped."""
+class Malformed:
+    """What a request that does not parse as its message type deserializes to (→ INVALID_ARGUMENT)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """grpc answers INTERNAL when a deserializer raises; ours returns Malformed instead."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return Malformed(exc)
+    return parse
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around,
+                 deserializer=None) -> grpc.RpcMethodHandler | None:
+    """The same handler with its unary-unary or unary-stream behavior wrapped (and its deserializer)."""
     if handler is None:
         return None
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kw = dict(request_deserializer=deserializer or handler.request_deserializer,
+              response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), **kw)
     if handler.unary_stream is not None:
@@ -232,6 +254,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if streaming:
                 async def mapped_stream(request, context):
                     try:
+                        if isinstance(request, Malformed):
+                            raise InvalidInput("request", f"not a valid message ({type(request.error).__name__})")
                         async for item in behavior(request, context):
                             yield item
                     except grpc.aio.AbortError:
@@ -242,6 +266,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def mapped(request, context):
                 try:
+                    if isinstance(request, Malformed):
+                        raise InvalidInput("request", f"not a valid message ({type(request.error).__name__})")
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -249,4 +275,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await fail(context, exc)
             return mapped
 
-        return wrap_handler(handler, around)
+        return wrap_handler(handler, around, _tolerant(handler.request_deserializer) if handler else None)

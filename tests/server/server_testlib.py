@@ -9,14 +9,17 @@ import urllib.request
 import grpc
 
 from server.app import BackgroundServer
-from server.config import BatchingConfig, ServerConfig
+from server.config import ServerConfig
 
 
 def make_config(**overrides) -> ServerConfig:
-    """Loopback, ephemeral ports, short grace; `batching={...}` overrides BatchingConfig fields."""
-    batching = overrides.pop("batching", {})
+    """Loopback, ephemeral ports, short grace; `batching={...}`, `rate_limits={...}`, `uploads={...}`
+    override those sections' fields."""
     base = ServerConfig(port=0, metrics_port=0, grace_s=5.0, default_steps=4)
-    return dataclasses.replace(base, batching=dataclasses.replace(BatchingConfig(), **batching), **overrides)
+    for section in ("batching", "rate_limits", "uploads"):
+        if section in overrides:
+            overrides[section] = dataclasses.replace(getattr(base, section), **overrides[section])
+    return dataclasses.replace(base, **overrides)
 
 
 @contextlib.contextmanager
