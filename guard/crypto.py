@@ -4,7 +4,7 @@ The data key is 32 random bytes, given as base64 or hex text, from (first found)
   1. the `data_key=` argument (bytes or text),
   2. the environment variable MEMGUARD_DATA_KEY,
   3. the file named by MEMGUARD_DATA_KEY_FILE (keep it 0600, outside the index directory).
-`memguard index keygen FILE` writes a new one. Two sub-keys are derived from it with HKDF-SHA256:
+`python -m guard.crypto FILE` writes a new one (0600). Two sub-keys are derived from it with HKDF-SHA256:
 one encrypts (AES-GCM, a fresh 96-bit nonce per value, associated data binding each ciphertext to
 its row), one keys the HMAC that stands in for an identity name where a lookup needs one (the
 mutation log, unprotect by name), so the name cannot be recovered from the registry without the key.
@@ -40,7 +40,7 @@ def _parse(text: str, where: str) -> bytes:
             continue
         if len(raw) == 32:
             return raw
-    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (see `memguard index keygen`)")
+    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (see `python -m guard.crypto FILE`)")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def require_key(key: DataKey | None, what: str) -> DataKey:
     if key is None:
         raise MissingResource(f"{ENV_KEY}: no data key is configured, so cannot {what}: face descriptors and "
                               f"identity names are stored only encrypted (set {ENV_KEY} or {ENV_KEY_FILE}; "
-                              "`memguard index keygen FILE` makes one)")
+                              "`python -m guard.crypto FILE` makes one)")
     return key
 
 
@@ -119,3 +119,11 @@ def write_key_file(path: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(new_key_text() + "\n")
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m guard.crypto KEYFILE   (writes a new data key, 0600; then MEMGUARD_DATA_KEY_FILE=KEYFILE)")
+    print(f"data key written to {write_key_file(Path(sys.argv[1]))}", file=sys.stderr)

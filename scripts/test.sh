@@ -10,6 +10,9 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     >/dev/null 2>&1 || echo "[test] promtool install failed: the promtool tests will be skipped"
 fi
 # --- end server ---
+# --- registry (issue 15): PostgreSQL server binaries for the shared-registry tests ---
+bash "$root/scripts/pg.sh"
+# --- end registry ---
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "$root/.venv/bin/python" -m pytest "$@"

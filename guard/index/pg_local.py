@@ -117,7 +117,7 @@ class LocalPostgres:
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self.pg_ctl("stop", "-m", "fast", "-w")
+            self.pg_ctl("stop", "-m", "immediate", "-w")   # throwaway data: no shutdown checkpoint
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalPostgres":

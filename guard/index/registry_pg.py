@@ -8,10 +8,10 @@ committed in one order, and NOTIFY `memguard_registry` with the new seq inside t
 `max(seq)` every `poll_s` as a heartbeat (and in case a notification was lost across a reconnect).
 `version()` is what the index checks on each call: the watcher's (connection epoch, latest seq),
 read from memory, no round trip. When the watcher has had no answer from the server for
-`stale_after_s`, `version()` raises RegistryUnavailable: the replica fails closed (Screen and
-Protect answer UNAVAILABLE, guarded generation releases nothing, health goes NOT_SERVING) until
-contact is back. With stale_after_s < 1 s, an acknowledged Protect is enforced by every replica
-within 1 s, or that replica refuses to screen.
+`stale_after_s`, `version()` asks the server itself, and raises RegistryUnavailable when that fails
+too: the replica fails closed (Screen and Protect answer UNAVAILABLE, guarded generation releases
+nothing, health goes NOT_SERVING) until contact is back. With stale_after_s < 1 s, an acknowledged
+Protect is enforced by every replica within 1 s, or that replica refuses to screen.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, pid TEXT NOT NULL,
 
 @dataclass(frozen=True)
 class PgSettings:
-    poll_s: float = 0.2            # heartbeat / seq poll of the watcher
-    stale_after_s: float = 0.8     # no answer for this long: fail closed
+    poll_s: float = 0.1            # heartbeat / seq poll of the watcher
+    stale_after_s: float = 0.8     # no answer for this long: ask directly, then fail closed
     connect_timeout_s: int = 2
     statement_timeout_ms: int = 5000
 
@@ -179,10 +179,17 @@ class PgRegistry(SqlRegistry):
             log.error("registry %s: purge after an erasure failed: %s", self.label, exc)
 
     def version(self) -> tuple[int, int]:
-        age = time.monotonic() - self._watcher.last_ok
-        if age > self.settings.stale_after_s:
-            raise RegistryUnavailable(f"registry {self.label}: no contact for {age:.1f} s (fail closed)")
-        return self._watcher.epoch, self._watcher.seq
+        watcher = self._watcher
+        if time.monotonic() - watcher.last_ok > self.settings.stale_after_s:
+            self._check()   # the watcher is behind (reconnecting, or starved of CPU): ask directly
+        return watcher.epoch, watcher.seq
+
+    def _check(self) -> None:
+        """Read max(seq) on the query connection; RegistryUnavailable if the server does not answer."""
+        with self._transaction(write=False) as conn:
+            seq = conn.execute("SELECT coalesce(max(seq), 0) FROM mutations").fetchone()[0]
+        watcher = self._watcher
+        watcher.seq, watcher.last_ok = max(watcher.seq, seq), time.monotonic()
 
     def last_seq(self) -> int:
         return self._watcher.seq
