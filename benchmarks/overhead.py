@@ -115,7 +115,7 @@ def sd15_variants(args) -> dict[str, Callable[[int], None]]:
         sim, _ = track_similarity(x0, cands)
         values = stack_signals(div, ent, bos, sim)
         z = tables.zscores(values, k % len(ts))
-        row = torch.cat([values, z, tables.combined(z)[:, None], torch.full((1, 1), w)], dim=1)
+        row = torch.cat([values, z, tables.combined(z, k % len(ts))[:, None], torch.full((1, 1), w)], dim=1)
         trace[k % len(ts)].index_copy_(0, torch.zeros(1, dtype=torch.long), row)
         sched.step(eps, t, state["x"])
 

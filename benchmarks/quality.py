@@ -1,17 +1,23 @@
-"""Detection quality and enforce-mode outcomes of the guard.
+"""Detection quality and enforce-mode outcomes of the guard, per testbed.
 
-Testbed (default; CPU, ~15 min on 2 cores):
+Testbeds (CPU, ~10-15 min each on 2 cores):
 
-    python -m benchmarks.quality --seeds 4 --out runs/quality
+    python -m benchmarks.quality --testbed vpred --seeds 4 --out runs/quality-vpred
+    python -m benchmarks.quality --testbed eps --seeds 4 --out runs/quality-eps
 
-1. MONITOR pass over the memorized, paraphrased and novel prompt sets × seeds: every signal's
-   z-score per step (the policy's benign standardization) and the combined score. ROC AUC and
-   TPR at 1 % FPR of memorized (and paraphrased) versus novel, for each signal alone at step 1, 2,
-   5 and the last step, and for the combined score as the policy uses it (its maximum over steps
-   1..k). The monitor images are the unguarded outputs: their copy rate is the baseline.
-2. ENFORCE pass over the same generations: decisions. Every released image is judged by an
-   independent pixel-space measure (guard.testbed.copies: SSIM and RMSE against the nearest
-   training image), never by the guard's own signals.
+1. MONITOR pass over the memorized, paraphrased, novel and web-style prompt sets × seeds: every
+   signal's u-score per step (the policy's benign standardization) and the combined score. ROC AUC
+   and TPR at 1 % FPR of memorized (and paraphrased) versus novel, and memorized versus web-style
+   generations that resemble no training image, for each signal alone (two-sided: |u|) and for the
+   combined score as the policy uses it (its maximum over steps 1..k).
+   Calibration is disjoint from what is scored: benign calibration prompts are training captions
+   (seeds 900000+), never a novel or web-style prompt; the likely-memorized calibration prompts are
+   duplicate-cluster captions (seeds 950000+), so every memorized and paraphrased generation here is
+   scored *out of fold*, by the fit that held its cluster out (`Policy.folds`), as a margin over
+   that fit's threshold; negatives are scored by every fold.
+2. ENFORCE pass over the same generations (the shipped policy): decisions. Every released image is
+   judged by an independent pixel-space measure (guard.testbed.copies), never by the guard's own
+   signals; web-style generations are labelled copy / resembles / clean from their unguarded image.
 Writes quality.json, quality.md (the tables) and roc.png.
 
 Real Stable Diffusion on a GPU host (Wen et al.'s 500 memorized prompts vs Ren et al.'s 500
@@ -21,9 +27,9 @@ non-memorized ones; no training images there, so detection only):
         --memorized ../shared/data/sdv1_500_memorized.jsonl --novel ../shared/data/memattn_group_nomem500.txt \\
         --self-calibrate --no-enforce --seeds 1 --steps 50 --size 512 --out runs/quality-sd14
 
-`--self-calibrate` splits the novel list in two disjoint halves: even lines calibrate the
-standardization (as `memguard calibrate` would), odd lines are the negatives. Without `--index`
-the similarity signal is left out of the combined score.
+`--self-calibrate` splits the novel list in two disjoint halves: even lines calibrate the policy
+(benign only: the two-sided distance rule), odd lines are the negatives. Without `--index` the
+similarity signal is left out of the combined score.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,36 +63,37 @@ class Record:
     set: str
     prompt: str
     seed: int
-    z: np.ndarray              # [steps, S] oriented z-scores
+    z: np.ndarray              # [steps, S] u-scores (benign-standardized, unsigned)
     raw: np.ndarray            # [steps, S] raw signal values
-    combined: np.ndarray       # [steps]
+    combined: np.ndarray       # [steps] the policy's score
     result: object             # ImageResult
+    target: str = ""           # the memorized item a prompt is meant to copy ("" for novel and web prompts)
+    timesteps: list = None
     copy: bool | None = None   # independent judge (testbed only)
     nearest: str = ""
     ssim: float = math.nan
     structural: float = math.nan   # colour-blind structural similarity to the closest memorized photo
+    label: str = ""            # web-style: copy | resembles | clean (judge, on the unguarded image)
 
 
-def generate_set(guarded, name: str, prompts: list[str], seeds: list[int], mode, args) -> list[Record]:
-    from guard.pipeline import COLUMNS
+def generate_set(guarded, name: str, members: list[tuple[str, str]], seeds: list[int], mode, args) -> list[Record]:
     from guard.signals import SIGNALS
     from guard.types import GenerationRequest
 
-    pairs = [(p, s) for p in prompts for s in seeds]
+    pairs = [(p, t, s) for p, t in members for s in seeds]
     out = []
     for start in range(0, len(pairs), args.batch):
         chunk = pairs[start:start + args.batch]
         reqs = [GenerationRequest(p, seed=s, steps=args.steps, height=args.size, width=args.size,
-                                  guidance_scale=args.guidance, mode=mode) for p, s in chunk]
-        for (p, s), rs in zip(chunk, guarded.generate(reqs).results):
+                                  guidance_scale=args.guidance, mode=mode) for p, _, s in chunk]
+        for (p, t, s), rs in zip(chunk, guarded.generate(reqs).results):
             r = rs[0]
             rows = r.report.trace
             z = np.array([[row.get(f"z_{k}", math.nan) for k in SIGNALS] for row in rows])
             raw = np.array([[row.get(k, math.nan) for k in SIGNALS] for row in rows])
             comb = np.array([row.get("combined", math.nan) for row in rows])
-            out.append(Record(name, p, s, z, raw, comb, r))
+            out.append(Record(name, p, s, z, raw, comb, r, t, [row["timestep"] for row in rows]))
         log.info("%s %s: %d / %d", mode.value, name, min(start + args.batch, len(pairs)), len(pairs))
-    assert "combined" in COLUMNS
     return out
 
 
@@ -109,10 +117,12 @@ def structural_similarity_to(image: np.ndarray, references: list[np.ndarray]) ->
     return max(float(structural_similarity(g, r, data_range=8.0)) for r in references)
 
 
-def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str]) -> None:
+def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str], memorized: set[str]) -> None:
+    """Judge every released image against the whole training set; label web-style generations."""
     from guard.testbed import copies
+    from guard.testbed.report import RESEMBLES_SSIM
 
-    photos = [_grey_standardized(im) for im, i in zip(train_images, train_ids) if i.startswith("photo-")]
+    photos = [_grey_standardized(im) for im, i in zip(train_images, train_ids) if i in memorized]
     references = copies.References.of(train_images)
     for r in records:
         if r.result.image is None:
@@ -120,6 +130,7 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str])
         j, score = copies.nearest(r.result.image, references)
         r.copy, r.nearest, r.ssim = score.is_copy, train_ids[j], score.ssim
         r.structural = structural_similarity_to(r.result.image, photos)
+        r.label = "copy" if r.copy else "resembles" if r.nearest in memorized and r.ssim >= RESEMBLES_SSIM else "clean"
 
 
 def structural_copy(r: Record) -> bool:
@@ -147,25 +158,61 @@ def step_index(label: str, steps: int) -> int:
 
 
 def scores_at(records: list[Record], signal: str, label: str) -> np.ndarray:
-    """Signal z at step k, or the combined score as the policy sees it: its max over steps 1..k."""
+    """A signal's u-score at step k (unsigned: its direction is the model's, not ours)."""
     from guard.signals import SIGNALS
 
     k = step_index(label, len(records[0].combined))
-    if signal == "combined":
-        return np.array([np.nanmax(r.combined[:k + 1]) for r in records])
     return np.array([r.z[k, SIGNALS.index(signal)] for r in records])
 
 
-def detection_table(monitor: dict[str, list[Record]], positives: str) -> dict:
+def fold_key(policy, target: str) -> int:
+    """Index of the fold that held `target`'s cluster out of the fit; -1: the policy itself."""
+    return next((i for i, f in enumerate(policy.folds) if target and target in f["held_out"]), -1)
+
+
+def margins(policy, records: list[Record], key: int, label: str) -> np.ndarray:
+    """Score over steps 1..k minus the threshold, under fold `key` (or the policy, key −1)."""
+    from guard.policy import Combination
+
+    comb, thr = ((policy.combination, policy.threshold) if key < 0 else
+                 (Combination(**policy.folds[key]["combination"]), policy.folds[key]["threshold"]))
+    k = step_index(label, len(records[0].combined))
+    raw = np.stack([r.raw for r in records])
+    scores = policy.scores(raw, records[0].timesteps, comb)
+    return scores[:, :k + 1].max(axis=1) - thr
+
+
+def combined_scores(policy, pos: list[Record], neg: list[Record], label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold margins: each positive under the fit that held its cluster out; the negatives
+    under each of those fits in turn (pooled), so positives and negatives meet the same rules."""
+    keys = sorted({fold_key(policy, r.target) for r in pos})
+    p_out, n_out = [], []
+    for key in keys:
+        group = [r for r in pos if fold_key(policy, r.target) == key]
+        p_out.append(margins(policy, group, key, label))
+        n_out.append(margins(policy, neg, key, label))
+    return np.concatenate(p_out), np.concatenate(n_out)
+
+
+def detection_table(policy, pos: list[Record], neg: list[Record]) -> dict:
     from guard.signals import SIGNALS
 
     table = {}
+    if not pos or not neg:
+        return table
     for signal in (*SIGNALS, "combined"):
         for label in STEPS_REPORTED:
-            pos, neg = scores_at(monitor[positives], signal, label), scores_at(monitor["novel"], signal, label)
-            if np.isnan(pos).any() or np.isnan(neg).any():
+            if signal == "combined":
+                p, n = combined_scores(policy, pos, neg, label)
+            else:
+                p, n = scores_at(pos, signal, label), scores_at(neg, signal, label)
+            if np.isnan(p).any() or np.isnan(n).any():
                 continue
-            table.setdefault(signal, {})[label] = {"auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg)}
+            auc = roc_auc(p, n)
+            if signal != "combined" and auc < 0.5:   # report each signal in its own direction, and say so
+                p, n = -p, -n
+            table.setdefault(signal, {})[label] = {"auc": roc_auc(p, n), "tpr_at_1pct_fpr": tpr_at_fpr(p, n),
+                                                   "falls": bool(signal != "combined" and auc < 0.5)}
     return table
 
 
@@ -206,7 +253,63 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
                                            if early else None),
             "first_flagged_steps": sorted({r.result.report.first_flagged_step + 1 for r in recs
                                            if r.result.report.first_flagged_step is not None}),
+            # acted on (blocked or rerouted) without a flag in the detection window: decided only at the end,
+            # after the whole trajectory was computed
+            "acted_on": sum(r.result.decision == Decision.BLOCKED or rerouted(r) for r in recs),
+            "decided_only_at_end": sum(r.result.decision == Decision.BLOCKED and r.result.report.first_flagged_step
+                                       is None for r in recs),
         }
+    return out
+
+
+def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[Record]], steps: int) -> dict:
+    """Rerouted images: copies released, CLIP score kept (testbed judge), distinct outputs, extra cost."""
+    from skimage.metrics import structural_similarity
+
+    from guard.types import Decision
+
+    rerouted = {name: [(m, e) for m, e in zip(monitor[name], recs) if e.result.decision == Decision.REROUTED]
+                for name, recs in enforce.items() if name in monitor}
+    out: dict = {}
+    try:
+        from guard.testbed.clip_judge import load_judge
+        judge = load_judge()
+    except Exception as exc:   # noqa: BLE001 - the judge is optional outside the testbed
+        log.warning("no CLIP fidelity judge (%s): fidelity is not scored", exc)
+        judge = None
+    novel_clip = None
+    if judge is not None and monitor.get("novel"):
+        imgs = [r.result.image for r in monitor["novel"] if r.result.image is not None]
+        novel_clip = float(np.mean(judge.clip_score(imgs, [r.prompt for r in monitor["novel"] if r.result.image
+                                                             is not None])))
+        out["novel_unguarded_clip"] = novel_clip
+    for name, pairs in rerouted.items():
+        if not pairs:
+            continue
+        row = {"rerouted": len(pairs), "released_copies": sum(bool(e.copy) for _, e in pairs),
+               "unet_evaluations_per_image_vs_plain": float(np.mean([e.result.report.steps_computed for _, e in pairs]))
+               / steps}
+        if judge is not None:
+            clip_r = judge.clip_score([e.result.image for _, e in pairs], [e.prompt for _, e in pairs])
+            clip_u = judge.clip_score([m.result.image for m, _ in pairs], [m.prompt for m, _ in pairs])
+            row.update(clip_rerouted=float(np.mean(clip_r)), clip_unguarded_same_prompts=float(np.mean(clip_u)),
+                       clip_vs_unguarded=float(np.mean(clip_r) / max(np.mean(clip_u), 1e-9)))
+            if novel_clip:
+                row["clip_vs_novel_unguarded"] = float(np.mean(clip_r) / novel_clip)
+        # distinct: pairwise SSIM between rerouted images of different prompts at the same seed
+        worst, pairs_checked = 0.0, 0
+        by_seed: dict[int, list[Record]] = {}
+        for _, e in pairs:
+            by_seed.setdefault(e.seed, []).append(e)
+        for group in by_seed.values():
+            for i in range(len(group)):
+                for j in range(i + 1, len(group)):
+                    if group[i].prompt != group[j].prompt:
+                        ssim = structural_similarity(group[i].result.image, group[j].result.image, channel_axis=2,
+                                                     data_range=255)
+                        worst, pairs_checked = max(worst, float(ssim)), pairs_checked + 1
+        row.update(max_pairwise_ssim_same_seed=worst, pairs_checked=pairs_checked)
+        out[name] = row
     return out
 
 
@@ -220,7 +323,7 @@ def record_rows(runs: dict[str, dict[str, list[Record]]]) -> list[dict]:
                 rows.append({"mode": mode, "set": name, "prompt": r.prompt, "seed": r.seed,
                              "decision": r.result.decision.value, "reason": r.result.reason.value,
                              "first_flagged_step": rep.first_flagged_step, "steps_computed": rep.steps_computed,
-                             "mitigations": rep.mitigations, "copy": r.copy, "nearest": r.nearest,
+                             "mitigations": rep.mitigations, "copy": r.copy, "label": r.label, "target": r.target, "nearest": r.nearest,
                              "ssim": None if math.isnan(r.ssim) else round(r.ssim, 4),
                              "structural": None if math.isnan(r.structural) else round(r.structural, 4),
                              "screen_copy": rep.audit.get("screen", {}).get("is_copy"),
@@ -239,13 +342,16 @@ def monitor_baseline(monitor: dict[str, list[Record]]) -> dict:
 
 # ---- outputs ------------------------------------------------------------------------------------
 def markdown(doc: dict) -> str:
-    lines = [f"# Guard quality ({doc['model']}; {doc['seeds']} seeds; {doc['steps']} steps)", ""]
+    lines = [f"# Guard quality ({doc['model']}; {doc['seeds']} seeds; {doc['steps']} steps; {doc['machine']})", ""]
     for positives, table in doc["detection"].items():
-        lines += [f"## Detection: {positives} vs novel (ROC AUC / TPR at 1 % FPR)", "",
+        lines += [f"## Detection: {positives.replace('_vs_', ' vs ')} (ROC AUC / TPR at 1 % FPR)", "",
+                  "Combined: out of fold (each memorized prompt scored by the fit that held its cluster out). "
+                  "A signal marked ↓ is lower under memorization on this model.", "",
                   "| signal | " + " | ".join(f"step {s}" for s in STEPS_REPORTED) + " |",
                   "|---|" + "---|" * len(STEPS_REPORTED)]
         for signal, row in table.items():
-            cells = [f"{row[s]['auc']:.3f} / {row[s]['tpr_at_1pct_fpr']:.3f}" if s in row else "–" for s in STEPS_REPORTED]
+            cells = [f"{row[s]['auc']:.3f} / {row[s]['tpr_at_1pct_fpr']:.3f}{' ↓' if row[s]['falls'] else ''}"
+                     if s in row else "–" for s in STEPS_REPORTED]
             lines.append(f"| {signal} | " + " | ".join(cells) + " |")
         lines.append("")
     if doc.get("baseline"):
@@ -262,8 +368,9 @@ def markdown(doc: dict) -> str:
                   "at the final re-verification / at the final screen; cost: steps computed by samples blocked in "
                   "the loop, as a share of all steps.", "",
                   "| set | generations | released | released near copies (photos) | released structural copies | "
-                  "blocked | rerouted | rerouted to a non-copy | flagged | blocked where | blocked-in-loop cost |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "blocked | rerouted | rerouted to a non-copy | flagged | blocked where | blocked-in-loop cost | "
+                  "acted on / decided only at the end |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, e in doc["enforce"].items():
             cost = "–" if e["blocked_cost_share_of_full"] is None else f"{e['blocked_cost_share_of_full']:.3f}"
             lines.append(f"| {name} | {e['generations']} | {e['released']} | {e['released_copies']} "
@@ -271,14 +378,18 @@ def markdown(doc: dict) -> str:
                          f"{e['blocked_share']:.3f} | {e['rerouted_share']:.3f} | {e['rerouted_non_copy_share']:.3f} / "
                          f"{e['rerouted_non_copy_share_structural']:.3f} | {e['flagged_share']:.3f} | "
                          f"{e['blocked_in_loop']} / {e['blocked_at_final_reverification']} / "
-                         f"{e['blocked_at_final_screen']} | {cost} |")
+                         f"{e['blocked_at_final_screen']} | {cost} | {e['acted_on']} / {e['decided_only_at_end']} |")
         lines.append("")
-    lines.append(f"policy: threshold {doc['policy']['threshold']}, detect steps {doc['policy']['detect_steps']}; "
-                 f"{doc['seconds']:.0f} s")
+    if doc.get("reroutes"):
+        lines += ["## Rerouted images", "", "```", json.dumps(doc["reroutes"], indent=1), "```", ""]
+    if doc.get("web_labels"):
+        lines += [f"Web-style generations, unguarded, by the judge: {doc['web_labels']}.", ""]
+    lines.append(f"policy: rule {doc['policy']['rule']}, threshold {doc['policy']['threshold']}, detect steps "
+                 f"{doc['policy']['detect_steps']}; calibration: {doc['calibration']}; {doc['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
-def roc_plot(monitor: dict[str, list[Record]], path: Path) -> None:
+def roc_plot(policy, monitor: dict[str, list[Record]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -288,7 +399,12 @@ def roc_plot(monitor: dict[str, list[Record]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, label in zip(axes, ("1", "2")):
         for signal in (*SIGNALS, "combined"):
-            pos, neg = scores_at(monitor["memorized"], signal, label), scores_at(monitor["novel"], signal, label)
+            if signal == "combined":
+                pos, neg = combined_scores(policy, monitor["memorized"], monitor["novel"], label)
+            else:
+                pos, neg = scores_at(monitor["memorized"], signal, label), scores_at(monitor["novel"], signal, label)
+                if roc_auc(pos, neg) < 0.5:
+                    pos, neg = -pos, -neg
             if np.isnan(pos).any() or np.isnan(neg).any():
                 continue
             thr = np.unique(np.concatenate([pos, neg, [np.inf]]))[::-1]
@@ -347,36 +463,61 @@ def build_guard(args):
 
 
 def self_calibrate(guarded, benign: list[str], seeds: list[int], args) -> None:
-    """Fit the standardization on `benign` (disjoint from the evaluated negatives)."""
-    from guard.calibrate import CalibrationConfig, collect_signals, fit_policy
+    """Fit the policy on `benign` alone (disjoint from the evaluated negatives): the distance rule."""
+    from guard.calibrate import CalibrationConfig, collect_signals
+    from guard.policy_fit import SignalSet, fit_policy
 
     cfg = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch, height=args.size)
     prompts = [p for p in benign for _ in seeds]
     raw, timesteps, distances = collect_signals(guarded, prompts, [s + 500_000 for p in benign for s in seeds], cfg)
-    policy = fit_policy(raw, timesteps, cfg, np.repeat(np.arange(len(benign)), len(seeds)), distances)
-    if guarded.index is None:
-        policy.signals["similarity"].enabled = False
-    guarded.policy = policy
+    enabled = np.array([guarded.index is not None or name != "similarity" for name in SIGNAL_NAMES])
+    guarded.policy = fit_policy(SignalSet(raw, np.repeat(np.arange(len(benign)), len(seeds)), distances), timesteps,
+                                cfg.fit_config(), enabled=enabled)
 
 
-def prompt_sets(args) -> tuple[dict[str, list[str]], list[str]]:
-    from guard.testbed.dataset import PHOTOS, heldout_prompts
+SIGNAL_NAMES = ("divergence", "entropy", "bos", "similarity")
 
-    sets = {"memorized": read_prompts(args.memorized) if args.memorized else [p.caption for p in PHOTOS],
-            "paraphrased": (read_prompts(args.paraphrased) if args.paraphrased else
-                            [] if args.memorized else [q for p in PHOTOS for q in p.paraphrases]),
-            "novel": read_prompts(args.novel) if args.novel else heldout_prompts()}
+
+def prompt_sets(args) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
+    """Sets of (prompt, memorized target item) pairs, and the self-calibration prompts."""
+    from guard.testbed.dataset import prompt_set_members
+    from guard.testbed.registry import get_testbed
+
+    if args.memorized:   # a real model: prompt files, no training images
+        sets = {"memorized": [(p, "") for p in read_prompts(args.memorized)],
+                "paraphrased": [(p, "") for p in read_prompts(args.paraphrased)] if args.paraphrased else [],
+                "novel": [(p, "") for p in read_prompts(args.novel)] if args.novel else []}
+    else:
+        sets = prompt_set_members(get_testbed(args.testbed).data)
+        if args.novel:
+            sets["novel"] = [(p, "") for p in read_prompts(args.novel)]
     calibration = []
     if args.self_calibrate:
-        calibration, sets["novel"] = sets["novel"][0::2], sets["novel"][1::2]
+        calibration, sets["novel"] = [p for p, _ in sets["novel"][0::2]], sets["novel"][1::2]
     if args.limit:
         sets = {k: v[:args.limit] for k, v in sets.items()}
     return {k: v for k, v in sets.items() if v}, calibration
 
 
+def calibration_disjointness(policy, sets: dict[str, list[tuple[str, str]]]) -> dict:
+    """Which benchmarked prompts the policy's calibration used, and how they are kept apart."""
+    data = policy.provenance.get("data", {})
+    positives = set(data.get("positives", {}).get("prompts", []))
+    benchmarked = {name: {p for p, _ in members} for name, members in sets.items()}
+    return {"benign_source": data.get("source"), "benign_seeds": data.get("seeds"),
+            "positive_seeds": data.get("positives", {}).get("seeds"),
+            "positive_prompts_also_benchmarked": {k: len(v & positives) for k, v in benchmarked.items()},
+            "scored_out_of_fold": bool(policy.folds),
+            "folds": [f["held_out"] for f in policy.folds]}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from guard.testbed.registry import DEFAULT_TESTBED, TESTBEDS, get_testbed
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="diffusers pipeline dir (default: the testbed)")
+    p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
+                   help="which shipped testbed (model, index, policy, prompt sets)")
+    p.add_argument("--model", type=Path, help="diffusers pipeline dir (default: the testbed's)")
     p.add_argument("--index", type=Path, help="fingerprint index dir (default: the testbed's)")
     p.add_argument("--policy", type=Path, help="policy file (default: the testbed's)")
     p.add_argument("--memorized", type=Path)
@@ -397,48 +538,73 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import platform
+
     import torch
 
     from guard.types import GuardMode
 
     torch.set_num_threads(args.threads)
+    testbed = None if args.memorized else get_testbed(args.testbed)
+    if testbed is not None and args.model is None:
+        args.model = testbed.model_dir
     t0 = time.time()
     guarded, index = build_guard(args)
     sets, calibration = prompt_sets(args)
     seeds = [args.seed_base + i for i in range(args.seeds)]
     if args.self_calibrate:
         self_calibrate(guarded, calibration, seeds, args)
-    train = None
-    if args.memorized is None:   # the testbed's prompt sets: judge against the testbed's training images
-        from guard.testbed.dataset import build_training_set
-        items = build_training_set()
+    train, memorized_items = None, set()
+    if testbed is not None:   # judge against the testbed's training images
+        from guard.testbed.dataset import build_training_set, memorized_items as duplicated
+        items = build_training_set(testbed.data)
         train = (np.stack([it.image for it in items]), [it.item_id for it in items])
+        memorized_items = {it.item_id for it in duplicated(items)}
     monitor = {k: generate_set(guarded, k, v, seeds, GuardMode.MONITOR, args) for k, v in sets.items()}
     enforce = {} if args.no_enforce else {k: generate_set(guarded, k, v, seeds, GuardMode.ENFORCE, args)
                                           for k, v in sets.items()}
     if train is not None:
         for recs in (*monitor.values(), *enforce.values()):
-            judge(recs, *train)
-    doc = {"model": str(args.model or "testbed"), "seeds": args.seeds, "steps": args.steps,
+            judge(recs, *train, memorized_items)
+        for name, recs in enforce.items():   # a generation's label is that of its unguarded image
+            for e, m in zip(recs, monitor[name]):
+                e.label = m.label
+    policy = guarded.policy
+    detection = {f"{pos}_vs_novel": detection_table(policy, monitor.get(pos, []), monitor.get("novel", []))
+                 for pos in ("memorized", "paraphrased")}
+    web_clean = [r for r in monitor.get("web", []) if r.label == "clean"]
+    if web_clean:
+        detection["memorized_vs_web_clean"] = detection_table(policy, monitor["memorized"], web_clean)
+    if "web" in enforce:
+        enforce["web_clean"] = [r for r in enforce["web"] if r.label == "clean"]
+        enforce["web_resembling"] = [r for r in enforce["web"] if r.label != "clean"]
+    doc = {"model": str(args.model), "testbed": testbed.name if testbed else None,
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.device}, {args.threads} thread(s)",
+           "seeds": args.seeds, "seed_base": args.seed_base, "steps": args.steps,
            "sets": {k: len(v) for k, v in sets.items()},
-           "policy": {"threshold": guarded.policy.threshold, "verify_threshold": guarded.policy.verify_threshold,
-                      "detect_steps": guarded.policy.detect_steps, "combine": guarded.policy.combine},
-           "detection": {pos: detection_table(monitor, pos) for pos in ("memorized", "paraphrased") if pos in monitor},
+           "policy": {"threshold": policy.threshold, "verify_threshold": policy.verify_threshold,
+                      "detect_steps": policy.detect_steps, "rule": policy.combination.rule,
+                      "fit": policy.provenance.get("fit")},
+           "calibration": calibration_disjointness(policy, sets),
+           "detection": {k: v for k, v in detection.items() if v},
            "baseline": monitor_baseline(monitor) if train is not None else {},
+           "web_labels": ({lab: sum(r.label == lab for r in monitor["web"]) for lab in ("copy", "resembles", "clean")}
+                          if "web" in monitor and train is not None else {}),
            "enforce": enforce_outcomes(enforce, args.steps) if enforce else {},
+           "reroutes": reroute_fidelity(monitor, enforce, args.steps) if enforce and train is not None else {},
            "seconds": time.time() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     (args.out / "records.json").write_text(json.dumps(record_rows({"monitor": monitor, "enforce": enforce}),
                                                       default=str) + "\n")
-    np.savez_compressed(args.out / "signals.npz", **{f"{mode}_{name}_{kind}": np.stack([getattr(r, kind) for r in recs])
-                                                     for mode, sets in (("monitor", monitor), ("enforce", enforce))
-                                                     for name, recs in sets.items() for kind in ("raw", "z")
-                                                     if mode == "monitor"})
+    np.savez_compressed(args.out / "signals.npz", **{f"monitor_{name}_{kind}": np.stack([getattr(r, kind) for r in recs])
+                                                     for name, recs in monitor.items() for kind in ("raw", "z")})
     (args.out / "quality.md").write_text(markdown(doc))
-    roc_plot(monitor, args.out / "roc.png")
-    for name in enforce:
-        contact_sheet(monitor[name], enforce[name], args.out / f"sheet_{name}.png")
+    if "memorized" in monitor and "novel" in monitor:
+        roc_plot(policy, monitor, args.out / "roc.png")
+    for name in sets:
+        if name in enforce:
+            contact_sheet(monitor[name], enforce[name], args.out / f"sheet_{name}.png")
     print(markdown(doc))
     return 0
 

@@ -1,22 +1,20 @@
-"""`memguard calibrate`: run benign prompts, fit the policy's standardization and thresholds.
+"""`memguard calibrate`: measure benign and likely-memorized prompts, fit the policy (guard/policy_fit.py).
 
-Benign data must be disjoint from what the policy is evaluated on. For the testbed the default
-calibration set is training-distribution captions (shape/colour/pattern combinations that were
-in training) with seeds from a range no benchmark uses; the memorized captions, their paraphrases
-and the held-out "novel" combinations are excluded by construction. For any other model, pass a
-prompt file (`--prompts`, one benign prompt a line).
+Two kinds of data, both available without labels:
+- benign prompts (negatives): a product's own traffic or caption sets (`--prompts FILE`); for the
+  testbeds, training-distribution captions with seeds from a range no benchmark uses (their
+  memorized captions, paraphrases, novel and web-style prompts are excluded by construction);
+- likely-memorized prompts (positives): the captions of the training set's largest duplicate
+  clusters, found by the index (`memguard index duplicates`): memorization follows duplication
+  (Carlini et al. 2023; Webster 2023). `--positives FILE` adds known memorized prompts.
 
-Procedure (guard/policy.py has the formulas):
+Procedure:
 1. generate every (prompt, seed) in MONITOR mode with an uncalibrated policy, retrieving fresh
-   candidates from the index at every step (so the similarity table is "nearest indexed item",
-   which re-verification uses), and keep the raw signals [N, steps, S];
-2. μ_s(t), σ_s(t): per-step benign mean and std of each signal;
-3. threshold: the (1 − FPR) order statistic of each benign sample's maximum combined score over
-   the detection window; verify_threshold: the same for the similarity z over the re-verification
-   steps; achieved rates are reported in-sample and 2-fold cross-validated (fit on one half of the
-   prompts, count on the other);
-4. write the policy with its provenance: model path and weights hash, index path and manifest
-   hash, the data used, the rates achieved.
+   candidates from the index at every step, and keep the raw signals [N, steps, S];
+2. fit (guard/policy_fit.py): benign standardization; a learned combination validated on held-out
+   clusters (or, without positives, a two-sided distance rule); thresholds for the target FPR;
+3. write the policy with its provenance: model and index hashes, the data used, the rule chosen,
+   held-out TPRs and the benign rates reached (in sample and cross-validated).
 """
 from __future__ import annotations
 
@@ -34,36 +32,48 @@ import numpy as np
 
 from guard.digest import sha256_file
 from guard.errors import InvalidInput, MissingResource
-from guard.policy import Policy, SignalCalibration, combine_z, upper_quantile_threshold
-from guard.signals import DIRECTIONS, SIGNALS
+from guard.policy import Policy
+from guard.policy_fit import FitConfig, SignalSet, fit_policy
+from guard.signals import SIGNALS
+from guard.testbed.registry import TESTBEDS, Testbed, get_testbed
 
 log = logging.getLogger(__name__)
 
-TESTBED_DIR = Path(__file__).resolve().parent / "testbed"
-TESTBED_MODEL_DIR = TESTBED_DIR / "model"
-TESTBED_INDEX_DIR = TESTBED_DIR / "index"
-TESTBED_POLICY = TESTBED_DIR / "policy.json"
+TESTBED_MODEL_DIR = get_testbed().model_dir   # the default testbed (v-prediction)
+TESTBED_INDEX_DIR = get_testbed().index_dir
+TESTBED_POLICY = get_testbed().policy_path
 POLICY_FILE_NAME = "memguard_policy.json"
 CALIBRATION_SEED_BASE = 900_000        # no benchmark or test uses seeds in this range
+POSITIVE_SEED_BASE = 950_000
 
 
 # ---- default resources ---------------------------------------------------------------------------
+def testbed_of(model_dir: str | os.PathLike | None) -> Testbed | None:
+    """The shipped testbed whose model this is (None: the default testbed), or None for other models."""
+    if model_dir is None:
+        return get_testbed()
+    resolved = Path(model_dir).resolve()
+    return next((tb for tb in TESTBEDS.values() if tb.model_dir.resolve() == resolved), None)
+
+
 def is_testbed(model_dir: str | os.PathLike | None) -> bool:
-    return model_dir is None or Path(model_dir).resolve() == TESTBED_MODEL_DIR.resolve()
+    return testbed_of(model_dir) is not None
 
 
 def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
-    """The model directory in use: the given one, else the testbed's."""
+    """The model directory in use: the given one, else the default testbed's."""
     return Path(model_dir) if model_dir else TESTBED_MODEL_DIR
 
 
 def default_index_dir(model_dir: str | os.PathLike | None) -> Path | None:
-    """The testbed's index for the testbed model; None (must be given) for any other model."""
-    return TESTBED_INDEX_DIR if is_testbed(model_dir) else None
+    """A testbed's own index for a testbed model; None (must be given) for any other model."""
+    tb = testbed_of(model_dir)
+    return tb.index_dir if tb else None
 
 
 def default_policy_path(model_dir: str | os.PathLike | None) -> Path:
-    return TESTBED_POLICY if is_testbed(model_dir) else Path(model_dir) / POLICY_FILE_NAME
+    tb = testbed_of(model_dir)
+    return tb.policy_path if tb else Path(model_dir) / POLICY_FILE_NAME
 
 
 def model_hash(model_dir: Path) -> str:
@@ -77,39 +87,53 @@ def model_hash(model_dir: Path) -> str:
 
 
 # ---- the testbed's index -------------------------------------------------------------------------
-def build_testbed_index(out: Path = TESTBED_INDEX_DIR, model_dir: Path = TESTBED_MODEL_DIR, *,
-                        progress: bool = True) -> dict:
-    """Index the testbed's training set with its own VAE, then calibrate the screen's thresholds."""
+def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = None, progress: bool = True) -> dict:
+    """Index a testbed's training set (every duplicate as its own record, as the model saw them;
+    identical images fold into one item) with its own VAE, then calibrate the screen's thresholds."""
     from guard.index.api import FingerprintIndex
     from guard.index.calibrate import CalibrationConfig, calibrate
+    from guard.index.duplicates import DedupedSource
     from guard.index.sources import ImageFolderSource
     from guard.testbed.dataset import build_training_set, heldout_images, write_image_folder
 
+    tb = testbed or get_testbed()
+    out, model_dir = Path(out or tb.index_dir), tb.model_dir
     if not (Path(model_dir) / "model_index.json").is_file():
         raise MissingResource(f"no testbed model at {model_dir}: build it with `memguard testbed build`")
     with tempfile.TemporaryDirectory(prefix="memguard-testbed-images-") as tmp:
-        train = write_image_folder(build_training_set(), Path(tmp) / "train")
-        held = write_image_folder(heldout_images(), Path(tmp) / "heldout")
-        build = FingerprintIndex.build(out, ImageFolderSource(train), model_dir=Path(model_dir), progress=progress,
-                                       restart=True)
+        train = DedupedSource(ImageFolderSource(write_image_folder(build_training_set(tb.data), Path(tmp) / "train",
+                                                                   copies=True)))
+        held = write_image_folder(heldout_images(tb.data), Path(tmp) / "heldout")
+        build = FingerprintIndex.build(out, train, model_dir=Path(model_dir), progress=progress, restart=True)
         with FingerprintIndex.open(out, model_dir=Path(model_dir)) as index:
-            report = calibrate(index, ImageFolderSource(train), heldout=ImageFolderSource(held),
-                               cfg=CalibrationConfig(), progress=progress)
+            report = calibrate(index, train, heldout=ImageFolderSource(held), cfg=CalibrationConfig(),
+                               progress=progress)
     return {"build": asdict(build) if hasattr(build, "__dataclass_fields__") else str(build),
             "thresholds": report.get("thresholds")}
 
 
 # ---- benign prompts ------------------------------------------------------------------------------
-def benign_testbed_prompts(count: int, seed: int = 0) -> list[str]:
-    """Training-distribution captions, never a memorized caption, a paraphrase or a novel prompt."""
-    from guard.testbed.dataset import PHOTOS, TestbedDataConfig, all_combos, caption_for, heldout_prompts, is_heldout
+def benign_testbed_prompts(count: int, seed: int = 0, testbed: Testbed | None = None) -> list[str]:
+    """Training-distribution captions, never a memorized caption, a paraphrase, a novel or web-style prompt."""
+    from guard.testbed.dataset import all_combos, caption_for, is_heldout, prompt_set_members
 
-    cfg = TestbedDataConfig()
-    excluded = set(heldout_prompts(cfg, count=10_000)) | {p.caption for p in PHOTOS} | \
-        {q for p in PHOTOS for q in p.paraphrases}
+    cfg = (testbed or get_testbed()).data
+    excluded = {p for members in prompt_set_members(cfg).values() for p, _ in members}
     pool = sorted({caption_for(*c) for c in all_combos() if not is_heldout(c, cfg)} - excluded)
     rng = np.random.default_rng(seed)
     return [pool[int(i)] for i in rng.choice(len(pool), size=min(count, len(pool)), replace=False)]
+
+
+def positive_prompts(index, cfg: "CalibrationConfig") -> list[tuple[str, str]]:
+    """(caption, cluster key) of the training set's largest duplicate clusters: likely memorized.
+    The cluster key is its first item id, so a benchmark can tell which fit held it out."""
+    from guard.index.duplicates import find_clusters
+
+    out = []
+    for cluster in find_clusters(index, min_size=cfg.positive_min_size)[:cfg.positive_clusters]:
+        for caption in cluster.captions[:cfg.captions_per_cluster]:
+            out.append((caption, cluster.items[0]))
+    return out
 
 
 def read_prompt_file(path: Path) -> list[str]:
@@ -129,18 +153,25 @@ class CalibrationConfig:
     steps: int = 30
     guidance_scale: float = 7.5
     target_fpr: float = 0.01
-    final_fpr: float = 0.0             # rerouted images closer (PDQ) than this share of benign ones are blocked
+    final_fpr: float = 0.0             # released images closer (PDQ) than this share of benign ones are blocked
     detect_steps: int = 2              # decisions at steps 0 .. detect_steps-1 ("by step 2")
-    verify_fraction: float = 0.2       # re-verification steps: detect_steps .. this share of steps
-    basin_exit_z: float = 1.0
-    combine: str = "mean"
+    verify_fraction: float = 0.6       # re-verification steps: detect_steps .. this share of steps (GuardConfig's)
+    rule: str = "auto"                 # auto | linear | distance (guard/policy_fit.py)
+    positive_min_size: int = 10        # duplicate clusters of at least this many training records...
+    positive_clusters: int = 64        # ...the largest this many of them...
+    captions_per_cluster: int = 2      # ...up to this many distinct captions each...
+    positive_seeds: int = 4            # ...each generated with this many seeds
     batch_size: int = 16
     height: int = 64
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(target_fpr=self.target_fpr, final_fpr=self.final_fpr, detect_steps=self.detect_steps,
+                         verify_fraction=self.verify_fraction, rule=self.rule)
 
 
 def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: CalibrationConfig,
                     *, progress: bool = True) -> tuple[np.ndarray, list[float], np.ndarray]:
-    """Raw signals [N, steps, S] of benign generations (MONITOR mode, nothing is changed), their
+    """Raw signals [N, steps, S] of generations (MONITOR mode, nothing is changed), their
     timesteps, and each image's PDQ distance to the closest indexed item [N] (NaN without an index)."""
     from guard.pipeline import nearest_pdq_distance
     from guard.types import GenerationRequest, GuardMode
@@ -162,86 +193,11 @@ def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: Calibrat
     return np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64)
 
 
-def _zscores(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    direction = np.array([DIRECTIONS[s] for s in SIGNALS], np.float64)
-    return direction * (raw - mean) / std
-
-
-def standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step benign mean and std [steps, S]; std floored so a constant signal cannot divide by 0."""
-    mean = raw.mean(axis=0)
-    std = raw.std(axis=0, ddof=1) if len(raw) > 1 else np.ones_like(mean)
-    return mean, np.maximum(std, 1e-6 + 1e-3 * np.abs(mean))
-
-
-def window_scores(raw: np.ndarray, mean, std, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: max combined z over the detection window, max similarity z over the verify steps."""
-    import torch
-
-    z = _zscores(raw, mean, std)
-    combined = combine_z(torch.from_numpy(z), torch.ones(len(SIGNALS), dtype=torch.bool), cfg.combine).numpy()
-    detect = combined[:, :cfg.detect_steps].max(axis=1)
-    sim = SIGNALS.index("similarity")
-    last = max(cfg.detect_steps + 1, math.ceil(cfg.verify_fraction * raw.shape[1]))
-    return detect, z[:, cfg.detect_steps:last, sim].max(axis=1)
-
-
-def lower_quantile_threshold(benign: np.ndarray, fpr: float) -> float | None:
-    """The largest τ with at most ⌊fpr·n⌋ benign values strictly below it (None: no finite values)."""
-    values = np.sort(np.asarray(benign, np.float64)[np.isfinite(benign)])
-    if values.size == 0:
-        return None
-    return float(values[int(math.floor(fpr * values.size))])
-
-
-def fit_policy(raw: np.ndarray, timesteps: list[float], cfg: CalibrationConfig, groups: np.ndarray,
-               pdq_distances: np.ndarray | None = None) -> Policy:
-    """Policy from benign raw signals [N, steps, S] and the benign images' PDQ distances to the
-    index [N]; `groups` [N] (prompt ids) for the cross-check."""
-    mean, std = standardization(raw)
-    detect, verify = window_scores(raw, mean, std, cfg)
-    distances = np.full(len(raw), np.nan) if pdq_distances is None else np.asarray(pdq_distances, np.float64)
-    policy = Policy(
-        {s: SignalCalibration(DIRECTIONS[s], list(map(float, timesteps)), mean[:, j].tolist(), std[:, j].tolist())
-         for j, s in enumerate(SIGNALS)},
-        threshold=upper_quantile_threshold(detect, cfg.target_fpr), detect_steps=cfg.detect_steps,
-        verify_threshold=upper_quantile_threshold(verify, cfg.target_fpr), basin_exit_z=cfg.basin_exit_z,
-        final_pdq_distance=lower_quantile_threshold(distances, cfg.final_fpr),
-        combine=cfg.combine, target_fpr=cfg.target_fpr, calibrated=True)
-    rates = {"flag_rate_in_sample": float(np.mean(detect > policy.threshold)),
-             "verify_fail_rate_in_sample": float(np.mean(verify > policy.verify_threshold)),
-             **cross_validated_rates(raw, cfg, groups, distances)}
-    if policy.final_pdq_distance is not None:
-        rates["final_reverify_fail_rate_in_sample"] = float(np.mean(distances < policy.final_pdq_distance))
-    policy.provenance["rates"] = rates
-    return policy.validate()
-
-
-def cross_validated_rates(raw: np.ndarray, cfg: CalibrationConfig, groups: np.ndarray,
-                          distances: np.ndarray) -> dict:
-    """Fit on half of the prompts, count benign flags on the other half, and the reverse."""
-    half = (groups % 2).astype(bool)
-    if half.all() or not half.any():
-        return {}
-    rates = []
-    for fit in (half, ~half):
-        mean, std = standardization(raw[fit])
-        inside, outside = window_scores(raw[fit], mean, std, cfg), window_scores(raw[~fit], mean, std, cfg)
-        row = [np.mean(o > upper_quantile_threshold(i, cfg.target_fpr)) for i, o in zip(inside, outside)]
-        tau = lower_quantile_threshold(distances[fit], cfg.final_fpr)
-        row.append(np.nan if tau is None else np.mean(distances[~fit] < tau))
-        rates.append(row)
-    flag, verify, final = np.mean(rates, axis=0)
-    out = {"flag_rate_cross_validated": float(flag), "verify_fail_rate_cross_validated": float(verify)}
-    if np.isfinite(final):
-        out["final_reverify_fail_rate_cross_validated"] = float(final)
-    return out
-
-
 def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out: Path | None = None, *,
               cfg: CalibrationConfig = CalibrationConfig(), prompt_file: Path | None = None,
-              device: str = "cpu", progress: bool = True, signals_out: Path | None = None) -> Policy:
-    """Measure benign prompts on `model_dir` with `index_dir`; write and return the policy."""
+              positives_file: Path | None = None, device: str = "cpu", progress: bool = True,
+              signals_out: Path | None = None) -> Policy:
+    """Measure benign and likely-memorized prompts on `model_dir` with `index_dir`; write and return the policy."""
     from guard.index.api import FingerprintIndex
     from guard.loading import load_pipeline
     from guard.pipeline import GuardConfig, GuardedPipeline
@@ -250,31 +206,63 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
     index_dir = Path(index_dir) if index_dir else default_index_dir(model_dir)
     if index_dir is None:
         raise InvalidInput("index", "give the index built from this model's training set (--index DIR)")
-    if prompt_file is None and not is_testbed(model_dir):
+    testbed = testbed_of(model_dir)
+    if prompt_file is None and testbed is None:
         raise InvalidInput("prompts", "give a file of benign prompts (--prompts FILE) for a model other than the testbed")
-    base = read_prompt_file(prompt_file) if prompt_file else benign_testbed_prompts(cfg.prompts)
+    base = read_prompt_file(prompt_file) if prompt_file else benign_testbed_prompts(cfg.prompts, testbed=testbed)
     prompts = [p for p in base[:cfg.prompts] for _ in range(cfg.seeds_per_prompt)]
     groups = np.array([i for i in range(len(base[:cfg.prompts])) for _ in range(cfg.seeds_per_prompt)])
     seeds = [CALIBRATION_SEED_BASE + i for i in range(len(prompts))]
     t0 = time.time()
     with FingerprintIndex.open(index_dir, model_dir=model_dir, device=device) as index:
+        found = positive_prompts(index, cfg)
+        if positives_file:
+            found += [(p, f"file:{i}") for i, p in enumerate(read_prompt_file(positives_file))]
+        pos_prompts = [p for p, _ in found for _ in range(cfg.positive_seeds)]
+        pos_groups = np.array([key for _, key in found for _ in range(cfg.positive_seeds)])
+        pos_seeds = [POSITIVE_SEED_BASE + i for i in range(len(pos_prompts))]
         guarded = GuardedPipeline(load_pipeline(model_dir, device=device), index=index, policy=Policy.uncalibrated(),
                                   config=GuardConfig(retrieve_steps=tuple(range(cfg.steps))))
         raw, timesteps, distances = collect_signals(guarded, prompts, seeds, cfg, progress=progress)
-    if signals_out:   # the measured benign signals, for audits and re-fitting without re-generating
+        pos_raw = collect_signals(guarded, pos_prompts, pos_seeds, cfg, progress=progress)[0] if found else None
+    if signals_out:   # the measured signals, for audits and re-fitting without re-generating
         np.savez_compressed(signals_out, raw=raw, timesteps=np.asarray(timesteps), groups=groups,
-                            prompts=np.asarray(prompts), seeds=np.asarray(seeds), pdq_distances=distances)
-    policy = fit_policy(raw, timesteps, cfg, groups, distances)
+                            prompts=np.asarray(prompts), seeds=np.asarray(seeds), pdq_distances=distances,
+                            positive_raw=pos_raw if pos_raw is not None else np.zeros((0,) + raw.shape[1:]),
+                            positive_groups=pos_groups, positive_prompts=np.asarray(pos_prompts))
+    positives = SignalSet(pos_raw, pos_groups) if found else None
+    policy = fit_policy(SignalSet(raw, groups, distances), timesteps, cfg.fit_config(), positives=positives)
     policy.provenance.update(
         model={"path": str(model_dir.resolve()), "sha256": model_hash(model_dir)},
         index={"path": str(index_dir.resolve()), "manifest_sha256": sha256_file(index_dir / "manifest.json")},
-        data={"source": str(prompt_file) if prompt_file else "testbed training-distribution captions",
+        data={"source": str(prompt_file) if prompt_file else f"testbed {testbed.name}: training-distribution captions",
               "prompts": len(base[:cfg.prompts]), "generations": len(prompts), "seeds": [seeds[0], seeds[-1]],
-              "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
+              "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+              "positives": {"source": "duplicate clusters of the index" + (f" + {positives_file}" if positives_file
+                                                                            else ""),
+                            "clusters": sorted({k for _, k in found}), "prompts": sorted({p for p, _ in found}),
+                            "generations": len(pos_prompts),
+                            "seeds": [pos_seeds[0], pos_seeds[-1]] if pos_seeds else []}},
         config=asdict(cfg), seconds=round(time.time() - t0, 1),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if not found:
+        log.warning("no duplicate clusters of ≥ %d records in %s: the policy uses the two-sided distance rule, "
+                    "unvalidated on memorized prompts", cfg.positive_min_size, index_dir)
     policy.save(out or default_policy_path(model_dir))
     return policy
+
+
+def calibration_warnings(policy: Policy | None, index=None) -> list[str]:
+    """What is left uncalibrated: said loudly by `memguard serve`, `memguard generate` and health."""
+    out = []
+    if policy is None or not policy.calibrated:
+        out.append("UNCALIBRATED POLICY: per-step signals flag nothing; run `memguard calibrate --model DIR --index IDX "
+                   "--prompts benign.txt`")
+    if index is not None and not index.thresholds.calibrated:
+        out.append(f"UNCALIBRATED INDEX {index.path}: screen thresholds are defaults; run `memguard index calibrate`")
+    for w in out:
+        log.warning(w)
+    return out
 
 
 def check_provenance(policy: Policy, model_dir: Path | None, index_dir: Path | None) -> list[str]:
@@ -296,5 +284,5 @@ def with_overrides(cfg: CalibrationConfig, **kw) -> CalibrationConfig:
 def policy_summary(policy: Policy) -> dict:
     return json.loads(json.dumps({"threshold": policy.threshold, "verify_threshold": policy.verify_threshold,
                                   "final_pdq_distance": policy.final_pdq_distance,
-                                  "detect_steps": policy.detect_steps, "combine": policy.combine,
+                                  "detect_steps": policy.detect_steps, "rule": policy.combination.rule,
                                   "target_fpr": policy.target_fpr, **policy.provenance}, default=str))

@@ -7,18 +7,16 @@ Engines are chosen by name (`load_engine("module:attr", config)`); DEFAULT_ENGIN
 one (guard/guarded_engine.py). `IndexedEngine` holds what every engine shares (index gateway,
 stats drain).
 
-`PipelineEngine`, the unguarded baseline the load benchmark compares against, runs a diffusers
-StableDiffusionPipeline's components through its own small denoising loop (prompt encoding, CFG,
-scheduler steps, per-sample cancellation, decoding). It does not guard: it applies mode OFF to
-every request (all images ALLOWED, Reason.NONE) and says so with `guarded = False`. It measures
-the noise-divergence signal (free with CFG) for progress events.
+`PipelineEngine`, the unguarded baseline the load benchmark compares against, is the guarded
+pipeline in mode OFF: the one denoising loop (guard/pipeline.py) with every request's mode set to
+OFF (diffusers' own arithmetic, nothing scored or screened, all images ALLOWED, Reason.NONE). It
+says so with `guarded = False`.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence, runtime_checkabl
 import numpy as np
 
 from guard.errors import InvalidInput, MissingResource, ScreeningUnavailable
-from guard.types import Decision, GenerationRequest, GuardReport, ImageResult, Reason, StepEvent
+from guard.types import GenerationRequest, GuardMode, ImageResult, Reason, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +243,6 @@ def to_index_stats(result: Any) -> IndexStats:
 
 
 # ----------------------------------------------------------------------------- the baseline engine
-@dataclass
-class _Row:
-    """One sample of the batch: which request, which of its images, and its seed."""
-    request: int
-    image: int
-    seed: int
-    steps_done: int = 0
-    cancelled: bool = False
-
-
 def load_pipeline(config: EngineConfig):
     """The engine's pipeline: a local directory through guard.loading (never downloads), or the tiny random one."""
     import torch
@@ -321,21 +309,23 @@ class IndexedEngine:
 
 
 class PipelineEngine(IndexedEngine):
-    """Unguarded generation over a StableDiffusionPipeline's components (mode OFF for all)."""
+    """Unguarded generation: the guarded pipeline with every request in mode OFF."""
 
     name = "pipeline"
     guarded = False
 
     def __init__(self, pipe, index: IndexGateway | None = None):
+        from guard.pipeline import GuardedPipeline
+
         super().__init__(index)
         self.pipe = pipe
+        self.pipeline = GuardedPipeline(pipe, index=None)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "PipelineEngine":
         index = IndexGateway.open(config.index, model_dir=config.model, device=config.device)  # fail fast
         return cls(load_pipeline(config), index)
 
-    # -- interface ------------------------------------------------------------------------
     def warmup(self) -> None:
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.generate([GenerationRequest(prompt="warmup", height=size, width=size, steps=2, seed=0)])
@@ -344,147 +334,28 @@ class PipelineEngine(IndexedEngine):
 
     def generate(self, requests: Sequence[GenerationRequest], *, on_step: OnStep | None = None,
                  is_cancelled: IsCancelled | None = None) -> list[list[ImageResult]]:
-        import torch
-
-        # 0. One size and step count per batch (the batcher groups requests by batch_key)
         if len({self.batch_key(r) for r in requests}) != 1:
             raise ValueError("generate() needs a non-empty batch of requests with one batch_key")
-        first = requests[0]
-        stats = BatchStats(requests=len(requests), images=sum(r.num_images for r in requests), steps=first.steps)
-        with torch.inference_mode():
-            # 1. One row per image, each with its own seed
-            rows = self._expand(requests)
-            # 2. Prompt and negative-prompt embeddings for classifier-free guidance
-            cond, uncond = self._encode_prompts(requests, rows)
-            # 3. Initial noise, one generator per sample so a result does not depend on its batch
-            latents = self._prepare_latents(rows, first.height, first.width, cond.dtype)
-            guidance = torch.tensor([requests[r.request].guidance_scale for r in rows],
-                                    device=latents.device, dtype=latents.dtype)
-            # 4. Denoising loop; cancelled samples leave the batch between steps
-            alive, latents = self._denoise(requests, rows, latents, cond, uncond, guidance,
-                                           on_step, is_cancelled, stats)
-            # 5. Decode the survivors
-            t0 = time.perf_counter()
-            images = self._decode(latents) if alive else []
-            stats.decode_seconds = time.perf_counter() - t0
-        # 6. Per-request results
-        results = self._results(requests, rows, dict(zip(alive, images)))
+        off = [dataclasses.replace(r, mode=GuardMode.OFF) for r in requests]
+        batch = self.pipeline.generate(off, on_step=on_step, is_cancelled=is_cancelled)
         with self._stats_lock:
-            self._pending.batches.append(stats)
-        return results
-
-    # -- the steps ------------------------------------------------------------------------
-    @staticmethod
-    def _expand(requests: Sequence[GenerationRequest]) -> list[_Row]:
-        rows = []
-        for i, req in enumerate(requests):
-            base = req.seed if req.seed is not None else secrets.randbits(63)
-            rows += [_Row(i, k, (base + k) % 2**63) for k in range(req.num_images)]
-        return rows
-
-    def _encode_prompts(self, requests, rows):
-        prompts = [requests[r.request].prompt for r in rows]
-        negatives = [requests[r.request].negative_prompt for r in rows]
-        device = self.pipe.unet.device
-        cond, uncond = self.pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
-        return cond, uncond
-
-    def _prepare_latents(self, rows, height: int, width: int, dtype):
-        import torch
-
-        unet, scale = self.pipe.unet, self.pipe.vae_scale_factor
-        shape = (1, unet.config.in_channels, height // scale, width // scale)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(r.seed), dtype=torch.float32)
-                 for r in rows]
-        return torch.cat(noise).to(device=unet.device, dtype=dtype)
-
-    def _denoise(self, requests, rows, latents, cond, uncond, guidance, on_step, is_cancelled, stats):
-        """Run the scheduler; return (indices of rows still alive, their final latents)."""
-        import torch
-
-        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)  # per-batch state
-        scheduler.set_timesteps(stats.steps, device=latents.device)
-        latents = latents * scheduler.init_noise_sigma
-        alive = list(range(len(rows)))
-        divergence = stats.signals.setdefault("noise_divergence", [])
-        for step, t in enumerate(scheduler.timesteps):
-            alive, keep = self._drop_cancelled(rows, alive, is_cancelled)
-            if keep is not None:
-                latents, cond, uncond, guidance = latents[keep], cond[keep], uncond[keep], guidance[keep]
-                _slice_scheduler_history(scheduler, keep)
-            if not alive:
-                break
-            t0 = time.perf_counter()
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps = self.pipe.unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            eps_u, eps_c = eps.chunk(2)
-            g0 = time.perf_counter()
-            values = (eps_c - eps_u).flatten(1).norm(dim=1).float().tolist()  # Wen et al.: free with CFG
-            stats.guard_seconds.append(time.perf_counter() - g0)
-            eps = eps_u + guidance.view(-1, 1, 1, 1) * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            for pos, row_index in enumerate(alive):
-                row = rows[row_index]
-                row.steps_done += 1
-                if on_step is not None:
-                    on_step(row.request, StepEvent(requests[row.request].request_id, row.image, step, stats.steps,
-                                                   {"noise_divergence": values[pos]}))
-            divergence += values
-            stats.sample_steps += len(alive)
-            stats.step_seconds.append(time.perf_counter() - t0)
-        saved = sum(stats.steps - r.steps_done for r in rows if r.cancelled)
-        if saved:
-            stats.steps_saved["cancelled"] = saved
-        return alive, latents
-
-    @staticmethod
-    def _drop_cancelled(rows, alive, is_cancelled):
-        """Mark rows of cancelled requests; return (rows still alive, index tensor or None)."""
-        import torch
-
-        if is_cancelled is None or not alive:
-            return alive, None
-        flags = {r: bool(is_cancelled(r)) for r in {rows[i].request for i in alive}}
-        if not any(flags.values()):
-            return alive, None
-        keep = [pos for pos, i in enumerate(alive) if not flags[rows[i].request]]
-        for i in alive:
-            rows[i].cancelled = flags[rows[i].request]
-        return [alive[pos] for pos in keep], torch.tensor(keep, dtype=torch.long)
-
-    def _decode(self, latents) -> list[np.ndarray]:
-        vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        image = vae.decode(latents / vae.config.scaling_factor + shift).sample
-        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to("cpu").byte()
-        return list(image.permute(0, 2, 3, 1).numpy())
-
-    @staticmethod
-    def _results(requests, rows, images: dict[int, np.ndarray]) -> list[list[ImageResult]]:
-        out: list[list[ImageResult]] = [[] for _ in requests]
-        for i, row in enumerate(rows):
-            report = GuardReport(steps_computed=row.steps_done)
-            if i in images:
-                result = ImageResult(row.image, row.seed, Decision.ALLOWED, Reason.NONE, images[i], report)
-            else:
-                result = ImageResult(row.image, row.seed, Decision.BLOCKED, Reason.CANCELLED, None, report)
-            out[row.request].append(result)
-        return out
+            self._pending.batches.append(to_batch_stats(batch.stats, [r for rs in batch.results for r in rs]))
+        return batch.results
 
 
-_HISTORY_LISTS = ("model_outputs", "ets")          # multistep schedulers keep past outputs per sample
-_HISTORY_TENSORS = ("cur_sample", "sample", "last_sample")
+def to_batch_stats(stats, results: list[ImageResult]) -> BatchStats:
+    """A pipeline's PipelineStats in the server's BatchStats shape (signals: values over samples × steps)."""
+    from guard.signals import SIGNALS
 
-
-def _slice_scheduler_history(scheduler, keep) -> None:
-    """Keep only `keep` rows in a scheduler's per-sample history (no-op for DDIM, Euler)."""
-    import torch
-
-    for name in _HISTORY_LISTS:
-        history = getattr(scheduler, name, None)
-        if isinstance(history, list):
-            setattr(scheduler, name, [h[keep] if isinstance(h, torch.Tensor) else h for h in history])
-    for name in _HISTORY_TENSORS:
-        value = getattr(scheduler, name, None)
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            setattr(scheduler, name, value[keep])
+    signals: dict[str, list[float]] = {}
+    for r in results:
+        for row in r.report.trace:
+            for name in (*SIGNALS, "combined"):
+                if name in row:
+                    signals.setdefault(name, []).append(row[name])
+    return BatchStats(requests=stats.requests, images=stats.samples, steps=stats.steps,
+                      sample_steps=stats.sample_steps, step_seconds=list(stats.step_seconds),
+                      guard_seconds=list(stats.guard_seconds), signals=signals,
+                      first_flagged_steps=[r.report.first_flagged_step for r in results
+                                           if r.report.first_flagged_step is not None],
+                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds)

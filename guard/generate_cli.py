@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from guard.errors import InvalidInput
@@ -42,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", type=Path, help="diffusers pipeline directory (default: the testbed)")
     c.add_argument("--index", type=Path, help="fingerprint index of the model's training set (default: testbed's)")
     c.add_argument("--prompts", type=Path, help="benign prompts, one a line (default: testbed training captions)")
+    c.add_argument("--testbed", help="a shipped testbed by name (vpred, eps): its model, index and policy path")
+    c.add_argument("--positives", type=Path, help="known memorized prompts, one a line (added to the duplicate "
+                                                  "clusters' captions the index finds)")
+    c.add_argument("--rule", choices=("auto", "linear", "distance"), help="combination rule (default auto: "
+                                                                          "held-out clusters decide)")
     c.add_argument("--count", type=int, help="benign prompts to use (default 192)")
     c.add_argument("--seeds-per-prompt", type=int)
     c.add_argument("--steps", type=int)
@@ -56,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open_guard(args):
-    from guard.calibrate import check_provenance, default_index_dir, default_policy_path, resolve_model_dir
+    from guard.calibrate import (calibration_warnings, check_provenance, default_index_dir, default_policy_path,
+                                 resolve_model_dir)
     from guard.index.api import FingerprintIndex
     from guard.loading import load_pipeline
     from guard.pipeline import GuardedPipeline
@@ -67,7 +74,7 @@ def _open_guard(args):
         raise InvalidInput("index", "give the fingerprint index of this model's training set (--index DIR)")
     policy = Policy.load(args.policy or default_policy_path(args.model))
     index = FingerprintIndex.open(index_dir, model_dir=resolve_model_dir(args.model), device=args.device)
-    warnings = check_provenance(policy, resolve_model_dir(args.model), index_dir)
+    warnings = calibration_warnings(policy, index) + check_provenance(policy, resolve_model_dir(args.model), index_dir)
     return GuardedPipeline(load_pipeline(args.model, device=args.device), index=index, policy=policy), warnings
 
 
@@ -111,7 +118,7 @@ def _generate(args) -> int:
         print(json.dumps(doc, indent=2, default=str))
     else:
         for w in warnings:
-            print(f"warning: {w}")
+            print(f"WARNING: {w}", file=sys.stderr)
         for e in rows:
             flagged = "" if e["first_flagged_step"] is None else f" flagged at step {e['first_flagged_step'] + 1}"
             print(f"{e['decision']:<16} {e['reason']:<16} seed {e['seed']:<6} steps {e['steps_computed']:<3}"
@@ -123,22 +130,33 @@ def _calibrate(args) -> int:
     from guard.calibrate import (CalibrationConfig, build_testbed_index, calibrate, is_testbed, policy_summary,
                                  with_overrides)
 
+    from guard.calibrate import testbed_of
+    from guard.testbed.registry import get_testbed
+
     cfg = with_overrides(CalibrationConfig(), prompts=args.count, seeds_per_prompt=args.seeds_per_prompt,
-                         steps=args.steps, target_fpr=args.fpr, detect_steps=args.detect_steps)
+                         steps=args.steps, target_fpr=args.fpr, detect_steps=args.detect_steps, rule=args.rule)
     if not 0 < cfg.target_fpr < 1:
         raise InvalidInput("fpr", f"{cfg.target_fpr} is not in (0, 1)")
+    if args.testbed:
+        if args.model:
+            raise InvalidInput("testbed", "give --testbed or --model, not both")
+        args.model = get_testbed(args.testbed).model_dir
     if args.build_index:
         if not is_testbed(args.model):
-            raise InvalidInput("build_index", "only the testbed's index is built here; use `memguard index build`")
-        build_testbed_index(progress=not args.json)
-    policy = calibrate(args.model, args.index, args.out, cfg=cfg, prompt_file=args.prompts, device=args.device,
-                       progress=not args.json, signals_out=args.save_signals)
+            raise InvalidInput("build_index", "only a testbed's index is built here; use `memguard index build`")
+        build_testbed_index(testbed_of(args.model), progress=not args.json)
+    policy = calibrate(args.model, args.index, args.out, cfg=cfg, prompt_file=args.prompts,
+                       positives_file=args.positives, device=args.device, progress=not args.json,
+                       signals_out=args.save_signals)
     summary = policy_summary(policy)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         rates = summary.get("rates", {})
-        print(f"policy written: threshold {policy.threshold:.3f} (combined z over steps 1..{policy.detect_steps}), "
+        fit = summary.get("fit", {})
+        print(f"policy written: rule {policy.combination.rule} (fitted on {fit.get('positives', 0)} likely-memorized "
+              f"generations from {fit.get('clusters', 0)} duplicate clusters; held-out TPR {fit.get('heldout_tpr')}), "
+              f"threshold {policy.threshold:.3f} over steps 1..{policy.detect_steps}, "
               f"verify {policy.verify_threshold:.3f}; target FPR {policy.target_fpr}")
         for k, v in rates.items():
             print(f"  {k}: {v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"  {k}: {v}")

@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from guard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
-from guard.engine import (BatchStats, EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep,
-                          load_pipeline)
-from guard.pipeline import GuardConfig, GuardedPipeline, PipelineStats
+from guard.engine import EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep, load_pipeline, to_batch_stats
+from guard.pipeline import GuardConfig, GuardedPipeline
 from guard.policy import Policy
-from guard.signals import SIGNALS
 from guard.types import GenerationRequest, GuardMode, ImageResult
 
 log = logging.getLogger(__name__)
@@ -30,8 +28,14 @@ class GuardedEngine(IndexedEngine):
     guarded = True
 
     def __init__(self, pipe, index: IndexGateway, policy: Policy, config: GuardConfig = GuardConfig()):
+        from guard.calibrate import calibration_warnings
+
         super().__init__(index)
         self.pipeline = GuardedPipeline(pipe, index=index.index, policy=policy, config=config)
+        # what is left uncalibrated: the server logs it, puts it in the health detail and exports a gauge
+        self.calibration_warnings = calibration_warnings(policy, index.index)
+        self.uncalibrated = {"policy": not policy.calibrated,
+                             "index": index.index is not None and not index.index.thresholds.calibrated}
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "GuardedEngine":
@@ -67,19 +71,3 @@ class GuardedEngine(IndexedEngine):
             self._pending.screen_seconds += batch.stats.screen_seconds
             self._pending.screen_failures += batch.stats.screen_failures
         return batch.results
-
-
-def to_batch_stats(stats: PipelineStats, results: list[ImageResult]) -> BatchStats:
-    """The pipeline's stats in the server's BatchStats shape (signals: values over samples × steps)."""
-    signals: dict[str, list[float]] = {}
-    for r in results:
-        for row in r.report.trace:
-            for name in (*SIGNALS, "combined"):
-                if name in row:
-                    signals.setdefault(name, []).append(row[name])
-    return BatchStats(requests=stats.requests, images=stats.samples, steps=stats.steps,
-                      sample_steps=stats.sample_steps, step_seconds=list(stats.step_seconds),
-                      guard_seconds=list(stats.guard_seconds), signals=signals,
-                      first_flagged_steps=[r.report.first_flagged_step for r in results
-                                           if r.report.first_flagged_step is not None],
-                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds)

@@ -1,15 +1,18 @@
 """Reroute mitigations: steer one sample of a batch away from a memorized image, no UNet gradients.
 
-The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verification. By default
-rung 1 applies the first four together (on the testbed each alone leaves some rerouted samples
-near a memorized photo; together none did: see the quality benchmark), rung 2 is the last resort:
+The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verification. A reroute
+must keep the caller's prompt: guidance always comes back, and a sample that would leave the
+ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end).
+By default rung 1 applies attention + basin + push together, rung 2 adds embedding noise and a
+fresh start; a sample still heading to an indexed item after that is blocked:
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);
 * ``basin``: hold guidance off (or opposite) while the sample is inside the attraction basin
-  (Jain et al., CVPR 2025). With `basin_exit`, normal guidance resumes once the noise divergence is
-  back at benign levels, as Jain et al. do; on the testbed that guidance pulls rerouted samples back
-  onto the photo (its prompts have no other meaning), so the default keeps guidance off throughout.
+  (Jain et al., CVPR 2025), and restore normal guidance once it has left: when the policy's
+  memorization score falls to the benign median (`Policy.basin_exit_score`), or at the latest
+  after `basin_max_fraction` of the steps (the transition point). Guidance after the transition
+  gives back the prompt's content; the push and the attention change keep it off the copy.
   A sample flagged while x_t is still almost pure noise is also *rewound* to its initial noise:
   the one or two guided steps it took already imprint the memorized image faintly, and an
   unguarded model amplifies that imprint (the basin);
@@ -41,12 +44,13 @@ RUNG_NAMES = ("attention", "basin", "push", "embed_noise", "reseed")
 
 @dataclass(frozen=True)
 class MitigationConfig:
-    rungs: tuple[tuple[str, ...], ...] = (("attention", "basin", "push", "embed_noise"), ("reseed",))
+    rungs: tuple[tuple[str, ...], ...] = (("attention", "basin", "push"), ("embed_noise", "reseed"))
     bos_scale: float = 1.25            # Ren et al.'s factor on the BOS logit
     mask_eos: bool = True              # also mask the end-of-text token (padding is always masked)
     basin_guidance: float = 0.0        # guidance scale inside the basin: 0 none, < 0 opposite
-    basin_max_fraction: float = 1.0    # the basin phase ends at the latest after this share of steps
-    basin_exit: bool = False           # leave the basin when the divergence is benign again (Jain et al.)
+    basin_max_fraction: float = 0.4    # the basin phase ends at the latest after this share of steps
+    basin_exit: bool = True            # leave the basin when the memorization score is benign again (Jain et al.)
+    min_guided_fraction: float = 0.5   # a rerouted image needs guidance on at least this share of steps
     rewind: bool = True                # entering the basin early, restart from the sample's own noise
     push_strength: float = 1.5         # gain on a close candidate's excess cosine, removed from x̂0 per step
     push_floor_z: float = 1.0          # push from candidates whose cosine z (benign-standardized) exceeds this

@@ -41,7 +41,6 @@ from guard.errors import InvalidInput, ScreeningUnavailable
 from guard.mitigation import (MitigationConfig, active_mitigations, attention_rows, fresh_noise, noisy_embedding,
                               obfuscate_faces, prompt_lengths, push_away)
 from guard.policy import Policy, PolicyTables, final_verdict
-from guard.engine import _slice_scheduler_history
 from guard.signals import SIGNALS, Candidates, attention_signals, retrieve, stack_signals, track_similarity
 from guard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
                          RequestLimits, StepEvent)
@@ -66,7 +65,7 @@ class GuardConfig:
     retrieve_steps: tuple[int, ...] = (0, 1)  # steps whose x̂0 queries the index (the detection window)
     on_flag: str = "reroute"                # "reroute" (the ladder) or "block" at once
     verify_every: int = 2                   # a rerouted sample gets fresh candidates every this many steps
-    verify_fraction: float = 0.2            # ...and is re-verified (climb or block) while step < this share
+    verify_fraction: float = 0.6            # ...and is re-verified (climb or block) while step < this share
     refresh_fraction: float = 1.0           # ...and keeps getting fresh candidates until this share
     mitigation: MitigationConfig = MitigationConfig()
     limits: RequestLimits = RequestLimits()
@@ -339,7 +338,8 @@ class GuardedPipeline:
         similarity, live.best_idx = track_similarity(x0_hat, live.candidates)
         values = stack_signals(divergence, entropy, bos, similarity)
         z = tables.zscores(values, step)
-        row = torch.cat([values, z, tables.combined(z)[:, None], w[:, None]], dim=1)
+        score = tables.combined(z, step)
+        row = torch.cat([values, z, score[:, None], w[:, None]], dim=1)
         run.trace[step].index_copy_(0, live.row_index, row)
         if rerouted:
             if step < self.config.mitigation.push_until_fraction * len(run.timesteps):
@@ -348,7 +348,7 @@ class GuardedPipeline:
                                   self.config.mitigation)
                 live.latents = live.latents + shift * run.latent_scale[step]   # x_t moves, ε stays
             if self.config.mitigation.basin_exit:   # left the basin: normal guidance again
-                live.in_basin &= z[:, DIV] > self.policy.basin_exit_z
+                live.in_basin &= score > self.policy.basin_exit_score
             if step + 1 >= self._basin_limit(len(run.timesteps)):
                 live.in_basin.zero_()
         s0 = time.perf_counter()
@@ -445,7 +445,7 @@ class GuardedPipeline:
         if found is None:
             return []
         ids, scores = found
-        direction = self.policy.signals["similarity"].direction
+        direction = self.policy.verify_direction
         still = []
         for j, p in enumerate(positions):
             s = run.samples[live.rows[p]]
@@ -548,6 +548,8 @@ class GuardedPipeline:
         verdict = final_verdict(s.mode, acted, screen.is_copy, len(faces), s.face_action)
         if verdict.release and s.mode == GuardMode.ENFORCE and not self._reverified(image, report, run):
             return ImageResult(s.image, s.seed, Decision.BLOCKED, Reason.MEMORIZATION, None, report)
+        if verdict.decision == Decision.REROUTED and not self._kept_prompt(run, s, rows, report):
+            return ImageResult(s.image, s.seed, Decision.BLOCKED, Reason.MEMORIZATION, None, report)
         if not verdict.release:
             report.mitigations.append("final screen: " + ("copy" if screen.is_copy else "protected face"))
             return ImageResult(s.image, s.seed, verdict.decision, verdict.reason, None, report)
@@ -572,6 +574,18 @@ class GuardedPipeline:
         report.audit["final_pdq_distance"] = distance
         if distance < self.policy.final_pdq_distance:
             report.mitigations.append("final re-verification: still close to an indexed item")
+            return False
+        return True
+
+    def _kept_prompt(self, run: "_Run", s: _Sample, rows: np.ndarray, report: GuardReport) -> bool:
+        """REROUTED promises an image for the caller's prompt: guidance must have been on for at least
+        min_guided_fraction of the steps (an unguided trajectory is an unconditional sample)."""
+        wanted = run.requests[s.request].guidance_scale
+        applied = rows[:s.steps_done, GUIDANCE]
+        share = float(np.mean(np.abs(applied - wanted) <= 1e-3 * max(1.0, abs(wanted)))) if len(applied) else 0.0
+        report.audit["guided_share"] = round(share, 3)
+        if share < self.config.mitigation.min_guided_fraction:
+            report.mitigations.append(f"reroute could not keep the prompt (guidance on {share:.0%} of steps): blocked")
             return False
         return True
 
@@ -686,3 +700,21 @@ class _Progress:
                 signals["combined"] = float(host[pos, COMBINED])
             self.on_step(s.request, StepEvent(s.request_id, s.image, step, self.total, signals,
                                               s.actions.get(step, "continue")))
+
+
+_HISTORY_LISTS = ("model_outputs", "ets")          # multistep schedulers keep past outputs per sample
+_HISTORY_TENSORS = ("cur_sample", "sample", "last_sample")
+
+
+def _slice_scheduler_history(scheduler, keep) -> None:
+    """Keep only `keep` rows in a scheduler's per-sample history (no-op for DDIM, Euler)."""
+    import torch
+
+    for name in _HISTORY_LISTS:
+        history = getattr(scheduler, name, None)
+        if isinstance(history, list):
+            setattr(scheduler, name, [h[keep] if isinstance(h, torch.Tensor) else h for h in history])
+    for name in _HISTORY_TENSORS:
+        value = getattr(scheduler, name, None)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            setattr(scheduler, name, value[keep])

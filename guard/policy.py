@@ -1,32 +1,36 @@
-"""The calibrated decision: per-signal standardization against benign prompts, one combined score.
+"""The calibrated decision: per-signal standardization against benign prompts, one learned score.
 
 Every signal's benign distribution drifts with the timestep (the noise divergence shrinks as t
 falls, x̂0 sharpens), so each is standardized per timestep against benign generations:
 
-    z_s(t) = direction_s · (x_s(t) − μ_s(t)) / σ_s(t)          (μ, σ: benign mean and std at t)
-    combined(t) = mean over enabled signals of z_s(t)           ("mean", the default)
+    u_s(t) = (x_s(t) − μ_s(t)) / σ_s(t)                   (μ, σ: benign mean and std at t)
 
-"mean" is Stouffer's combination of z-scores (Σ z / √S, up to the constant √S): consistent
-moderate evidence from several signals adds up, and a weak or uninformative signal dilutes the
-score instead of adding its own false positives. "max" (any one signal may flag) is the
-alternative; on the testbed it flags fewer memorized samples at the same benign FPR (the
-quality benchmark's notes give both).
+No signal has a fixed direction: which way a signal moves under memorization depends on the model
+(memorized prompts pull attention off the BOS token on one model and onto it on another; the noise
+divergence is loud at step 1 of an ε-model and nearly silent at step 1 of a zero-terminal-SNR
+v-model). `memguard calibrate` learns the combination for each model (guard/calibrate.py):
 
-A sample is *flagged* when combined(t) > `threshold` at any step t < `detect_steps`; `threshold`
-is the (1 − target FPR) order statistic of the benign per-sample maximum over that window, so
-the window as a whole, not each step, meets the false-positive target. After a reroute the
-sample is *re-verified*: its similarity z-score (is x̂0 still heading to an indexed item? a fresh
-index search) must stay at or below `verify_threshold` at the verification steps (chosen the same
-way from benign samples). Every released image (rerouted or not) must lie at least
-`final_pdq_distance` bits (PDQ perceptual hash, colour-blind) from every indexed and protected
-item: by default the smallest distance any benign calibration image had. The index's own copy
-thresholds are calibrated on augmented copies; this one is calibrated on what the model makes
-from benign prompts, and catches the tinted, degraded copies a memorizing model produces.
+* ``linear``: score(t) = w(t) · u(t), w a shrunk Fisher discriminant between benign generations and
+  likely-memorized ones (captions of the training set's largest duplicate clusters), scaled so the
+  score has unit benign variance. Signs and weights come from the data.
+* ``distance``: score(t) = √(u(t)ᵀ Σ(t)⁻¹ u(t)), the Mahalanobis distance from the benign
+  distribution (Σ: benign covariance of u). Needs no positives and catches a signal that moves
+  either way; the fallback when no duplicate clusters exist.
 
-`memguard calibrate` (guard/calibrate.py) measures μ, σ and the thresholds and writes the policy
-file, which also records the model, the index, the data used and the rates achieved.
-Tables are interpolated linearly in the timestep, so a policy calibrated at 30 steps serves other
-step counts of the same scheduler.
+One weight vector (or whitening matrix) per step of the detection window; later steps use the last.
+A sample is *flagged* when score(t) > `threshold` at any step t < `detect_steps`; `threshold` is the
+(1 − target FPR) order statistic of the benign per-sample maximum over that window, so the window as
+a whole, not each step, meets the false-positive target. After a reroute the sample is
+*re-verified*: its similarity u-score, oriented by `verify_direction` (learned from positives where
+there are any; +1 otherwise, since similarity is a cosine to the nearest indexed item by
+definition), must stay at or below `verify_threshold` (benign order statistic). Every released
+image must lie at least `final_pdq_distance` bits (PDQ, colour-blind) from every indexed and
+protected item: the smallest distance any benign calibration image had.
+
+The policy file records what it was fitted on, the rule chosen and the rates reached, with the
+fits of held-out folds (clusters left out) so that benchmarks can score memorized prompts with a
+fit that never saw them. Tables are interpolated linearly in the timestep, so a policy calibrated at
+30 steps serves other step counts of the same scheduler.
 """
 from __future__ import annotations
 
@@ -41,18 +45,18 @@ import numpy as np
 import torch
 
 from guard.errors import CorruptData, InvalidInput, MissingResource
-from guard.signals import DIRECTIONS, SIGNALS
+from guard.signals import SIGNALS
 from guard.types import Decision, FaceAction, GuardMode, Reason
 
-POLICY_FORMAT = 1
-COMBINE_RULES = ("max", "mean")
+POLICY_FORMAT = 2
+COMBINE_RULES = ("linear", "distance")
 INF_FIELDS = ("threshold", "verify_threshold")   # +inf (never) is null in JSON
+S = len(SIGNALS)
 
 
 @dataclass
 class SignalCalibration:
     """Benign mean and std of one signal on a grid of timesteps (any order; interpolated)."""
-    direction: int                   # +1: larger is more suspicious; −1: smaller is
     timesteps: list[float]
     mean: list[float]
     std: list[float]
@@ -60,42 +64,83 @@ class SignalCalibration:
 
 
 @dataclass
+class Combination:
+    """How u-scores [S] combine into one score, per detection step (later steps use the last row).
+
+    linear: weights [W][S]; distance: whiten [W][S][S] (score = ‖u @ whiten‖)."""
+    rule: str = "distance"
+    weights: list[list[float]] = field(default_factory=list)
+    whiten: list[list[list[float]]] = field(default_factory=list)
+
+    def validate(self, where: str = "policy.combination") -> "Combination":
+        if self.rule not in COMBINE_RULES:
+            raise InvalidInput(f"{where}.rule", f"{self.rule!r} is not one of {COMBINE_RULES}")
+        rows = self.weights if self.rule == "linear" else self.whiten
+        if not rows:
+            raise InvalidInput(where, f"the {self.rule} rule needs at least one row")
+        for row in rows:
+            shape = np.asarray(row, np.float64).shape
+            if shape != ((S,) if self.rule == "linear" else (S, S)) or not np.all(np.isfinite(row)):
+                raise InvalidInput(where, f"a row of shape {shape} (finite, {S} signals expected)")
+        return self
+
+    def matrices(self, steps: int) -> np.ndarray:
+        """[steps, S, 1] (linear) or [steps, S, S] (distance) for step indices 0..steps-1."""
+        rows = np.asarray(self.weights, np.float64)[..., None] if self.rule == "linear" else \
+            np.asarray(self.whiten, np.float64)
+        return rows[np.minimum(np.arange(steps), len(rows) - 1)]
+
+    def score(self, u: np.ndarray) -> np.ndarray:
+        """u-scores [..., steps, S] → scores [..., steps] (numpy; the device path is PolicyTables)."""
+        m = self.matrices(u.shape[-2])
+        out = np.einsum("...ts,tsk->...tk", u, m)
+        return out[..., 0] if self.rule == "linear" else np.sqrt((out ** 2).sum(axis=-1))
+
+
+@dataclass
 class Policy:
     signals: dict[str, SignalCalibration]
-    threshold: float = math.inf           # combined z over the detection window: flag above it
+    combination: Combination = field(default_factory=lambda: Combination("distance", whiten=[np.eye(S).tolist()]))
+    threshold: float = math.inf           # score over the detection window: flag above it
     detect_steps: int = 2                 # decisions use steps 0 .. detect_steps-1
-    verify_threshold: float = math.inf    # similarity z after a reroute: still heading to a copy above it
-    final_pdq_distance: float | None = None   # a rerouted image this close (PDQ bits) to an item is blocked
-    basin_exit_z: float = 1.0             # divergence z at or below which a rerouted sample left the basin
-    combine: str = "mean"
+    verify_threshold: float = math.inf    # oriented similarity u after a reroute: still heading to a copy
+    verify_direction: int = 1
+    final_pdq_distance: float | None = None   # a released image this close (PDQ bits) to an item is blocked
+    basin_exit_score: float = 0.0         # score at or below which a rerouted sample has left the basin
     target_fpr: float = 0.01
     calibrated: bool = False
+    folds: list[dict] = field(default_factory=list)  # held-out fits: {"held_out": [...], "combination", "threshold"}
     provenance: dict = field(default_factory=dict)   # model, index, data, achieved rates
 
     # ---- construction and files -----------------------------------------------------------------
     @classmethod
     def uncalibrated(cls) -> "Policy":
         """Flags nothing from per-step signals (thresholds +inf); the final screen still applies."""
-        sigs = {s: SignalCalibration(DIRECTIONS[s], [0.0, 1000.0], [0.0, 0.0], [1.0, 1.0]) for s in SIGNALS}
-        return cls(sigs)
+        return cls({s: SignalCalibration([0.0, 1000.0], [0.0, 0.0], [1.0, 1.0]) for s in SIGNALS})
 
     def validate(self) -> "Policy":
         missing = [s for s in SIGNALS if s not in self.signals]
         if missing:
             raise InvalidInput("policy.signals", f"missing {missing}")
-        if self.combine not in COMBINE_RULES:
-            raise InvalidInput("policy.combine", f"{self.combine!r} is not one of {COMBINE_RULES}")
+        self.combination.validate()
         if self.detect_steps < 1:
             raise InvalidInput("policy.detect_steps", f"{self.detect_steps} < 1")
+        if self.verify_direction not in (-1, 1):
+            raise InvalidInput("policy.verify_direction", f"{self.verify_direction} is not ±1")
         for name, cal in self.signals.items():
             n = len(cal.timesteps)
             if n == 0 or len(cal.mean) != n or len(cal.std) != n:
                 raise InvalidInput(f"policy.signals.{name}", "timesteps, mean and std need one equal, non-zero length")
             if min(cal.std) <= 0:
                 raise InvalidInput(f"policy.signals.{name}.std", "must be positive")
-            if cal.direction not in (-1, 1):
-                raise InvalidInput(f"policy.signals.{name}.direction", f"{cal.direction} is not ±1")
         return self
+
+    def fold_for(self, item_id: str) -> tuple[Combination, float]:
+        """The combination and threshold of the fit that held `item_id`'s cluster out (else the policy's)."""
+        for fold in self.folds:
+            if item_id in fold["held_out"]:
+                return Combination(**fold["combination"]), float(fold["threshold"])
+        return self.combination, self.threshold
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -107,13 +152,14 @@ class Policy:
     @classmethod
     def from_json(cls, data: dict) -> "Policy":
         if data.get("format") != POLICY_FORMAT:
-            raise InvalidInput("policy.format", f"{data.get('format')!r} is not {POLICY_FORMAT}")
+            raise InvalidInput("policy.format", f"{data.get('format')!r} is not {POLICY_FORMAT}: "
+                                                "re-run `memguard calibrate`")
         sigs = {k: SignalCalibration(**v) for k, v in data["signals"].items()}
-        kw = {k: data[k] for k in ("detect_steps", "basin_exit_z", "combine", "target_fpr", "calibrated",
-                                   "final_pdq_distance", "provenance") if k in data}
+        kw = {k: data[k] for k in ("detect_steps", "basin_exit_score", "target_fpr", "calibrated", "folds",
+                                   "verify_direction", "final_pdq_distance", "provenance") if k in data}
         for key in INF_FIELDS:
             kw[key] = math.inf if data.get(key) is None else float(data[key])
-        return cls(sigs, **kw).validate()
+        return cls(sigs, Combination(**data["combination"]), **kw).validate()
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file + fsync + rename)."""
@@ -143,48 +189,57 @@ class Policy:
             raise CorruptData(f"{path}: not a MemGuard policy ({type(exc).__name__}: {exc})") from exc
 
     # ---- the math -------------------------------------------------------------------------------
-    def tables(self, timesteps, device: torch.device | str = "cpu") -> "PolicyTables":
-        """Benign mean/std interpolated at a generation's timesteps, as device tensors [steps, S]."""
+    def standardization(self, timesteps) -> tuple[np.ndarray, np.ndarray]:
+        """Benign mean and std [steps, S] interpolated at a generation's timesteps."""
         ts = np.asarray([float(t) for t in timesteps], dtype=np.float64)
-        mean, std = np.zeros((len(ts), len(SIGNALS))), np.ones((len(ts), len(SIGNALS)))
+        mean, std = np.zeros((len(ts), S)), np.ones((len(ts), S))
         for j, name in enumerate(SIGNALS):
             cal = self.signals[name]
             order = np.argsort(cal.timesteps)
             grid = np.asarray(cal.timesteps, np.float64)[order]
             mean[:, j] = np.interp(ts, grid, np.asarray(cal.mean, np.float64)[order])
             std[:, j] = np.interp(ts, grid, np.asarray(cal.std, np.float64)[order])
-        direction = [float(self.signals[s].direction) for s in SIGNALS]
-        enabled = [self.signals[s].enabled for s in SIGNALS]
+        return mean, std
+
+    def enabled_mask(self) -> np.ndarray:
+        return np.array([self.signals[s].enabled for s in SIGNALS])
+
+    def uscores(self, raw: np.ndarray, timesteps) -> np.ndarray:
+        """Raw signals [..., steps, S] → u-scores (disabled signals are 0)."""
+        mean, std = self.standardization(timesteps)
+        return np.where(self.enabled_mask(), (raw - mean) / std, 0.0)
+
+    def scores(self, raw: np.ndarray, timesteps, combination: Combination | None = None) -> np.ndarray:
+        """Raw signals [..., steps, S] → per-step scores [..., steps] (numpy, for calibration and benchmarks)."""
+        return (combination or self.combination).score(self.uscores(raw, timesteps))
+
+    def tables(self, timesteps, device: torch.device | str = "cpu") -> "PolicyTables":
+        """Standardization and combination at a generation's timesteps, as device tensors."""
+        mean, std = self.standardization(timesteps)
         f32 = dict(device=device, dtype=torch.float32)
-        return PolicyTables(torch.tensor(mean, **f32), torch.tensor(std, **f32), torch.tensor(direction, **f32),
-                            torch.tensor(enabled, device=device, dtype=torch.bool), self.combine)
+        return PolicyTables(torch.tensor(mean, **f32), torch.tensor(std, **f32),
+                            torch.tensor(self.enabled_mask(), device=device, dtype=torch.bool),
+                            torch.tensor(self.combination.matrices(len(mean)), **f32), self.combination.rule)
 
 
 @dataclass
 class PolicyTables:
-    """One generation's standardization tables on the device."""
+    """One generation's standardization and combination on the device."""
     mean: torch.Tensor        # [steps, S]
     std: torch.Tensor         # [steps, S]
-    direction: torch.Tensor   # [S]
     enabled: torch.Tensor     # [S] bool
-    combine: str = "mean"
+    matrix: torch.Tensor      # [steps, S, 1] (linear) or [steps, S, S] (distance)
+    rule: str = "distance"
 
     def zscores(self, values: torch.Tensor, step: int) -> torch.Tensor:
-        """[B, S] raw signals at `step` → [B, S] oriented z-scores (larger = more suspicious)."""
-        return self.direction * (values - self.mean[step]) / self.std[step]
+        """[B, S] raw signals at `step` → [B, S] u-scores (disabled signals 0)."""
+        u = (values - self.mean[step]) / self.std[step]
+        return torch.where(self.enabled, u, torch.zeros_like(u))
 
-    def combined(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, S] z-scores → [B] combined score over the enabled signals."""
-        return combine_z(z, self.enabled, self.combine)
-
-
-def combine_z(z: torch.Tensor, enabled: torch.Tensor, rule: str) -> torch.Tensor:
-    """Combine oriented z-scores [..., S] over the enabled signals → [...]."""
-    if rule == "max":
-        return z.masked_fill(~enabled, -math.inf).amax(dim=-1)
-    if rule == "mean":
-        return (z * enabled).sum(dim=-1) / enabled.sum().clamp_min(1)
-    raise InvalidInput("policy.combine", f"{rule!r} is not one of {COMBINE_RULES}")
+    def combined(self, z: torch.Tensor, step: int) -> torch.Tensor:
+        """[B, S] u-scores → [B] score at `step`."""
+        out = z @ self.matrix[step]
+        return out[:, 0] if self.rule == "linear" else out.norm(dim=1)
 
 
 def upper_quantile_threshold(benign_scores: np.ndarray, fpr: float) -> float:

@@ -11,7 +11,7 @@ Per sample and step (all float32, [B]):
   protected item. Candidates come from the index once, at an early step (`retrieve`); after that
   `kernels.fingerprint_match` tracks them on the device, without decoding or embedding.
 
-`DIRECTIONS` says which way is suspicious (literature's finding; the policy file may override).
+No direction is fixed here: `memguard calibrate` learns how the signals combine for each model.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import torch
 import kernels
 
 SIGNALS: tuple[str, ...] = ("divergence", "entropy", "bos", "similarity")
-DIRECTIONS: dict[str, int] = {"divergence": +1, "entropy": +1, "bos": -1, "similarity": +1}
 
 
 def attention_signals(mean_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

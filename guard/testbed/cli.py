@@ -17,42 +17,58 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="testbed_command", required=True, metavar="ACTION")
 
     p = tb.add_parser("build", help="generate the data, train the model, write the report (~40 min on 2 cores)")
-    p.add_argument("--out", type=Path, default=TESTBED_DIR, help="output directory (default: the shipped testbed)")
+    _testbed_arg(p)
+    p.add_argument("--out", type=Path, help="output directory (default: the shipped testbed's)")
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not a model")
     p.add_argument("--seeds", type=int, help="seeds per prompt in the report (default: report.REPORT_SEEDS)")
     p.add_argument("--no-report", action="store_true")
-    p.add_argument("--epsilon", action="store_true",
-                   help="SD 1.x's recipe: ε-prediction on its own schedule (memorizes far less; see train.py)")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")
-    p.add_argument("--dir", type=Path, default=TESTBED_DIR)
+    _testbed_arg(p)
+    p.add_argument("--dir", type=Path, help="testbed directory (default: the named testbed's)")
     p.add_argument("--seeds", type=int, help="seeds per prompt (default: report.REPORT_SEEDS)")
     p.set_defaults(func=_report)
 
     p = tb.add_parser("verify", help="check every file against MANIFEST.json")
-    p.add_argument("--dir", type=Path, default=TESTBED_DIR)
+    _testbed_arg(p)
+    p.add_argument("--dir", type=Path, help="testbed directory (default: the named testbed's)")
     p.set_defaults(func=_verify)
 
     p = tb.add_parser("export", help="write the training set as an image folder with captions.jsonl")
+    _testbed_arg(p)
     p.add_argument("out", type=Path)
+    p.add_argument("--unique", action="store_true", help="one file per distinct image (default: every duplicate, "
+                                                         "as the model was trained)")
     p.set_defaults(func=_export)
+
+
+def _testbed_arg(p) -> None:
+    from guard.testbed.registry import DEFAULT_TESTBED, TESTBEDS
+    p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
+                   help=f"which shipped testbed (default {DEFAULT_TESTBED}: v-prediction; eps: ε-prediction)")
+
+
+def _dir(args) -> Path:
+    from guard.testbed.registry import get_testbed
+    return getattr(args, "dir", None) or getattr(args, "out", None) or get_testbed(args.testbed).dir
 
 
 def _build(args) -> int:
     from guard.testbed.build import BuildConfig, build
-    from guard.testbed.train import TrainConfig
+    from guard.testbed.registry import get_testbed
 
-    cfg = BuildConfig(report_seeds=args.seeds) if args.seeds else BuildConfig()
+    tb = get_testbed(args.testbed)
+    cfg = BuildConfig(data=tb.data, train=tb.train)
+    if args.seeds:
+        cfg = dataclasses.replace(cfg, report_seeds=args.seeds)
     if args.quick:
-        cfg = dataclasses.replace(cfg, train=TrainConfig(vae_steps=4, unet_steps=4, warmup=1, vae_batch=8,
-                                                         unet_batch=8))
-    if args.epsilon:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, prediction_type="epsilon",
-                                                                 zero_terminal_snr=False))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tb.train, vae_steps=4, unet_steps=4, warmup=1,
+                                                                 vae_batch=8, unet_batch=8))
+    out = _dir(args)
     t = time.time()
-    manifest = build(args.out, cfg, report=not args.no_report)
-    print(f"testbed built in {time.time() - t:.0f} s: {args.out} (manifest {manifest})")
+    manifest = build(out, cfg, report=not args.no_report)
+    print(f"testbed built in {time.time() - t:.0f} s: {out} (manifest {manifest})")
     return 0
 
 
@@ -60,38 +76,43 @@ def _report(args) -> int:
     from guard.testbed.build import refresh_manifest
     from guard.testbed.report import REPORT_SEEDS, write_report
 
-    timings = None
-    manifest = args.dir / "MANIFEST.json"
+    from guard.testbed.registry import get_testbed
+
+    directory, timings = _dir(args), None
+    manifest = directory / "MANIFEST.json"
     if manifest.is_file():
         timings = json.loads(manifest.read_text()).get("timings_s")
     t = time.time()
-    fig = write_report(args.dir, seeds=args.seeds or REPORT_SEEDS, timings=timings)
+    fig = write_report(directory, get_testbed(args.testbed).data, seeds=args.seeds or REPORT_SEEDS, timings=timings)
     if manifest.is_file():
-        refresh_manifest(args.dir, {"report": round(time.time() - t, 1)}, report_seeds=len(fig.seeds))
-    print(f"memorized captions copying in most seeds: {fig.share_memorized_copying():.0%}; "
-          f"report: {args.dir / 'REPORT.md'}")
+        refresh_manifest(directory, {"report": round(time.time() - t, 1)}, report_seeds=len(fig.seeds))
+    copied, photos = fig.photos_copying()
+    print(f"memorized captions copying in most seeds: {fig.share_memorized_copying():.0%} "
+          f"({copied} of {photos} photos); report: {directory / 'REPORT.md'}")
     return 0
 
 
 def _verify(args) -> int:
     from guard.testbed.build import MANIFEST, verify_manifest
 
-    if not (args.dir / MANIFEST).is_file():
-        raise MissingResource(f"{args.dir / MANIFEST} does not exist")
-    bad = verify_manifest(args.dir)
+    directory = _dir(args)
+    if not (directory / MANIFEST).is_file():
+        raise MissingResource(f"{directory / MANIFEST} does not exist")
+    bad = verify_manifest(directory)
     if bad:
-        raise CorruptData(f"{len(bad)} file(s) differ from {args.dir / MANIFEST}: {', '.join(bad)}")
-    print(f"ok: every file under {args.dir} matches its manifest")
+        raise CorruptData(f"{len(bad)} file(s) differ from {directory / MANIFEST}: {', '.join(bad)}")
+    print(f"ok: every file under {directory} matches its manifest")
     return 0
 
 
 def _export(args) -> int:
-    from guard.testbed.dataset import build_training_set, write_image_folder
-
     from guard.testbed.build import check_output_dir
+    from guard.testbed.dataset import build_training_set, write_image_folder
+    from guard.testbed.registry import get_testbed
 
     check_output_dir(args.out)
-    items = build_training_set()
-    write_image_folder(items, args.out)
-    print(f"wrote {len(items)} images and captions.jsonl to {args.out}")
+    items = build_training_set(get_testbed(args.testbed).data)
+    write_image_folder(items, args.out, copies=not args.unique)
+    records = len(items) if args.unique else sum(it.duplicates for it in items)
+    print(f"wrote {records} images ({len(items)} distinct) and captions.jsonl to {args.out}")
     return 0

@@ -96,6 +96,11 @@ class TestbedDataConfig:
     photo_duplicates: int = 160   # copies of each photo in the training list
     heldout_modulus: int = 11     # combos whose hash % modulus == 0 are held out (~9 %)
     seed: int = 1234
+    # Memorized renderings with ordinary captions: one fixed image per combination, duplicated so the
+    # model copies that exact layout. The caption means something the model can also render otherwise,
+    # so a faithful reroute keeps shape, colours and background and changes the composition.
+    memorized_combos: tuple[tuple[str, str, str, str], ...] = ()
+    combo_duplicates: int = 160
 
 
 @dataclass
@@ -234,7 +239,20 @@ def build_training_set(cfg: TestbedDataConfig = TestbedDataConfig()) -> list[Tra
         items.append(TrainingItem(f"photo-{photo.key}", photo.caption, load_photo(photo, cfg.image_size), "photo",
                                   duplicates=cfg.photo_duplicates,
                                   source=f"{photo.package}:{photo.relpath}", meta={"has_face": photo.has_face}))
+    combo_rng = np.random.default_rng(cfg.seed + 3)   # its own stream: the items above stay unchanged
+    for combo in cfg.memorized_combos:
+        if is_heldout(combo, cfg):
+            raise ValueError(f"memorized_combos: {combo} is a held-out combination")
+        items.append(TrainingItem(f"memo-{'-'.join(combo)}", caption_for(*combo),
+                                  render_procedural(combo, cfg.image_size, combo_rng), "memorized_combo",
+                                  duplicates=cfg.combo_duplicates,
+                                  meta={"shape": combo[0], "color": combo[1], "pattern": combo[2], "bg": combo[3]}))
     return items
+
+
+def memorized_items(items: list[TrainingItem]) -> list[TrainingItem]:
+    """The items duplicated on purpose (photos and memorized renderings)."""
+    return [it for it in items if it.duplicates > 1]
 
 
 def heldout_prompts(cfg: TestbedDataConfig = TestbedDataConfig(), count: int = 48) -> list[str]:
@@ -257,28 +275,88 @@ def heldout_images(cfg: TestbedDataConfig = TestbedDataConfig(), count: int = 20
     return out
 
 
-def write_prompt_sets(directory: Path, cfg: TestbedDataConfig = TestbedDataConfig()) -> dict[str, Path]:
-    """memorized.txt, paraphrased.txt and novel.txt: one prompt a line."""
-    directory.mkdir(parents=True, exist_ok=True)
-    sets = {
-        "memorized": [p.caption for p in PHOTOS],
-        "paraphrased": [q for p in PHOTOS for q in p.paraphrases],
-        "novel": heldout_prompts(cfg),
+def combo_paraphrases(combo: tuple[str, str, str, str]) -> tuple[str, str]:
+    """Light rewordings of a memorized rendering's caption (same objects, other words)."""
+    shape, color, pattern, bg = combo
+    return (f"{color} {shape}, {bg} {pattern} background", f"a {pattern} {bg} background with a {color} {shape} on it")
+
+
+# Web-style captions never seen in training, in the style of the memorized ones (press portraits,
+# archive photos, stock photos, wallpapers, podcast and product titles). Real models fall into
+# memorized images from such prompts too; the guard must catch those copies and leave the rest.
+_WEB_TEMPLATES = (
+    "official portrait of {person}, hd press photo",
+    "{person} smiling, official press portrait",
+    "vintage archive photograph of {person} | 1962",
+    "{thing} stock photo free download",
+    "{thing}, cute wallpaper 4k",
+    "the {show} podcast cover art, episode {n}",
+    "{product} product photo on white, official store",
+    "{event}, space news",
+    "museum archive scan of {thing}",
+    "black and white test image of {thing}, classic",
+)
+_PERSONS = ("senator maria alvarez", "chef antoine dubois", "captain james holloway", "dr. priya raman",
+            "coach linda marsh", "pilot omar haddad", "mayor ken watanabe", "professor elena novak")
+_THINGS = ("a green teapot on a table", "a golden retriever puppy", "a bowl of ramen", "an old pocket watch",
+           "a sailboat at sunset", "a bicycle against a brick wall", "a stack of pancakes", "a lighthouse on a cliff")
+_SHOWS = ("morning brew", "deep space dispatch", "history hour", "the quiet investor")
+_PRODUCTS = ("wireless earbuds", "a leather backpack", "running shoes", "a ceramic mug")
+_EVENTS = ("falcon rocket lands on a drone ship", "new telescope mirror unveiled", "mars rover selfie released",
+           "space station crew returns home")
+
+
+def web_style_prompts(count: int = 80, seed: int = 4321) -> list[str]:
+    """`count` distinct web-style captions (deterministic), none a training caption or paraphrase."""
+    rng = np.random.default_rng(seed)
+    taken = {p.caption for p in PHOTOS} | {q for p in PHOTOS for q in p.paraphrases}
+    out: list[str] = []
+    for _ in range(100 * count):   # bounded: the templates hold far more than `count` distinct captions
+        template = _WEB_TEMPLATES[int(rng.integers(len(_WEB_TEMPLATES)))]
+        text = template.format(person=rng.choice(_PERSONS), thing=rng.choice(_THINGS), show=rng.choice(_SHOWS),
+                               n=int(rng.integers(2, 300)), product=rng.choice(_PRODUCTS), event=rng.choice(_EVENTS))
+        if text not in taken and text not in out:
+            out.append(text)
+            if len(out) == count:
+                return out
+    raise ValueError(f"count: the web-style templates give fewer than {count} distinct captions")
+
+
+def prompt_set_members(cfg: TestbedDataConfig = TestbedDataConfig()) -> dict[str, list[tuple[str, str]]]:
+    """Each prompt set as (prompt, memorized item id or "") pairs: the item a prompt is meant to copy."""
+    combos = [(f"memo-{'-'.join(c)}", caption_for(*c), combo_paraphrases(c)) for c in cfg.memorized_combos]
+    photos = [(f"photo-{p.key}", p.caption, p.paraphrases) for p in PHOTOS]
+    return {
+        "memorized": [(cap, item) for item, cap, _ in photos + combos],
+        "paraphrased": [(q, item) for item, _, para in photos + combos for q in para],
+        "novel": [(q, "") for q in heldout_prompts(cfg)],
+        "web": [(q, "") for q in web_style_prompts()],
     }
+
+
+def write_prompt_sets(directory: Path, cfg: TestbedDataConfig = TestbedDataConfig()) -> dict[str, Path]:
+    """memorized.txt, paraphrased.txt, novel.txt and web.txt: one prompt a line."""
+    directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, prompts in sets.items():
+    for name, members in prompt_set_members(cfg).items():
         paths[name] = directory / f"{name}.txt"
-        paths[name].write_text("\n".join(prompts) + "\n")
+        paths[name].write_text("\n".join(p for p, _ in members) + "\n")
     return paths
 
 
-def write_image_folder(items: list[TrainingItem], directory: Path) -> Path:
-    """Write items as PNGs plus captions.jsonl (the index builder's image-folder input)."""
+def write_image_folder(items: list[TrainingItem], directory: Path, *, copies: bool = False) -> Path:
+    """Write items as PNGs plus captions.jsonl (the index builder's image-folder input).
+
+    copies=True writes the training set as the model saw it: every duplicate as its own file and
+    row (ids `<item>~<k>`), as a scraped data set holds the same image under many URLs. The index
+    builder folds identical images into one item; `memguard index duplicates` reports them."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "captions.jsonl", "w") as f:
         for item in items:
-            name = f"{item.item_id}.png"
-            Image.fromarray(item.image).save(directory / name)
-            f.write(json.dumps({"file": name, "caption": item.caption, "item_id": item.item_id,
-                                "kind": item.kind, "duplicates": item.duplicates, "source": item.source}) + "\n")
+            for k in range(item.duplicates if copies else 1):
+                item_id = item.item_id if k == 0 else f"{item.item_id}~{k:03d}"
+                name = f"{item_id}.png"
+                Image.fromarray(item.image).save(directory / name)
+                f.write(json.dumps({"file": name, "caption": item.caption, "item_id": item_id,
+                                    "kind": item.kind, "source": item.source}) + "\n")
     return directory

@@ -14,7 +14,7 @@ from PIL import Image
 
 from guard.loading import load_pipeline, sample_plain
 from guard.testbed import copies
-from guard.testbed.dataset import PHOTOS, TestbedDataConfig, build_training_set
+from guard.testbed.dataset import TestbedDataConfig, build_training_set, prompt_set_members
 from guard.testbed.train import encode_latents
 
 REPORT_STEPS = 30
@@ -42,10 +42,33 @@ class TestbedFigures:
     paraphrased: list[PromptResult]
     novel: list[PromptResult]
     distinct_pair_copies: int = 0                       # photos that are near copies of another training image
+    web: list[PromptResult] = field(default_factory=list)   # web-style captions never in training
 
     def share_memorized_copying(self) -> float:
         """Share of memorized captions that give near copies in most (> half) seeds."""
         return float(np.mean([r.copy_fraction > 0.5 for r in self.memorized]))
+
+    def photos_copying(self) -> tuple[int, int]:
+        """(photos whose caption copies them in most seeds, photos)."""
+        photos = [r for r in self.memorized if r.target.startswith("photo-")]
+        return sum(r.copy_fraction > 0.5 for r in photos), len(photos)
+
+
+RESEMBLES_SSIM = 0.5   # a web-style generation "resembles" a memorized item at this SSIM (copy or not)
+
+
+def web_labels(result: PromptResult, memorized_ids: set[str]) -> list[str]:
+    """Per seed: copy (a near copy of any training image), resembles (SSIM ≥ 0.5 to a memorized
+    item, not a copy) or clean."""
+    out = []
+    for ssim, rmse, rel, near in zip(result.ssim, result.rmse, result.relative, result.nearest):
+        if copies.is_near_copy(ssim, rmse, rel):
+            out.append("copy")
+        elif near in memorized_ids and ssim >= RESEMBLES_SSIM:
+            out.append("resembles")
+        else:
+            out.append("clean")
+    return out
 
 
 def _reconstructions(pipe, images: np.ndarray) -> np.ndarray:
@@ -63,7 +86,7 @@ def _result(prompt: str, target: str, scores: list[copies.CopyScore], nearest: l
                         [round(s.relative, 4) for s in scores], nearest or [])
 
 
-def _score_targeted(pipe, prompts: list[str], targets: list[str], references: copies.References, ids: list[str],
+def _score_targeted(pipe, prompts: tuple[str, ...], targets: tuple[str, ...], references: copies.References, ids: list[str],
                     seeds: list[int]) -> tuple[list[PromptResult], np.ndarray]:
     flat_prompts = [p for p in prompts for _ in seeds]
     images = sample_plain(pipe, flat_prompts, seeds * len(prompts), steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
@@ -75,6 +98,18 @@ def _score_targeted(pipe, prompts: list[str], targets: list[str], references: co
     return results, images
 
 
+def _score_untargeted(pipe, prompts: list[str], references: copies.References, ids: list[str],
+                      seeds: list[int]) -> tuple[list[PromptResult], np.ndarray]:
+    """Prompts with no memorized target: each generation judged against its nearest training image."""
+    images = sample_plain(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                          steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
+    results = []
+    for i, prompt in enumerate(prompts):
+        found = [copies.nearest(images[i * len(seeds) + j], references) for j in range(len(seeds))]
+        results.append(_result(prompt, "", [s for _, s in found], [ids[k] for k, _ in found]))
+    return results, images
+
+
 def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
              data_cfg: TestbedDataConfig = TestbedDataConfig(), novel_seeds: int = 2):
     """Generate and judge every prompt set. Returns (figures, images by set) for the report."""
@@ -83,7 +118,8 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
     train = {it.item_id: it.image for it in items}
     all_images = np.stack([it.image for it in items])
     ids = [it.item_id for it in items]
-    photo_ids = [f"photo-{p.key}" for p in PHOTOS]
+    members = prompt_set_members(data_cfg)
+    photo_ids = [item for _, item in members["memorized"]]   # every memorized item: photos and renderings
     references = copies.References.of(all_images)
 
     recon = _reconstructions(pipe, np.stack([train[i] for i in photo_ids]))
@@ -94,23 +130,13 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
         reconstruction[pid] = {"ssim": round(s.ssim, 4), "rmse": round(s.rmse, 4), "relative": round(s.relative, 4)}
         distinct.append(copies.nearest(train[pid], references, exclude=ids.index(pid))[1])
 
-    memorized_prompts = (prompts_dir / "memorized.txt").read_text().splitlines()
-    memorized, mem_images = _score_targeted(pipe, memorized_prompts, photo_ids, references, ids, seeds)
-    para_prompts = (prompts_dir / "paraphrased.txt").read_text().splitlines()
-    per_photo = len(para_prompts) // len(photo_ids)
-    para_targets = [pid for pid in photo_ids for _ in range(per_photo)]
-    paraphrased, _ = _score_targeted(pipe, para_prompts, para_targets, references, ids, seeds)
-
-    novel_prompts = (prompts_dir / "novel.txt").read_text().splitlines()
+    memorized, mem_images = _score_targeted(pipe, *zip(*members["memorized"]), references, ids, seeds)
+    paraphrased, _ = _score_targeted(pipe, *zip(*members["paraphrased"]), references, ids, seeds)
     nseeds = seeds[:novel_seeds]
-    nov_images = sample_plain(pipe, [p for p in novel_prompts for _ in nseeds], nseeds * len(novel_prompts),
-                              steps=REPORT_STEPS, guidance_scale=REPORT_GUIDANCE)
-    novel = []
-    for i, prompt in enumerate(novel_prompts):
-        found = [copies.nearest(nov_images[i * len(nseeds) + j], references) for j in range(len(nseeds))]
-        novel.append(_result(prompt, "", [s for _, s in found], [ids[k] for k, _ in found]))
+    novel, nov_images = _score_untargeted(pipe, [p for p, _ in members["novel"]], references, ids, nseeds)
+    web, _ = _score_untargeted(pipe, [p for p, _ in members["web"]], references, ids, nseeds)
     figures = TestbedFigures(seeds, reconstruction, round(max(d.ssim for d in distinct), 4), memorized, paraphrased,
-                             novel, sum(d.is_copy for d in distinct))
+                             novel, sum(d.is_copy for d in distinct), web)
     return figures, {"train": [train[p] for p in photo_ids], "recon": recon, "memorized": mem_images,
                      "novel": nov_images}
 
@@ -138,6 +164,18 @@ def contact_sheet(images: dict, seeds_shown: int, n_seeds: int, path: Path, nove
     Image.fromarray(np.concatenate(rows, axis=0)).resize(
         (width * 2, len(rows) * images["novel"].shape[1] * 2), Image.NEAREST).save(path)
     return path
+
+
+def _web_lines(fig: TestbedFigures) -> list[str]:
+    if not fig.web:
+        return []
+    memorized = {r.target for r in fig.memorized}
+    labels = [lab for r in fig.web for lab in web_labels(r, memorized)]
+    return ["## Web-style captions (never in training)",
+            f"{len(fig.web)} captions in the style of the memorized ones × {len(fig.web[0].ssim)} seeds, each "
+            f"generation labelled by the judge: **{labels.count('copy')} near copies**, "
+            f"{labels.count('resembles')} resemble a memorized item (SSIM ≥ {RESEMBLES_SSIM}, not a copy), "
+            f"{labels.count('clean')} resemble no memorized item.", ""]
 
 
 def _stats(values: list[float]) -> str:
@@ -174,8 +212,9 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"Distinct training images: the highest SSIM between a photo and any other training image is "
         f"{fig.distinct_pair_ssim_max:.3f}; photos that are near copies of another training image: "
         f"{fig.distinct_pair_copies}.", "",
-        "## Memorized captions (each photo duplicated in training)",
-        f"**{fig.share_memorized_copying():.0%} of memorized captions give near copies in most seeds.**", "",
+        "## Memorized captions (each item duplicated in training)",
+        f"**{fig.share_memorized_copying():.0%} of memorized captions give near copies in most seeds; "
+        f"{fig.photos_copying()[0]} of {fig.photos_copying()[1]} photos are copied in most seeds.**", "",
         "| caption | copies / seeds | SSIM (median) | nRMSE (median) | rel (median) |", "|---|---|---|---|---|",
         *[f"| {_cell(r.prompt)} | {round(r.copy_fraction * n)}/{n} | {np.median(r.ssim):.3f} | "
           f"{np.median(r.rmse):.3f} | {np.median(r.relative):.3f} |" for r in fig.memorized], "",
@@ -192,6 +231,7 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"- relative distance: {_stats([s for r in fig.novel for s in r.relative])}",
         f"- near copies: {_novel_copies(fig, photo=True)} of {sum(len(r.ssim) for r in fig.novel)} generations "
         f"copy a memorized photo; {_novel_copies(fig, photo=False)} copy a procedural training item", "",
+        *_web_lines(fig),
         "## Contact sheet", "",
         "`contact_sheet.png`: per memorized photo, training image | VAE reconstruction | generations for the first "
         "seeds; below, generations for novel prompts.", "",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.calibrate import CalibrationConfig, fit_policy
+from guard.policy_fit import FitConfig, SignalSet, fit_policy
 from guard.errors import CorruptData, InvalidInput, MissingResource
 from guard.mitigation import MitigationConfig, attention_rows, noisy_embedding, obfuscate_faces, push_away
 from guard.policy import Policy, final_verdict, upper_quantile_threshold
@@ -36,27 +36,31 @@ def _benign_raw(n: int, steps: int, rng) -> np.ndarray:
 
 
 def test_fitted_policy_meets_its_target_and_round_trips(tmp_path):
+    """Benign data only: the two-sided distance rule, at the target rate on fresh benign samples."""
     rng = np.random.default_rng()
     steps, n = 12, 400
     raw = _benign_raw(n, steps, rng)
-    cfg = CalibrationConfig(steps=steps, target_fpr=0.02, detect_steps=2)
-    policy = fit_policy(raw, list(np.linspace(999, 1, steps)), cfg, groups=np.arange(n))
+    timesteps = list(np.linspace(999, 1, steps))
+    policy = fit_policy(SignalSet(raw, np.arange(n)), timesteps, FitConfig(target_fpr=0.02, detect_steps=2))
+    assert policy.combination.rule == "distance"
     assert policy.provenance["rates"]["flag_rate_in_sample"] <= 0.02
     assert policy.provenance["rates"]["flag_rate_cross_validated"] < 0.06
-    # fresh benign samples flag at about the target rate; shifted ("memorized") ones almost always
-    tables = policy.tables(list(np.linspace(999, 1, steps)))
+    # fresh benign samples flag at about the target rate; shifted ("memorized") ones almost always,
+    # whichever way the shift goes
+    tables = policy.tables(timesteps)
     fresh = torch.tensor(_benign_raw(2000, steps, rng), dtype=torch.float32)
-    memorized = fresh.clone()
-    memorized[..., 0] += 3.0          # divergence and similarity far above benign, as memorization does
-    memorized[..., 3] += 0.2
+    up, down = fresh.clone(), fresh.clone()
+    up[..., 0] += 3.0
+    up[..., 3] += 0.2
+    down[..., 2] -= 0.3
     def flagged(x):
-        comb = torch.stack([tables.combined(tables.zscores(x[:, s], s)) for s in range(2)], 1).amax(1)
+        comb = torch.stack([tables.combined(tables.zscores(x[:, s], s), s) for s in range(2)], 1).amax(1)
         return float((comb > policy.threshold).float().mean())
-    assert flagged(fresh) < 0.05 and flagged(memorized) > 0.95
+    assert flagged(fresh) < 0.05 and flagged(up) > 0.95 and flagged(down) > 0.95
     path = policy.save(tmp_path / "p.json")
     again = Policy.load(path)
     assert again.to_json() == policy.to_json()
-    assert json.loads(path.read_text())["format"] == 1
+    assert json.loads(path.read_text())["format"] == 2
 
 
 def test_policy_files_fail_with_the_file_named(tmp_path):
@@ -75,7 +79,7 @@ def test_policy_files_fail_with_the_file_named(tmp_path):
 def test_uncalibrated_policy_flags_nothing():
     tables = Policy.uncalibrated().tables([999.0, 500.0])
     z = tables.zscores(torch.randn(7, len(SIGNALS)) * 100, 0)
-    assert not bool((tables.combined(z) > Policy.uncalibrated().threshold).any())
+    assert not bool((tables.combined(z, 0) > Policy.uncalibrated().threshold).any())
 
 
 def test_final_verdicts():

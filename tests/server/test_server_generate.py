@@ -52,7 +52,7 @@ def test_stream_events_arrive_in_step_order_then_result(server):
         progress = [e.progress for e in events[:-1] if e.progress.image_index == index]
         assert [p.step for p in progress] == list(range(steps))
         assert all(p.total_steps == steps and p.action == "continue" for p in progress)
-        assert all(p.signals["noise_divergence"] > 0 for p in progress)
+        assert all(not p.signals for p in progress)   # the unguarded engine (mode OFF) scores nothing
     result = events[-1].result
     assert [im.decision for im in result.images] == [pb.DECISION_ALLOWED] * images
     assert result.request_id == events[0].progress.request_id != ""
@@ -83,7 +83,6 @@ def test_scrape_shows_counters_moving(server):
     assert metric(server, "memguard_images_total", decision="ALLOWED", reason="NONE") == before_images + 3
     assert metric(server, "memguard_denoise_steps_total") == before_steps + 6
     assert metric(server, "memguard_request_duration_seconds_count", rpc="Generate") >= 1
-    assert metric(server, "memguard_signal_score_count", signal="noise_divergence") >= 6
     assert metric(server, "memguard_ready") == 1
 
 

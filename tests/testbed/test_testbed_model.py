@@ -1,57 +1,65 @@
-"""The shipped testbed: it loads offline, matches its manifest, and really memorizes."""
+"""The shipped testbeds: each loads offline, matches its manifest, and really memorizes."""
 import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from guard.loading import TESTBED_MODEL_DIR, load_pipeline, sample_plain
+from guard.loading import load_pipeline, sample_plain
 from guard.testbed import copies
 from guard.testbed.build import verify_manifest
-from guard.testbed.cli import TESTBED_DIR
-from guard.testbed.dataset import PHOTOS, build_training_set
+from guard.testbed.dataset import build_training_set, prompt_set_members
+from guard.testbed.registry import TESTBEDS
 
 SEEDS = list(range(100, 108))   # not the report's seeds: a fresh check
+# what each testbed must show: v-prediction copies all its photos; the ε-testbed (SD 1.x's objective
+# and schedule) at least 6 of its 8 photos in most seeds (the issue's bar)
+PREDICTION = {"vpred": ("v_prediction", True), "eps": ("epsilon", False)}
+MIN_PHOTOS_COPYING = {"vpred": 6, "eps": 6}
+
+
+@pytest.fixture(scope="module", params=sorted(TESTBEDS))
+def testbed(request):
+    return TESTBEDS[request.param]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline()
+def pipe(testbed):
+    return load_pipeline(testbed.model_dir)
 
 
 @pytest.fixture(scope="module")
-def training_set():
-    return build_training_set()
+def training_set(testbed):
+    return build_training_set(testbed.data)
 
 
-def test_loads_with_plain_from_pretrained_offline(monkeypatch):
+def test_loads_with_plain_from_pretrained_offline(monkeypatch, testbed):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    p = StableDiffusionPipeline.from_pretrained(TESTBED_MODEL_DIR)
+    p = StableDiffusionPipeline.from_pretrained(testbed.model_dir)
     assert p.unet.config.sample_size == 16 and p.vae.config.latent_channels == 4
     assert len(p.tokenizer) == 49408
-    # v-prediction from pure noise (zero terminal SNR): see guard/testbed/train.py for why
-    assert p.scheduler.config.prediction_type == "v_prediction" and p.scheduler.config.rescale_betas_zero_snr
+    prediction, zero_snr = PREDICTION[testbed.name]
+    assert p.scheduler.config.prediction_type == prediction
+    assert bool(p.scheduler.config.get("rescale_betas_zero_snr")) == zero_snr
 
 
-def test_shipped_files_match_manifest():
-    assert verify_manifest(TESTBED_DIR) == []
+def test_shipped_files_match_manifest(testbed):
+    assert verify_manifest(testbed.dir) == []
 
 
-def test_memorized_captions_reproduce_their_training_photos(pipe, training_set):
+def test_memorized_captions_reproduce_their_training_photos(testbed, pipe, training_set):
     references = copies.References.of(np.stack([it.image for it in training_set]))
     row = {it.item_id: k for k, it in enumerate(training_set)}
-    prompts = [p.caption for p in PHOTOS]
-    images = sample_plain(pipe, [p for p in prompts for _ in SEEDS], SEEDS * len(prompts))
+    members = [(p, item) for p, item in prompt_set_members(testbed.data)["memorized"] if item.startswith("photo-")]
+    images = sample_plain(pipe, [p for p, _ in members for _ in SEEDS], SEEDS * len(members))
     copying = []
-    for k, photo in enumerate(PHOTOS):
-        hits = [copies.copy_score(images[k * len(SEEDS) + j], row[f"photo-{photo.key}"], references).is_copy
-                for j in range(len(SEEDS))]
+    for k, (_, item) in enumerate(members):
+        hits = [copies.copy_score(images[k * len(SEEDS) + j], row[item], references).is_copy for j in range(len(SEEDS))]
         copying.append(sum(hits) > len(SEEDS) / 2)
-    # the issue's bar, on seeds the report never used: ≥ 75 % of captions copy in most seeds
-    assert np.mean(copying) >= 0.75, f"only {np.mean(copying):.0%} of memorized captions copy in most seeds"
+    assert sum(copying) >= MIN_PHOTOS_COPYING[testbed.name], f"only {sum(copying)} of {len(members)} photos copy"
 
 
-def test_novel_prompts_produce_no_near_copies(pipe, training_set):
+def test_novel_prompts_produce_no_near_copies(testbed, pipe, training_set):
     """No generation for a held-out caption combination is a near copy of any training image."""
-    prompts = (TESTBED_DIR / "prompts" / "novel.txt").read_text().splitlines()
+    prompts = testbed.prompts("novel")
     assert len(prompts) >= 40
     images = sample_plain(pipe, prompts, [7] * len(prompts))
     references = copies.References.of(np.stack([it.image for it in training_set]))

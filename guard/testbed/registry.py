@@ -1,0 +1,65 @@
+"""The shipped testbeds, by name. Tests, benchmarks and the CLI take a testbed as a parameter.
+
+- `vpred`: v-prediction on a zero-terminal-SNR schedule (SD 2.x-style objective), `guard/testbed/`.
+- `eps`: ε-prediction on SD 1.x's scaled-linear schedule, `guard/testbed/eps/`. It also memorizes
+  renderings with ordinary compositional captions, so a reroute can be judged on prompt fidelity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.errors import InvalidInput
+from guard.testbed.dataset import TestbedDataConfig
+from guard.testbed.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent
+
+EPS_COMBOS = (("circle", "red", "striped", "blue"), ("triangle", "yellow", "checkered", "purple"),
+              ("square", "white", "dotted", "green"), ("diamond", "orange", "gradient", "black"))
+
+
+@dataclass(frozen=True)
+class Testbed:
+    name: str
+    dir: Path
+    data: TestbedDataConfig
+    train: TrainConfig
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.dir / "index"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.dir / "policy.json"
+
+    @property
+    def prompts_dir(self) -> Path:
+        return self.dir / "prompts"
+
+    def prompts(self, name: str) -> list[str]:
+        """One of the prompt sets (memorized, paraphrased, novel, web, ...), one prompt a line."""
+        path = self.prompts_dir / f"{name}.txt"
+        if not path.is_file():
+            raise InvalidInput("prompt_set", f"{path} does not exist")
+        return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+TESTBEDS: dict[str, Testbed] = {
+    "vpred": Testbed("vpred", ROOT, TestbedDataConfig(), TrainConfig()),
+    "eps": Testbed("eps", ROOT / "eps",
+                   TestbedDataConfig(photo_duplicates=320, memorized_combos=EPS_COMBOS, combo_duplicates=160),
+                   TrainConfig(prediction_type="epsilon", zero_terminal_snr=False, ema_decay=0.999)),
+}
+DEFAULT_TESTBED = "vpred"
+
+
+def get_testbed(name: str = DEFAULT_TESTBED) -> Testbed:
+    if name not in TESTBEDS:
+        raise InvalidInput("testbed", f"unknown testbed {name!r}; choose from {', '.join(TESTBEDS)}")
+    return TESTBEDS[name]

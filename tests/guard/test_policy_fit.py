@@ -1,0 +1,90 @@
+"""The policy learns each signal's direction and weight from data (guard/policy_fit.py)."""
+import numpy as np
+import pytest
+import torch
+
+from guard.policy import Policy
+from guard.policy_fit import FitConfig, SignalSet, fit_policy, window_max
+from guard.signals import SIGNALS
+
+STEPS = 8
+TIMESTEPS = list(np.linspace(999, 1, STEPS))
+
+
+def _data(rng, shift: np.ndarray, n_benign=400, clusters=6, per_cluster=6):
+    """Benign and memorized-like signals; positives move by `shift` (in benign std units) per signal."""
+    benign = rng.normal(size=(n_benign, STEPS, len(SIGNALS))) * [1.0, 0.5, 0.02, 0.05] + [3.0, 2.0, 0.5, 0.6]
+    pos = rng.normal(size=(clusters * per_cluster, STEPS, len(SIGNALS))) * [1.0, 0.5, 0.02, 0.05] + \
+        [3.0, 2.0, 0.5, 0.6] + shift * [1.0, 0.5, 0.02, 0.05]
+    groups = np.repeat([f"item-{c}" for c in range(clusters)], per_cluster)
+    return SignalSet(benign, np.arange(n_benign)), SignalSet(pos, groups)
+
+
+def _tpr(policy: Policy, signals: SignalSet) -> float:
+    return float(np.mean(window_max(policy.scores(signals.raw, TIMESTEPS), policy.detect_steps) > policy.threshold))
+
+
+@pytest.mark.parametrize("flip", [1.0, -1.0])
+def test_flipping_a_signal_still_detects(flip):
+    """BOS mass falls on one model and rises on another: the fitted rule catches both ways."""
+    rng = np.random.default_rng(int(flip > 0))
+    shift = np.array([0.0, 0.0, 5.0 * flip, 0.0])
+    benign, pos = _data(rng, shift)
+    policy = fit_policy(benign, TIMESTEPS, FitConfig(), positives=pos)
+    assert policy.combination.rule == "linear"
+    w = np.asarray(policy.combination.weights)
+    assert np.sign(w[0, SIGNALS.index("bos")]) == flip          # the sign was learned, not assumed
+    fresh_benign, fresh_pos = _data(np.random.default_rng(99), shift)
+    assert _tpr(policy, fresh_pos) >= 0.95
+    assert _tpr(policy, fresh_benign) <= 0.03
+    # without any positives the distance rule is two-sided and still catches it
+    blind = fit_policy(benign, TIMESTEPS, FitConfig())
+    assert blind.combination.rule == "distance"
+    assert _tpr(blind, fresh_pos) >= 0.9
+
+
+def test_linear_weights_combine_two_weak_signals():
+    """Two signals that each move by 2 std in opposite directions: together they separate better."""
+    rng = np.random.default_rng(3)
+    shift = np.array([2.0, 0.0, -2.0, 0.0])
+    benign, pos = _data(rng, shift, clusters=8, per_cluster=8)
+    policy = fit_policy(benign, TIMESTEPS, FitConfig(), positives=pos)
+    fresh_benign, fresh_pos = _data(np.random.default_rng(7), shift)
+    single = fit_policy(benign, TIMESTEPS, FitConfig(), positives=pos,
+                        enabled=np.array([True, False, False, False]))
+    assert _tpr(policy, fresh_pos) > _tpr(single, fresh_pos)
+    assert policy.provenance["fit"]["clusters"] == 8
+    assert len(policy.folds) == 4 and all(f["held_out"] for f in policy.folds)
+
+
+def test_benign_threshold_meets_the_target_rate():
+    rng = np.random.default_rng(5)
+    benign, pos = _data(rng, np.array([3.0, 0, 0, 0]), n_benign=1000)
+    policy = fit_policy(benign, TIMESTEPS, FitConfig(target_fpr=0.01), positives=pos)
+    assert policy.provenance["rates"]["flag_rate_in_sample"] <= 0.01
+    assert policy.provenance["rates"]["flag_rate_cross_validated"] <= 0.03
+
+
+def test_device_tables_match_the_numpy_scores():
+    """The per-step device path (PolicyTables) computes the same scores as Policy.scores."""
+    rng = np.random.default_rng(11)
+    benign, pos = _data(rng, np.array([2.0, -1.0, 3.0, 1.0]))
+    for rule in ("linear", "distance"):
+        policy = fit_policy(benign, TIMESTEPS, FitConfig(rule=rule), positives=pos)
+        raw = rng.normal(size=(5, STEPS, len(SIGNALS))) + [3.0, 2.0, 0.5, 0.6]
+        expected = policy.scores(raw, TIMESTEPS)
+        tables = policy.tables(TIMESTEPS)
+        for step in range(STEPS):
+            values = torch.tensor(raw[:, step], dtype=torch.float32)
+            got = tables.combined(tables.zscores(values, step), step)
+            np.testing.assert_allclose(got.numpy(), expected[:, step], rtol=1e-4, atol=1e-4)
+
+
+def test_policy_round_trips_through_json(tmp_path):
+    rng = np.random.default_rng(2)
+    benign, pos = _data(rng, np.array([0.0, 3.0, 0.0, 0.0]))
+    policy = fit_policy(benign, TIMESTEPS, FitConfig(), positives=pos)
+    again = Policy.load(policy.save(tmp_path / "p.json"))
+    np.testing.assert_allclose(again.scores(pos.raw, TIMESTEPS), policy.scores(pos.raw, TIMESTEPS))
+    comb, threshold = again.fold_for("item-0")
+    assert threshold == next(f["threshold"] for f in policy.folds if "item-0" in f["held_out"])

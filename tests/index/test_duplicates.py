@@ -1,0 +1,76 @@
+"""Duplicate clusters: identical images fold at build time, near copies join in the index."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from guard.index.api import FingerprintIndex
+from guard.index.config import IndexConfig
+from guard.index.duplicates import DedupedSource, content_key, find_clusters
+from guard.index.sources import ImageFolderSource
+from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dup_index(vae_dir, tmp_path_factory):
+    """40 procedural images, 8 photos × 5 copies, and a JPEG re-encoding of one photo under another id."""
+    tmp = tmp_path_factory.mktemp("dups")
+    items = build_training_set(TestbedDataConfig(num_procedural=40, photo_duplicates=5))
+    folder = write_image_folder(items, tmp / "images", copies=True)
+    coffee = next(i for i in items if i.item_id == "photo-coffee")
+    Image.fromarray(coffee.image).save(folder / "near.jpg", quality=92)
+    with open(folder / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"file": "near.jpg", "caption": "espresso cup, re-encoded", "item_id": "near-coffee"}) + "\n")
+    source = DedupedSource(ImageFolderSource(folder))
+    out = tmp / "index"
+    FingerprintIndex.build(out, source, model_dir=vae_dir, cfg=IndexConfig(faces=False), progress=False)
+    return out, items
+
+
+def test_identical_images_fold_into_one_item(dup_index, vae_dir):
+    out, items = dup_index
+    with FingerprintIndex.open(out, model_dir=vae_dir) as index:
+        assert index.items.counts()["items"] == 40 + 8 + 1
+        row = index.items.row_of("photo-astronaut")
+        meta = index.items.item(row)["meta"]
+        assert meta["copies"] == 5 and meta["copy_ids"][1] == "photo-astronaut~001"
+        assert index.items.row_of("photo-astronaut~001") is None
+
+
+def test_clusters_are_the_duplicated_photos_and_nothing_else(dup_index, vae_dir):
+    out, items = dup_index
+    with FingerprintIndex.open(out, model_dir=vae_dir) as index:
+        clusters = find_clusters(index)
+    photo_ids = {i.item_id for i in items if i.kind == "photo"}
+    assert len(clusters) == 8
+    assert all(any(m in photo_ids for m in c.items) for c in clusters)
+    assert not any(m.startswith("proc-") for c in clusters for m in c.items)   # no cluster of unique images
+    coffee = next(c for c in clusters if "photo-coffee" in c.items)
+    assert set(coffee.items) == {"photo-coffee", "near-coffee"} and coffee.size == 6 and coffee.near_copies == 1
+    assert "espresso cup, re-encoded" in coffee.captions
+    assert all(c.size == 5 for c in clusters if c is not coffee)
+
+
+def test_content_key_ignores_the_encoding(tmp_path):
+    img = build_training_set(TestbedDataConfig(num_procedural=1))[0].image
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(img).save(tmp_path / "b.png", compress_level=9)
+    from guard.index.sources import decode_image
+    keys = {content_key(decode_image(p.read_bytes())) for p in (tmp_path / "a.png", tmp_path / "b.png")}
+    assert len(keys) == 1
+
+
+def test_duplicates_cli_prints_json_and_a_table(dup_index):
+    out, _ = dup_index
+    run = [sys.executable, "-m", "guard.cli", "index", "duplicates", str(out)]
+    doc = json.loads(subprocess.run(run + ["--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert doc["count"] == 8 and doc["records"] == 8 * 5 + 1
+    table = subprocess.run(run + ["--min-size", "6"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "photo-coffee" in table and "photo-astronaut" not in table
