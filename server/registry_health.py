@@ -37,7 +37,12 @@ class RegistryHealth:
         serving = True
         while True:
             await asyncio.sleep(self.interval_s)
-            ok = await asyncio.to_thread(self.probe)
+            try:
+                ok = await asyncio.to_thread(self.probe)
+            except Exception:   # noqa: BLE001 - a registry that cannot be checked is not current: fail closed
+                if serving:
+                    log.exception("checking the protected registry failed")
+                ok = False
             if ok != serving:
                 serving = ok
                 if ok:
