@@ -6,6 +6,9 @@
     python -m benchmarks.load --server 127.0.0.1:50051 --rate 2 --duration 60
     # spawn servers with batch size 1 and 8 in turn, same load, one comparison table
     python -m benchmarks.load --compare-batching 1,8 --spawn-args "--tiny-random" --concurrency 8
+    # soak (issue 14): measure capacity, then 2x capacity for 2 minutes; admitted p99 within 1.5x,
+    # the excess refused with RESOURCE_EXHAUSTED, no admitted request lost
+    python -m benchmarks.load --soak --duration 120 --spawn-args "--engine guard.engine:PipelineEngine --tiny-random --no-index --max-queue 8"
 
 Reports count, requests/s, latency histogram and p50/p90/p95/p99, status codes, decisions per
 prompt set, and goodput (OK replies within the SLO per second); writes JSON and markdown.
@@ -199,6 +202,46 @@ def format_report(r: dict, title: str = "MemGuard load") -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- soak
+SOAK_P99_RATIO = 1.5
+
+
+def soak_verdict(capacity: dict, overload: dict) -> dict:
+    """Capacity run vs 2x-capacity run: the acceptance figures of issue 14."""
+    codes = overload["status_codes"]
+    refused = codes.get("RESOURCE_EXHAUSTED", 0)
+    admitted = overload["count"] - refused - codes.get("CLIENT_DROPPED", 0)
+    lost = admitted - codes.get("OK", 0)      # admitted (acknowledged) but not answered OK
+    p99_cap, p99_over = capacity["latency_s"]["p99"], overload["latency_s"]["p99"]
+    ratio = p99_over / p99_cap if p99_cap else float("nan")
+    return {"capacity_rps": capacity["ok_rps"], "offered_rps": overload["config"]["rate"],
+            "p99_capacity_s": p99_cap, "p99_overload_s": p99_over, "p99_ratio": ratio,
+            "sent": overload["count"], "refused_resource_exhausted": refused, "admitted": admitted,
+            "admitted_ok": codes.get("OK", 0), "lost": lost, "status_codes": codes,
+            "pass": bool(refused > 0 and lost == 0 and ratio <= SOAK_P99_RATIO)}
+
+
+async def soak(cfg: LoadConfig, concurrency: int, capacity_s: float, prompt_file: Path | None = None) -> dict:
+    """Closed loop at `concurrency` (the server's batch + queue: full, nothing refused) gives the
+    capacity and its p99; then an open loop at twice that rate for cfg.duration."""
+    cap_cfg = LoadConfig(**{**asdict(cfg), "rate": None, "concurrency": concurrency, "duration": capacity_s})
+    capacity = await run_load(cap_cfg, prompt_file)
+    over_cfg = LoadConfig(**{**asdict(cfg), "rate": 2 * capacity["ok_rps"], "warmup": 0.0})
+    overload = await run_load(over_cfg, prompt_file)
+    return {"capacity": capacity, "overload": overload, "verdict": soak_verdict(capacity, overload)}
+
+
+def format_soak(result: dict) -> str:
+    v = result["verdict"]
+    return (f"## Soak: 2x capacity\n\ncapacity {v['capacity_rps']:.2f} req/s (p99 {v['p99_capacity_s'] * 1000:.0f} ms); "
+            f"offered {v['offered_rps']:.2f} req/s for {result['overload']['config']['duration']:.0f} s\n"
+            f"sent {v['sent']}, refused RESOURCE_EXHAUSTED {v['refused_resource_exhausted']}, admitted {v['admitted']}, "
+            f"admitted OK {v['admitted_ok']}, lost {v['lost']}\n"
+            f"admitted p99 {v['p99_overload_s'] * 1000:.0f} ms = {v['p99_ratio']:.2f}x the capacity p99 "
+            f"(bound {SOAK_P99_RATIO}x); status codes {v['status_codes']}\n"
+            f"verdict: {'PASS' if v['pass'] else 'FAIL'}\n")
+
+
 # ----------------------------------------------------------------------------- spawned servers
 def free_port() -> int:
     with socket.socket() as s:
@@ -273,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn-args", help="start `memguard serve` with these arguments for the run")
     p.add_argument("--compare-batching", help="comma list of --max-batch-images values to run in turn")
     p.add_argument("--out", type=Path, default=Path("runs/load"), help="directory for JSON and markdown")
+    p.add_argument("--soak", action="store_true", help="capacity run, then --duration s at 2x capacity (issue 14)")
+    p.add_argument("--capacity-duration", type=float, default=30.0, help="--soak: seconds of the capacity run")
+    p.add_argument("--capacity-concurrency", type=int, default=16,
+                   help="--soak: closed-loop clients of the capacity run (the server's max batch + max queue)")
     args = p.parse_args(argv)
     cfg = LoadConfig(target=args.server or "", concurrency=args.concurrency, rate=args.rate, duration=args.duration,
                      warmup=args.warmup, mix=parse_mix(args.mix), steps=args.steps, size=args.size,
@@ -292,6 +339,20 @@ def main(argv: list[str] | None = None) -> int:
                                               + "\n## Comparison\n\n" + table)
         print(table)
         return 0
+    if args.soak:
+        if spawn:
+            with SpawnedServer(spawn) as target:
+                result = asyncio.run(soak(LoadConfig(**{**asdict(cfg), "target": target}), args.capacity_concurrency,
+                                          args.capacity_duration, args.prompt_file))
+        elif args.server:
+            result = asyncio.run(soak(cfg, args.capacity_concurrency, args.capacity_duration, args.prompt_file))
+        else:
+            p.error("give --server or --spawn-args")
+        (args.out / "soak.json").write_text(json.dumps(result, indent=1))
+        text = format_soak(result)
+        (args.out / "soak.md").write_text(text)
+        print(text)
+        return 0 if result["verdict"]["pass"] else 1
     if spawn:
         with SpawnedServer(spawn) as target:
             report = asyncio.run(run_load(LoadConfig(**{**asdict(cfg), "target": target}), args.prompt_file))

@@ -22,3 +22,16 @@ def test_closed_and_open_loop_reports(server):
     assert served >= closed["count"] + opened["status_codes"].get("OK", 0)   # warm-up requests also ran
     text = format_report(closed)
     assert "p99" in text and "requests/s" in text
+
+
+def test_soak_refuses_the_excess_and_loses_no_admitted_request(engine, serve):
+    """A short soak (CI); the 2-minute acceptance run is `python -m benchmarks.load --soak --duration 120`."""
+    from benchmarks.load import format_soak, soak
+
+    server = serve(engine, batching={"max_batch_images": 2, "max_queue": 2, "max_queue_delay_ms": 5})
+    cfg = LoadConfig(server.target, duration=4.0, warmup=0.0, steps=2)
+    result = asyncio.run(soak(cfg, concurrency=4, capacity_s=3.0))
+    verdict = result["verdict"]
+    assert verdict["capacity_rps"] > 0 and verdict["offered_rps"] == 2 * verdict["capacity_rps"]
+    assert verdict["refused_resource_exhausted"] > 0 and verdict["lost"] == 0
+    assert "verdict:" in format_soak(result)
