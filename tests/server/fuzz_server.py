@@ -294,24 +294,27 @@ def main(argv: list[str] | None = None) -> int:
         target = f"127.0.0.1:{port}"
         wait_until_serving(target, timeout=600)
         before = rss_mb(proc.pid)
-    t0 = time.monotonic()
-    report = run_fuzz(target, args.count, args.seed, args.workers)
-    seconds = time.monotonic() - t0
-    print(report.format())
-    print(f"{report.sent} calls in {seconds:.0f} s; INTERNAL/UNKNOWN: {len(report.bad)}")
-    for line in report.bad[:20]:
-        print("  ", line)
-    status = 1 if report.bad else 0
-    if proc is not None:
-        from server.client import health_status
+    try:
+        t0 = time.monotonic()
+        report = run_fuzz(target, args.count, args.seed, args.workers)
+        seconds = time.monotonic() - t0
+        print(report.format())
+        print(f"{report.sent} calls in {seconds:.0f} s; INTERNAL/UNKNOWN: {len(report.bad)}")
+        for line in report.bad[:20]:
+            print("  ", line)
+        status = 1 if report.bad else 0
+        if proc is not None:
+            from server.client import health_status
 
-        alive = proc.poll() is None and health_status(target) == "SERVING"
-        after = rss_mb(proc.pid) if proc.poll() is None else {}
-        print(f"server alive and SERVING: {alive}; RSS before {before.get('VmRSS', 0):.0f} MB, after "
-              f"{after.get('VmRSS', 0):.0f} MB, peak {after.get('VmHWM', 0):.0f} MB")
-        proc.terminate()
-        proc.wait(120)
-        status = status or (0 if alive else 1)
+            alive = proc.poll() is None and health_status(target) == "SERVING"
+            after = rss_mb(proc.pid) if proc.poll() is None else {}
+            print(f"server alive and SERVING: {alive}; RSS before {before.get('VmRSS', 0):.0f} MB, after "
+                  f"{after.get('VmRSS', 0):.0f} MB, peak {after.get('VmHWM', 0):.0f} MB")
+            status = status or (0 if alive else 1)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(120)
     tmp.cleanup()
     return status
 

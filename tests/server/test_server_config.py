@@ -42,3 +42,21 @@ def test_no_auth_is_loopback_only():
     ServerConfig(host="127.0.0.1").validate()
     with pytest.raises(InvalidInput, match="auth_file"):
         ServerConfig(host="0.0.0.0").validate()
+
+
+def test_hardening_settings_load_and_bad_values_are_named(tmp_path):
+    path = tmp_path / "memguard.toml"
+    path.write_text('[server]\nallow_mode_override = true\nface_match_scope = "protected"\naudit_log = "a.jsonl"\n'
+                    '[rate_limits]\ngenerate_per_s = 2.0\ngenerate_burst = 4\n'
+                    '[uploads]\nmax_queue = 3\nformats = ["PNG"]\nmax_aspect_ratio = 4.0\n')
+    config = load_config(path)
+    assert config.allow_mode_override and config.face_match_scope == "protected" and config.audit_log == "a.jsonl"
+    assert config.rate_limits.generate_per_s == 2.0 and config.rate_limits.generate_burst == 4
+    assert config.uploads.max_queue == 3 and config.uploads.formats == ("PNG",)
+    config.validate()
+    for text, name in (('[server]\nface_match_scope = "some"\n', "face_match_scope"),
+                       ("[rate_limits]\nscreen_per_s = -1\n", "rate_limits.screen_per_s"),
+                       ('[uploads]\nformats = ["GIF"]\n', "uploads.formats")):
+        path.write_text(text)
+        with pytest.raises(InvalidInput, match=name):
+            load_config(path).validate()
