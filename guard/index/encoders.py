@@ -109,6 +109,11 @@ class ClipEncoder:
         self.model_name, self.weights = model_name, Path(weights)
         if not self.weights.is_file():
             raise MissingResource(f"{self.weights}: open_clip weights file not found (downloads are never attempted)")
+        # a custom architecture ships its open_clip config beside the weights as <model_name>.json
+        # (e.g. the testbed judge: memguard-testbed-clip, guard/testbed/clip/); built-in names are unchanged
+        local_config = self.weights.parent / f"{model_name}.json"
+        if model_name not in open_clip.list_models() and local_config.is_file():
+            open_clip.add_model_config(local_config)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(self.weights),
                                                                          device=device)
