@@ -53,6 +53,11 @@ class GuardedEngine(IndexedEngine):
             policy = Policy.load(policy_path)
         return cls(load_pipeline(config), index, policy)
 
+    def index_stats(self):
+        stats = super().index_stats()
+        stats.details.update({f"uncalibrated_{k}": float(v) for k, v in self.uncalibrated.items()})
+        return stats
+
     # ---- the GenerationEngine interface ---------------------------------------------------------
     def warmup(self) -> None:
         """One short monitored generation: loads kernels, the index's encoders and the face detector."""

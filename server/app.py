@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (memguard_pb2.DESCRIPTOR.services_by_name["MemGuard"].full_name,
                  admin_pb2.DESCRIPTOR.services_by_name["IndexAdmin"].full_name)
+CALIBRATION_SERVICE = "memguard.v1.Calibration"   # a health-only name: SERVING once policy and index are calibrated
 
 
 @dataclass
@@ -100,6 +101,10 @@ class MemGuardServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, status)
+        # the health detail for calibration: NOT_SERVING while the policy or the index runs on defaults
+        calibrated = serving and not any(getattr(self.engine, "uncalibrated", {}).values())
+        await self.health.set(CALIBRATION_SERVICE, health_pb2.HealthCheckResponse.SERVING if calibrated
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.metrics is not None:
             self.metrics.set_ready(serving)
 
@@ -171,6 +176,10 @@ class MemGuardServer:
         if not self.engine.guarded:
             log.warning("engine %r does not guard: every request runs with mode OFF", self.engine.name)
         self.metrics.set_build(engine_name=self.engine.name, guarded=self.engine.guarded)
+        uncalibrated = getattr(self.engine, "uncalibrated", {})
+        self.metrics.set_uncalibrated(uncalibrated)
+        for warning in getattr(self.engine, "calibration_warnings", []):
+            log.warning("%s", warning)
         await asyncio.to_thread(self.engine.warmup)
 
     async def _refresh_index_stats(self) -> None:

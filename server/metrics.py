@@ -94,6 +94,9 @@ class Metrics:
                                      "call failed", ["outcome"], registry=r)
         self.ready = Gauge("memguard_ready", "1 while serving: warmed up and not draining", registry=r)
         self.build = Info("memguard_build", "Build and engine of this server", registry=r)
+        self.uncalibrated = Gauge("memguard_uncalibrated", "1 while a component runs on uncalibrated defaults "
+                                  "(policy: per-step signals flag nothing; index: default screen thresholds)",
+                                  ["component"], registry=r)
         self.set_build(engine_name="loading", guarded=False)
         self.queue_capacity.set(queue_capacity)
         self._signals: set[str] = set()
@@ -177,6 +180,10 @@ class Metrics:
 
     def protect_op(self, operation: str, outcome: str) -> None:
         self.protect_ops.labels(operation, outcome).inc()
+
+    def set_uncalibrated(self, components: dict[str, bool]) -> None:
+        for name, flag in components.items():
+            self.uncalibrated.labels(component=name).set(1 if flag else 0)
 
     def set_build(self, *, engine_name: str, guarded: bool) -> None:
         self.build.info({"version": _version(), "engine": engine_name, "guarded": str(guarded).lower()})

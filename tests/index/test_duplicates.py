@@ -13,7 +13,8 @@ from guard.index.api import FingerprintIndex
 from guard.index.config import IndexConfig
 from guard.index.duplicates import DedupedSource, content_key, find_clusters
 from guard.index.sources import ImageFolderSource
-from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_image_folder
+from guard.testbed.dataset import TestbedDataConfig, build_training_set, memorized_items, write_image_folder
+from guard.testbed.registry import TESTBEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,3 +75,14 @@ def test_duplicates_cli_prints_json_and_a_table(dup_index):
     assert doc["count"] == 8 and doc["records"] == 8 * 5 + 1
     table = subprocess.run(run + ["--min-size", "6"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "photo-coffee" in table and "photo-astronaut" not in table
+
+
+@pytest.mark.parametrize("name", sorted(TESTBEDS))
+def test_shipped_testbeds_duplicates_are_their_memorized_items(name):
+    """Each testbed's index finds its duplicated photos (and renderings) as clusters, no unique image."""
+    tb = TESTBEDS[name]
+    with FingerprintIndex.open(tb.index_dir, verify_checksums=False) as index:
+        clusters = find_clusters(index)
+    expected = {it.item_id: it.duplicates for it in memorized_items(build_training_set(tb.data))}
+    assert {c.items[0]: c.size for c in clusters} == expected
+    assert all(len(c.items) == 1 for c in clusters)
