@@ -1,4 +1,5 @@
-"""Index scale benchmark: build and search the fingerprint index at 100k / 1M synthetic vectors.
+"""Index scale benchmark: build and search the fingerprint index at 100k / 1M synthetic vectors,
+on the faiss backend, the Milvus backend, or both side by side (--backend faiss milvus).
 
 Vectors come from a clustered distribution (`Mixture`: hierarchical clusters of Zipf-like sizes,
 low intrinsic dimension), not uniform noise, on which recall means nothing. Two query sets:
@@ -9,10 +10,12 @@ path: staging, SQLite metadata, vector files, faiss train+add, manifest), bytes 
 resident faiss index), p50/p99 latency of `FingerprintIndex.search_latent` (k=10) for 1 and 64
 queries, recall@10 against exact search, and protect latency (durable SQLite commit + swap).
 
-    nice -n 19 python -m benchmarks.index_scale --sizes 100000 1000000 --threads 1
+    nice -n 19 python -m benchmarks.index_scale --sizes 100000 1000000 --threads 1 --backend faiss milvus
 
 faiss is limited to --threads OpenMP threads (default 1, to spare other work on the machine);
-the figures are single-thread figures when it is 1. Prints a table; writes JSON to --out.
+the figures are single-thread figures when it is 1. Milvus is a milvus-lite server process started
+for the run (OMP_NUM_THREADS=--threads), or --milvus-uri (a real Milvus; bytes per item are then
+not measured). Prints a table; writes JSON to --out.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from guard.index.config import IndexConfig
 
 
 @dataclass(frozen=True)
@@ -96,13 +101,15 @@ def _latency(index, queries: np.ndarray, batch: int, repeats: int) -> dict:
     return percentiles(times)
 
 
-def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
-    """Build once at size n, then measure each nprobe of the sweep (search parameters only)."""
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bench_size(n: int, dim: int, args, work: Path, backend: str, lite_dir: Path | None) -> list[dict]:
+    """Build once at size n on `backend`, then measure each nprobe of the sweep (search parameters only)."""
     import torch
 
-    from guard.index import factory as fx
     from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
     from guard.index.sources import EmbeddingSource
 
     mix = Mixture.make(n, dim, seed=n + dim)
@@ -116,20 +123,26 @@ def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
     npy = work / f"db-{n}-{dim}.npy"
     np.save(npy, db)
     cfg = IndexConfig(factory=args.factory, exact_max_items=args.exact_max, rerank_factor=args.rerank,
-                      faces=False, train_sample=args.train_sample)
-    out = work / f"index-{n}-{dim}"
+                      faces=False, train_sample=args.train_sample, backend=backend, milvus_index=args.milvus_index,
+                      hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction)
+    out = work / f"index-{n}-{dim}-{'faiss' if backend == 'faiss' else 'milvus'}"
+    engine_before = _bytes_under(lite_dir) if lite_dir else 0
+    import faiss
+    faiss.omp_set_num_threads(args.build_threads or args.threads)
     t0 = time.perf_counter()
     FingerprintIndex.build(out, EmbeddingSource(npy, "latent"), cfg=cfg, progress=False)
     build_s = time.perf_counter() - t0
+    faiss.omp_set_num_threads(args.threads)
+    engine_bytes = _bytes_under(lite_dir) - engine_before if lite_dir else None
     npy.unlink()
     t = time.perf_counter()
     truth_fresh, truth_near = exact_top(db, fresh, 10), exact_top(db, near, 10)
     exact_ms = (time.perf_counter() - t) / (2 * args.queries) * 1000
     del db
-    import faiss
-    disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) + (engine_bytes or 0)
     rows = []
-    sweep = args.nprobe if not fx.is_exact(fx.choose_factory(n, dim, cfg)) else [None]
+    with FingerprintIndex.open(out, verify_checksums=False) as probe:
+        sweep = args.nprobe if not probe.signals["latent"].exact else [None]
     for nprobe in sweep:
         # one breadth knob for both families: IVF nprobe, HNSW efSearch
         index = FingerprintIndex.open(out, verify_checksums=False,
@@ -143,11 +156,12 @@ def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
             t = time.perf_counter()
             index.protect_vectors("benchmark", item_id=f"bench-{i}", latent=vec)
             prot.append(time.perf_counter() - t)
+        described = sig.collection.describe()
         rows.append({
-            "n": n, "dim": dim, "factory": sig.info.factory, "nprobe": nprobe,
+            "n": n, "dim": dim, "backend": described["kind"], "factory": sig.info.factory, "nprobe": nprobe,
             "rerank_factor": None if sig.exact else args.rerank, "build_s": round(build_s, 1),
-            "disk_bytes_per_item": round(disk / n, 1),
-            "faiss_bytes_per_item": round(faiss.serialize_index(sig.index).nbytes / n, 1),
+            "disk_bytes_per_item": round(disk / n, 1) if lite_dir or backend == "faiss" else None,
+            "index_bytes_per_item": round(described["index_bytes"] / n, 1) if "index_bytes" in described else None,
             "recall_at_10_fresh": recall_fresh, "recall_at_10_near_copy": recall_near,
             "near_copy_source_at_1": source_hit,
             "search_1": _latency(index, fresh, 1, args.queries),
@@ -160,6 +174,11 @@ def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
             p.unlink()
         from guard.index.store import Registry
         Registry(out / "registry.sqlite", create=True).close()
+    if backend != "faiss":
+        from pymilvus import MilvusClient
+        client = MilvusClient(uri=sig.info.backend["uri"])
+        for info in FingerprintIndex.open(out, verify_checksums=False).manifest.signals.values():
+            client.drop_collection(info.backend["collection"])
     shutil.rmtree(out)
     return rows
 
@@ -167,14 +186,14 @@ def bench_size(n: int, dim: int, args, work: Path) -> list[dict]:
 def table(results: list[dict], threads: int) -> str:
     head = (f"index scale — faiss {threads} OpenMP thread(s), {platform.processor() or platform.machine()}, "
             "latencies of FingerprintIndex.search_latent (k=10, exact re-rank included)\n")
-    cols = ("n", "dim", "factory", "nprobe", "build_s", "disk B/item", "faiss B/item", "recall@10 fresh",
+    cols = ("n", "dim", "backend", "factory", "nprobe", "build_s", "disk B/item", "index B/item", "recall@10 fresh",
             "recall@10 near-copy", "source@1 near-copy",
             "1q p50 ms", "1q p99 ms", "64q p50 ms", "64q p99 ms", "protect p50 ms", "protect p99 ms")
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in results:
         lines.append(" | ".join(str(v) for v in (
-            r["n"], r["dim"], r["factory"], r["nprobe"], r["build_s"], r["disk_bytes_per_item"],
-            r["faiss_bytes_per_item"], r["recall_at_10_fresh"], r["recall_at_10_near_copy"], r["near_copy_source_at_1"], r["search_1"]["p50_ms"], r["search_1"]["p99_ms"], r["search_64"]["p50_ms"],
+            r["n"], r["dim"], r["backend"], r["factory"], r["nprobe"], r["build_s"], r["disk_bytes_per_item"],
+            r["index_bytes_per_item"], r["recall_at_10_fresh"], r["recall_at_10_near_copy"], r["near_copy_source_at_1"], r["search_1"]["p50_ms"], r["search_1"]["p99_ms"], r["search_64"]["p50_ms"],
             r["search_64"]["p99_ms"], r["protect"]["p50_ms"], r["protect"]["p99_ms"])))
     return head + "\n".join(lines)
 
@@ -185,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", type=int, nargs="+", default=[256])
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--protects", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
+    p.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads for searches")
+    p.add_argument("--build-threads", type=int, help="faiss OpenMP threads for builds (default: --threads)")
+    p.add_argument("--backend", nargs="+", choices=("faiss", "milvus"), default=["faiss"],
+                   help="vector backends to measure, side by side")
+    p.add_argument("--milvus-uri", help="a running Milvus (default: a milvus-lite server started for the run)")
+    p.add_argument("--milvus-index", help="Milvus index type (default: FLAT when small, HNSW above --exact-max)")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=IndexConfig.hnsw_ef_construction)
     p.add_argument("--factory", help="force a faiss factory string (default: chosen by size)")
     p.add_argument("--exact-max", type=int, default=50_000)
     p.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 128, 256], help="search breadth sweep: IVF nprobe, HNSW efSearch")
@@ -195,17 +221,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/index_scale.json"))
     args = p.parse_args(argv)
 
+    import os
+
     import faiss
     import torch
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="index_scale-", dir=args.workdir))
-    results = []
+    results, server = [], None
     try:
+        if "milvus" in args.backend and not args.milvus_uri:
+            from guard.index.backends.lite_server import start_lite_server
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)   # the server's faiss searches like ours
+            server = start_lite_server(work / "milvus")
         for dim in args.dims:
             for n in args.sizes:
-                results += bench_size(n, dim, args, work)
+                for backend in args.backend:
+                    uri = "faiss" if backend == "faiss" else args.milvus_uri or server.uri
+                    results += bench_size(n, dim, args, work, uri, server.data_dir / "db" if server and backend != "faiss" else None)
     finally:
+        if server:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     text = table(results, args.threads)
     print(text)

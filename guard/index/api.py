@@ -51,11 +51,12 @@ class ProtectionReceipt:
 
 class FingerprintIndex:
     def __init__(self, path: Path, manifest: Manifest, *, model_dir: Path | None = None, device: str = "cpu",
-                 latent_encoder=None, clip_encoder=None, overrides: dict | None = None,
+                 latent_encoder=None, clip_encoder=None, overrides: dict | None = None, backend: str | None = None,
                  registry: str | None = None, data_key: bytes | str | None = None):
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
-        self.signals = {name: SignalIndex(name, info, self.path, self.cfg) for name, info in manifest.signals.items()}
+        self.signals = {name: SignalIndex(name, info, self.path, self.cfg, backend)
+                        for name, info in manifest.signals.items()}
         self.maps = self._read_maps()
         self.items = ItemStore(self.path / ITEMS_DB)
         self.registry = open_registry(registry, self.path, key=DataKey.resolve(data_key))
@@ -70,9 +71,10 @@ class FingerprintIndex:
     @classmethod
     def open(cls, path: str | Path, *, verify_checksums: bool = True, **kwargs) -> "FingerprintIndex":
         """Open an index directory. Sizes of all files are always checked, sha256 unless told not to;
-        CorruptData names the first bad file. kwargs: model_dir, device, latent_encoder, clip_encoder,
-        overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
-        $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see guard.crypto)."""
+        CorruptData names the first bad file (or Milvus collection). kwargs: model_dir, device,
+        latent_encoder, clip_encoder, overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
+        $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see guard.crypto),
+        backend (another URI of the Milvus that holds the vectors; default: the one recorded at build)."""
         manifest = read_manifest(Path(path))
         check_files(Path(path), manifest, checksums=verify_checksums)
         return cls(Path(path), manifest, **kwargs)
@@ -92,6 +94,8 @@ class FingerprintIndex:
         return builder.run(restart=restart, stop_after=stop_after)
 
     def close(self) -> None:
+        for sig in self.signals.values():
+            sig.close()
         self.items.close()
         self.registry.close()
 
@@ -294,7 +298,7 @@ class FingerprintIndex:
         if q.shape[1] != sig.info.dim or not np.all(np.isfinite(q)):
             raise InvalidInput("fingerprints", f"must be finite with F={sig.info.dim}, got shape {tuple(q.shape)}")
         snap = self.snapshot()
-        rows, scores = sig.search(q, k)
+        rows, scores, train_vecs = sig.search_vectors(q, k)
         pvec = snap.vectors.get("latent", np.zeros((0, sig.info.dim), np.float32))
         psubjects = [row.subject for row in snap.rows.get("latent", [])]
         names = self.items.ids_of_rows(rows.ravel().tolist())
@@ -303,9 +307,6 @@ class FingerprintIndex:
         all_scores = np.concatenate([np.where(found, scores, -np.inf), q @ pvec.T], axis=1)
         kk = min(k, rows.shape[1] + len(pvec))
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :kk]
-        uniq = np.unique(rows[found])   # sorted: sequential reads of the memory-mapped vectors
-        train_vecs = sig.vectors[uniq]
-        lookup = {int(r): i for i, r in enumerate(uniq)}
         out_scores = np.take_along_axis(all_scores, order, axis=1).astype(np.float32)
         out_vecs = np.zeros((len(q), kk, sig.info.dim), np.float32)
         out_ids = []
@@ -316,7 +317,7 @@ class FingerprintIndex:
                     ids_b.append("")   # an approximate index returned fewer than k rows
                 elif c < rows.shape[1]:
                     ids_b.append(names[int(rows[b, c])])
-                    out_vecs[b, j] = train_vecs[lookup[int(rows[b, c])]]
+                    out_vecs[b, j] = train_vecs[b, c]
                 else:
                     ids_b.append(psubjects[c - rows.shape[1]])
                     out_vecs[b, j] = pvec[c - rows.shape[1]]

@@ -19,20 +19,40 @@ from pathlib import Path
 import numpy as np
 
 from guard.errors import InvalidInput
-from guard.index import factory as fx
+from guard.index import backends
 from guard.index.config import IndexConfig, Thresholds
 from guard.index.faces import FACE_DIM, FaceEmbedder
 from guard.index.manifest import MANIFEST, REGISTRY_DB, Manifest, SignalInfo, record_files, write_manifest
-from guard.index.pdq import PDQ_BITS, PDQ_BYTES, check_image, pdq_hash
+from guard.index.pdq import PDQ_BYTES, check_image, pdq_hash
 from guard.index.sources import SourceRecord
 from guard.index.store import ITEMS_SCHEMA, Registry, connect
-from guard.index.vectors import fsync_dir, normalize_rows, write_array, write_faiss
+from guard.index.vectors import PRIVATE, fsync_dir, normalize_rows, write_array
 
 log = logging.getLogger(__name__)
 STAGING = ".build"
 MAPS = "align"              # staging name of the latent maps (guard.index.align)
 MAPS_FILE = "align.npy"
 ITEMS_DB = "items.sqlite"
+
+
+def item_labels(conn, signal: str):
+    """labels(start, stop) → (item ids, metadata) of rows start..stop-1 of `signal`, from an items
+    database (the staging one during a build, items.sqlite in a migration): what Milvus stores
+    beside each vector. Face rows carry their item's id plus identity and box."""
+    def labels(start: int, stop: int) -> tuple[list[str], list[dict]]:
+        if signal == "face":
+            rows = conn.execute("SELECT i.item_id, f.identity, f.box, f.item_row FROM faces f JOIN items i "
+                                "ON i.row = f.item_row WHERE f.row >= ? AND f.row < ? ORDER BY f.row",
+                                (start, stop)).fetchall()
+            meta = [{"identity": ident, "box": json.loads(box), "item_row": r} for _, ident, box, r in rows]
+        else:
+            rows = conn.execute("SELECT item_id, source, caption FROM items WHERE row >= ? AND row < ? "
+                                "ORDER BY row", (start, stop)).fetchall()
+            meta = [{"source": src, "caption": cap} for _, src, cap in rows]
+        if len(rows) != stop - start:
+            raise InvalidInput("items", f"{signal} rows {start}..{stop - 1}: {len(rows)} items recorded")
+        return [r[0] for r in rows], meta
+    return labels
 
 
 @dataclass
@@ -59,6 +79,7 @@ class _Staging:
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.dir, self.widths = directory, widths
+        os.close(os.open(directory / "staging.sqlite", os.O_CREAT | os.O_WRONLY, PRIVATE))   # before its WAL exists
         self.db = connect(directory / "staging.sqlite", wal=True)
         self.db.executescript(ITEMS_SCHEMA)
         state = dict(self.db.execute("SELECT key, value FROM build_state").fetchall())
@@ -71,6 +92,7 @@ class _Staging:
         self.state = {k: (v if k == "spec" else int(v)) for k, v in state.items()}
         for signal in widths:   # drop anything appended after the last checkpoint
             path = self._raw(signal)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE))
             rows = self.state["face_rows" if signal == "face" else "rows"]
             with open(path, "ab") as f:
                 f.truncate(rows * self._row_bytes(signal))
@@ -258,9 +280,12 @@ class IndexBuilder:
             raise InvalidInput("source", "no readable item: nothing to index "
                                          f"({stage.state['skipped']} skipped; see the build report)")
         signals: dict[str, SignalInfo] = {}
+        milvus = backends.parse_backend(self.cfg.backend).kind == "milvus"
+        prefix = _new_prefix(self.cfg) if milvus else None   # one prefix names all of this index's collections
         for signal in self.widths:
             if signal != MAPS:
-                signals[signal] = self._write_signal(signal, stage.array(signal))
+                signals[signal] = backends.write_signal(self.out, signal, stage.array(signal), self.cfg, prefix,
+                                                        item_labels(stage.db, signal), self.progress)
         maps = None
         if MAPS in self.widths:   # stored for the aligned re-score only: no faiss index
             write_array(self.out / MAPS_FILE, stage.array(MAPS))
@@ -270,12 +295,13 @@ class IndexBuilder:
         tmp = self.out / f".{ITEMS_DB}.tmp"
         tmp.unlink(missing_ok=True)
         stage.db.execute("VACUUM INTO ?", (str(tmp),))
+        os.chmod(tmp, PRIVATE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, items_path)
         Registry(self.out / REGISTRY_DB, create=True).close()
-        names = sorted({ITEMS_DB} | {s.vectors for s in signals.values()} | {s.index for s in signals.values()}
-                       | ({MAPS_FILE} if maps else set()))
+        os.chmod(self.out / REGISTRY_DB, PRIVATE)   # SQLite gives its -wal and -shm files the same mode
+        names = sorted({ITEMS_DB} | {f for s in signals.values() for f in s.files} | ({MAPS_FILE} if maps else set()))
         manifest = Manifest(
             signals=signals,
             models={k: getattr(self, k).describe() for k in ("latent", "clip") if getattr(self, k)}
@@ -288,17 +314,7 @@ class IndexBuilder:
         write_manifest(self.out, manifest)
         return True
 
-    def _write_signal(self, signal: str, array: np.ndarray) -> SignalInfo:
-        vec_name, idx_name = f"{signal}.npy", f"{signal}.faiss"
-        write_array(self.out / vec_name, array)
-        if signal == "pdq":
-            index = fx.make_binary_index(PDQ_BITS)
-            index.add(np.ascontiguousarray(array))
-            write_faiss(self.out / idx_name, index)
-            return SignalInfo(PDQ_BITS, len(array), fx.BINARY_FACTORY, vec_name, idx_name)
-        override = self.cfg.face_factory if signal == "face" else self.cfg.factory
-        factory = fx.choose_factory(len(array), array.shape[1], self.cfg, override)
-        field_name = "face_factory" if signal == "face" else "factory"
-        index = fx.build_float_index(array, factory, self.cfg, field_name, "l2" if signal == "face" else "ip")
-        write_faiss(self.out / idx_name, index)
-        return SignalInfo(int(array.shape[1]), len(array), factory, vec_name, idx_name)
+
+def _new_prefix(cfg: IndexConfig) -> str:
+    from guard.index.backends.milvus_store import new_prefix
+    return new_prefix(cfg)

@@ -1,4 +1,4 @@
-"""`memguard index build | stats | verify | calibrate | screen | protect | unprotect` (all take --json)."""
+"""`memguard index build | migrate | stats | verify | calibrate | screen | protect | unprotect` (all take --json)."""
 from __future__ import annotations
 
 import argparse
@@ -25,11 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factory", help="faiss factory string for latent/clip (default: chosen from size)")
     p.add_argument("--face-factory", help="faiss factory string for face descriptors")
     p.add_argument("--exact-max", type=int, help="largest index kept exact when no factory is given")
+    _backend_args(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--no-faces", action="store_true", help="do not detect or index faces")
     p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
     p.add_argument("--stop-after", type=int, help="stop after this many input records (resume later)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = _cmd(ix, "migrate", _migrate, "copy a faiss index into Milvus (a new index directory)")
+    p.add_argument("src", type=Path, help="faiss-backed index directory")
+    p.add_argument("--out", type=Path, help="new index directory (default: SRC-milvus beside SRC)")
+    _backend_args(p, required=True)
     p.add_argument("--no-progress", action="store_true")
 
     p = _cmd(ix, "stats", _stats, "counts, dimensions, factory strings, thresholds")
@@ -81,6 +88,19 @@ def _source_args(p) -> None:
     p.add_argument("--shards", type=Path, nargs="+", help="webdataset-style .tar shards")
 
 
+def _backend_args(p, required: bool = False) -> None:
+    p.add_argument("--backend", required=required, help="where vectors live: faiss (default), milvus://HOST:PORT, "
+                                                        "http(s)://HOST:PORT, or a milvus-lite FILE.db")
+    p.add_argument("--milvus-index", help="Milvus index type: FLAT, HNSW, HNSW_SQ, IVF_FLAT, IVF_SQ8, IVF_PQ "
+                                          "(default: FLAT when small, HNSW above --exact-max)")
+    p.add_argument("--milvus-prefix", help="collection name prefix (default: mg_<random>)")
+
+
+def _backend_changes(args) -> dict:
+    return {k: v for k, v in (("backend", args.backend), ("milvus_index", args.milvus_index),
+                              ("milvus_prefix", args.milvus_prefix)) if v}
+
+
 def _open_args(p) -> None:
     p.add_argument("--model", type=Path, help="VAE/pipeline directory (default: the one recorded at build)")
     p.add_argument("--device", default="cpu")
@@ -115,7 +135,7 @@ def _build(args) -> int:
     cfg = IndexConfig(faces=not args.no_faces)
     changes = {k: v for k, v in (("factory", args.factory), ("face_factory", args.face_factory),
                                  ("exact_max_items", args.exact_max), ("batch_size", args.batch_size)) if v}
-    cfg = replace(cfg, **changes)
+    cfg = replace(cfg, **changes, **_backend_changes(args))
     report = FingerprintIndex.build(args.out, _source(args), model_dir=args.model, clip_model=args.clip_model,
                                     clip_weights=args.clip_weights, cfg=cfg, device=args.device,
                                     progress=not (args.no_progress or args.json), restart=args.restart,
@@ -124,6 +144,17 @@ def _build(args) -> int:
     skipped = "".join(f"\n  skipped {s['ref']}: {s['error']}" for s in report.skipped_examples)
     _emit(args, report.to_json(), f"{state}: {report.out}: {report.items} items, {report.faces} faces, "
                                   f"{report.skipped} skipped in {report.seconds:.1f} s{skipped}")
+    return 0
+
+
+def _migrate(args) -> int:
+    from guard.index.migrate import migrate
+    out = args.out or args.src.with_name(f"{args.src.name}-milvus")
+    report = migrate(args.src, out, args.backend, changes=_backend_changes(args),
+                     progress=not (args.no_progress or args.json))
+    lines = [f"migrated {args.src} → {report['out']} on {report['backend']} in {report['seconds']:.1f} s"]
+    lines += [f"  {s}: {i['count']} rows in {i['collection']} ({i['index_type']})" for s, i in report["signals"].items()]
+    _emit(args, report, "\n".join(lines))
     return 0
 
 

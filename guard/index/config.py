@@ -23,6 +23,12 @@ class IndexConfig:
     nprobe / hnsw_ef: search-time breadth of IVF / HNSW indexes.
     rerank_factor: an approximate index returns k·rerank_factor candidates, which are re-scored
         exactly against the stored vectors, so returned scores are always exact cosines.
+    backend: where the vectors live (guard.index.backends): "faiss" (files in the index directory,
+        the embedded default), "milvus://HOST:PORT" / "http(s)://…" (a Milvus server) or a
+        milvus-lite "….db" path. Items metadata, the registry and the manifest stay in the directory.
+    milvus_index: Milvus index type (FLAT, HNSW, HNSW_SQ, IVF_FLAT, IVF_SQ8, IVF_PQ); None = FLAT up
+        to exact_max_items, HNSW above. Build parameters: hnsw_m, hnsw_ef_construction (HNSW),
+        nlist from the size as for faiss (IVF); search: hnsw_ef, nprobe. Recorded in the manifest.
     """
     factory: str | None = None
     face_factory: str | None = None
@@ -38,6 +44,12 @@ class IndexConfig:
     face_upscale_to: int = 400          # small images are upscaled so their short side reaches this
     max_face_upscale: int = 8
     seed: int = 0
+    backend: str = "faiss"
+    milvus_index: str | None = None
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    milvus_batch_size: int = 4096       # rows per insert when streaming into Milvus
+    milvus_prefix: str | None = None    # collection names {prefix}_{signal}; None = mg_<random>
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,19 @@ REGISTRY_DB = "registry.sqlite"   # mutable: protections and the mutation log
 
 @dataclass
 class SignalInfo:
-    """One signal's stored vectors: `count` rows of `dim` (bits for pdq) in `vectors`, searched by `index`."""
+    """One signal's stored vectors: `count` rows of `dim` (bits for pdq) in `vectors`, searched by `index`
+    (file names; empty when the vectors live in Milvus). backend: {"kind": "faiss"} or, for Milvus,
+    its URI, collection, index type, metric, build and search parameters."""
     dim: int
     count: int
     factory: str
     vectors: str
     index: str
+    backend: dict = field(default_factory=lambda: {"kind": "faiss"})
+
+    @property
+    def files(self) -> list[str]:
+        return [name for name in (self.vectors, self.index) if name]
 
 
 @dataclass

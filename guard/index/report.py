@@ -13,6 +13,11 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def _where(path: Path, sig) -> str:
+    """The file or Milvus collection that holds a signal's vectors, for error messages."""
+    return str(path / sig.info.vectors) if sig.info.vectors else f"Milvus collection {sig.info.backend['collection']}"
+
+
 def index_stats(index) -> dict:
     """Counts, dimensions, factory strings, thresholds, models, bytes on disk."""
     counts = dict(index.manifest.counts) | index.registry.counts()
@@ -24,8 +29,8 @@ def index_stats(index) -> dict:
         "counts": counts,
         "signals": {name: {"dim": s.info.dim, "count": s.count, "factory": s.info.factory,
                            "exact": s.exact, "protected": index.protected.count(name),
-                           "bytes": (index.path / s.info.vectors).stat().st_size
-                           + (index.path / s.info.index).stat().st_size}
+                           "bytes": sum((index.path / f).stat().st_size for f in s.info.files),
+                           "backend": s.collection.describe()}
                     for name, s in index.signals.items()},
         "maps": None if index.maps is None else index.manifest.maps
         | {"bytes": (index.path / index.manifest.maps["file"]).stat().st_size},
@@ -57,15 +62,18 @@ def verify_index(index) -> dict:
     for name, sig in index.signals.items():
         want = db_counts["faces" if name == "face" else "items"]
         if sig.count != want:
-            raise CorruptData(f"{path / sig.info.vectors}: {sig.count} rows, {index.items.path.name} has {want}")
+            raise CorruptData(f"{_where(path, sig)}: {sig.count} rows, {index.items.path.name} has {want}")
         if name in ("latent", "clip"):
             norms = np.linalg.norm(np.asarray(sig.vectors[: min(sig.count, 10_000)], np.float32), axis=1)
             if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
-                raise CorruptData(f"{path / sig.info.vectors}: rows are not unit vectors")
+                raise CorruptData(f"{_where(path, sig)}: rows are not unit vectors")
     if index.maps is not None and len(index.maps) != db_counts["items"]:
         raise CorruptData(f"{path / index.manifest.maps['file']}: {len(index.maps)} rows, "
                           f"{index.items.path.name} has {db_counts['items']}")
-    checks.append("row counts agree across manifest, items.sqlite, vector files and faiss indexes")
+    for name, sig in index.signals.items():   # what searches can reach (faiss tombstones, Milvus deletes)
+        if sig.collection.count() != sig.count:
+            raise CorruptData(f"{_where(path, sig)}: {sig.collection.count()} searchable rows, manifest says {sig.count}")
+    checks.append("row counts agree across manifest, items.sqlite, vector files and vector indexes")
     seq, active = index.registry.active()
     for prot in active:
         for signal, entries in prot.vectors.items():

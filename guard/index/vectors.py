@@ -16,6 +16,8 @@ import numpy as np
 
 from guard.errors import CorruptData
 
+PRIVATE = 0o600   # index files hold fingerprints and biometric descriptors: owner only (issue 14)
+
 
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -27,11 +29,13 @@ def fsync_dir(directory: Path) -> None:
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success fsync it and rename it over `target`."""
+    """Yield a temporary path beside `target`; on success make it owner-only (0600), fsync it and
+    rename it over `target`."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, PRIVATE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)

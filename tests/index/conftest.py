@@ -1,11 +1,15 @@
-"""Shared fixtures: a random-weight VAE, a slice of the testbed training set, one built index.
+"""Shared fixtures: a random-weight VAE, a slice of the testbed training set, one built index per backend.
 
-The index is built once per session (about 70 items incl. the 8 photos, 2 with faces); tests that
-change it work on a copy (`index_dir`). Nothing here needs the trained testbed model.
+The index is built once per session and backend (about 70 items incl. the 8 photos, 2 with
+faces); tests that change it work on a copy (`index_dir`; a copy of a Milvus-backed index shares
+its collections, which searches only read). Every test that takes `backend`, `built_index`,
+`index_dir` or `index` runs on both backends: faiss files, and Milvus through a real milvus-lite
+server process started once per session. Nothing here needs the trained testbed model.
 """
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +50,49 @@ def image_folder(tmp_path_factory, items) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_index(tmp_path_factory, image_folder, vae_dir) -> Path:
-    out = tmp_path_factory.mktemp("built") / "index"
-    report = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir,
-                                    cfg=IndexConfig(batch_size=16), progress=False)
-    assert report.finished and report.skipped == 0
-    return out
+def milvus_uri(tmp_path_factory):
+    """A milvus-lite server on a free loopback port for the whole session (its own process)."""
+    from guard.index.backends.lite_server import start_lite_server
+    server = start_lite_server(tmp_path_factory.mktemp("milvus"))
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["faiss", "milvus"])
+def backend(request) -> str:
+    """The vector backend URI of IndexConfig.backend: "faiss", or the session's milvus-lite server."""
+    return "faiss" if request.param == "faiss" else request.getfixturevalue("milvus_uri")
+
+
+def on(backend: str, cfg: IndexConfig = IndexConfig()) -> IndexConfig:
+    return replace(cfg, backend=backend)
+
+
+@pytest.fixture(scope="session")
+def build_on(tmp_path_factory, image_folder, vae_dir):
+    """backend → the session's index built there (each built once)."""
+    built: dict[str, Path] = {}
+
+    def build(backend: str) -> Path:
+        if backend not in built:
+            out = tmp_path_factory.mktemp("built") / "index"
+            report = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir,
+                                            cfg=on(backend, IndexConfig(batch_size=16)), progress=False)
+            assert report.finished and report.skipped == 0
+            built[backend] = out
+        return built[backend]
+    return build
+
+
+@pytest.fixture(scope="session")
+def built_index(build_on, backend) -> Path:
+    return build_on(backend)
+
+
+@pytest.fixture
+def faiss_index_dir(build_on, tmp_path) -> Path:
+    """A private copy of the faiss-built index: for tests about the faiss files themselves."""
+    return Path(shutil.copytree(build_on("faiss"), tmp_path / "index"))
 
 
 @pytest.fixture

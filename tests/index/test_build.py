@@ -13,13 +13,16 @@ from guard.index.config import IndexConfig
 from guard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
 from guard.testbed.dataset import write_image_folder
 
+from tests.index.conftest import on
 
-def test_stats_and_verify_of_a_fresh_build(index, items):
+
+def test_stats_and_verify_of_a_fresh_build(index, items, backend):
     stats = index.stats()
     assert stats["counts"]["items"] == len(items)
     assert stats["counts"]["faces"] >= 2          # astronaut and grace hopper
     assert stats["signals"]["latent"]["dim"] == 256 and stats["signals"]["latent"]["count"] == len(items)
-    assert stats["signals"]["latent"]["factory"] == "Flat"
+    assert stats["signals"]["latent"]["factory"] == ("Flat" if backend == "faiss" else "milvus:FLAT")
+    assert stats["signals"]["latent"]["backend"]["kind"] == ("faiss" if backend == "faiss" else "milvus")
     assert stats["signals"]["pdq"]["dim"] == 256 and stats["signals"]["face"]["dim"] == 128
     assert stats["thresholds"]["calibrated"] is False
     assert index.verify()["ok"]
@@ -36,7 +39,7 @@ def test_stored_fingerprints_are_the_encoder_output(index, items):
     assert meta["caption"] == items[-1].caption and meta["meta"]["kind"] == "photo"
 
 
-def test_unreadable_inputs_are_skipped_counted_and_listed(tmp_path, items, vae_dir):
+def test_unreadable_inputs_are_skipped_counted_and_listed(tmp_path, items, vae_dir, backend):
     folder = write_image_folder(items[:12], tmp_path / "imgs")
     (folder / items[3].item_id).with_suffix(".png").write_bytes(b"\x89PNG broken")
     (folder / items[5].item_id).with_suffix(".png").unlink()
@@ -44,7 +47,7 @@ def test_unreadable_inputs_are_skipped_counted_and_listed(tmp_path, items, vae_d
         f.write("{this is not json\n")
         f.write(json.dumps({"file": f"{items[0].item_id}.png", "item_id": items[0].item_id}) + "\n")
     report = FingerprintIndex.build(tmp_path / "ix", ImageFolderSource(folder), model_dir=vae_dir,
-                                    cfg=IndexConfig(faces=False), progress=False)
+                                    cfg=on(backend, IndexConfig(faces=False)), progress=False)
     assert report.finished and report.items == 10 and report.skipped == 4
     errors = " | ".join(s["error"] for s in report.skipped_examples)
     for expected in ("not a recognised image", "image missing", "bad captions line", "duplicate item_id"):
@@ -53,9 +56,9 @@ def test_unreadable_inputs_are_skipped_counted_and_listed(tmp_path, items, vae_d
         assert ix.stats()["counts"]["skipped"] == 4 and ix.items.skipped()[0]["ref"].endswith(".png")
 
 
-def test_a_resumed_build_equals_a_one_shot_build(tmp_path, image_folder, built_index, vae_dir):
+def test_a_resumed_build_equals_a_one_shot_build(tmp_path, image_folder, built_index, vae_dir, backend):
     out = tmp_path / "resumed"
-    cfg = IndexConfig(batch_size=16)
+    cfg = on(backend, IndexConfig(batch_size=16))
     first = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir, cfg=cfg,
                                    progress=False, stop_after=21)
     assert not first.finished and first.items == 21
@@ -64,10 +67,10 @@ def test_a_resumed_build_equals_a_one_shot_build(tmp_path, image_folder, built_i
         f.write(b"\0" * 1024)
     second = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir, cfg=cfg, progress=False)
     assert second.finished and second.resumed_from == 21
-    for name in ("pdq.npy", "face.npy"):
-        np.testing.assert_array_equal(np.load(out / name), np.load(built_index / name))
-    np.testing.assert_allclose(np.load(out / "latent.npy"), np.load(built_index / "latent.npy"), atol=1e-4)
     with FingerprintIndex.open(out) as a, FingerprintIndex.open(built_index) as b:
+        for name in ("pdq", "face"):
+            np.testing.assert_array_equal(a.signals[name].vectors[:], b.signals[name].vectors[:])
+        np.testing.assert_allclose(a.signals["latent"].vectors[:], b.signals["latent"].vectors[:], atol=1e-4)
         assert a.items.ids_of_rows(list(range(70))) == b.items.ids_of_rows(list(range(70)))
         assert a.verify()["ok"]
 
@@ -99,10 +102,10 @@ def _tar(path, items, broken=False):
     return path
 
 
-def test_webdataset_shards_give_the_same_fingerprints(tmp_path, items, built_index, vae_dir):
+def test_webdataset_shards_give_the_same_fingerprints(tmp_path, items, built_index, vae_dir, backend):
     shards = [_tar(tmp_path / "a.tar", items[:5]), _tar(tmp_path / "b.tar", items[5:9], broken=True)]
     report = FingerprintIndex.build(tmp_path / "ix", TarShardSource(shards), model_dir=vae_dir,
-                                    cfg=IndexConfig(faces=False), progress=False)
+                                    cfg=on(backend, IndexConfig(faces=False)), progress=False)
     assert report.items == 8 and report.skipped == 1 and "b.tar" in report.skipped_examples[0]["ref"]
     with FingerprintIndex.open(tmp_path / "ix") as ix, FingerprintIndex.open(built_index) as ref:
         for item in items[:5]:
@@ -113,7 +116,7 @@ def test_webdataset_shards_give_the_same_fingerprints(tmp_path, items, built_ind
         assert meta["caption"] == items[0].caption and meta["meta"] == {"licence": "cc-by", "consent": True}
 
 
-def test_precomputed_embeddings_npy_and_parquet(tmp_path):
+def test_precomputed_embeddings_npy_and_parquet(tmp_path, backend):
     rng = np.random.default_rng(5)
     vecs = rng.standard_normal((300, 48)).astype(np.float32)
     vecs[7] = 0.0                                   # an unusable row: skipped and listed
@@ -122,7 +125,7 @@ def test_precomputed_embeddings_npy_and_parquet(tmp_path):
         for i in range(300):
             f.write(json.dumps({"key": f"laion-{i}", "caption": f"cap {i}", "url": f"http://x/{i}.jpg"}) + "\n")
     report = FingerprintIndex.build(tmp_path / "npy", EmbeddingSource(tmp_path / "e.npy", "clip", tmp_path / "e.jsonl"),
-                                    progress=False)
+                                    cfg=on(backend), progress=False)
     assert report.items == 299 and report.skipped == 1
     with FingerprintIndex.open(tmp_path / "npy") as ix:
         assert set(ix.signals) == {"clip"}
@@ -136,7 +139,8 @@ def test_precomputed_embeddings_npy_and_parquet(tmp_path):
     table = pa.table({"key": [f"p-{i}" for i in range(300)], "caption": ["c"] * 300,
                       "embedding": [v.tolist() for v in vecs]})
     pq.write_table(table, tmp_path / "e.parquet")
-    report = FingerprintIndex.build(tmp_path / "pq", EmbeddingSource(tmp_path / "e.parquet", "clip"), progress=False)
+    report = FingerprintIndex.build(tmp_path / "pq", EmbeddingSource(tmp_path / "e.parquet", "clip"), cfg=on(backend),
+                                    progress=False)
     assert report.items == 299
-    with FingerprintIndex.open(tmp_path / "pq") as ix:
-        np.testing.assert_allclose(np.load(tmp_path / "npy" / "clip.npy"), ix.signals["clip"].vectors, atol=1e-6)
+    with FingerprintIndex.open(tmp_path / "pq") as ix, FingerprintIndex.open(tmp_path / "npy") as ref:
+        np.testing.assert_allclose(ref.signals["clip"].vectors[:], ix.signals["clip"].vectors[:], atol=1e-6)

@@ -13,12 +13,12 @@ from guard.index.signals import SignalIndex
 from guard.index.vectors import normalize_rows, write_array, write_faiss
 
 
-def test_small_collections_are_exact_large_ones_ivf_pq():
+def test_small_collections_are_exact_large_ones_a_graph():
     cfg = IndexConfig(exact_max_items=1000)
     assert fx.choose_factory(1000, 256, cfg) == "Flat"
-    big = fx.choose_factory(1_000_000, 256, cfg)
-    assert big == "IVF4096,PQ128x4fs"
-    nlist = int(fx.choose_factory(5000, 256, cfg).split(",")[0][3:])
+    assert fx.choose_factory(1_000_000, 256, cfg) == "HNSW32,Flat"
+    assert fx.ivf_pq_factory(1_000_000, 256) == "IVF4096,PQ128x4fs"
+    nlist = int(fx.ivf_pq_factory(5000, 256).split(",")[0][3:])
     assert nlist * fx.MIN_TRAIN_PER_LIST <= 5000 and nlist & (nlist - 1) == 0
 
 
@@ -38,7 +38,7 @@ def test_approximate_index_returns_exact_reranked_cosines(tmp_path):
     centres = normalize_rows(rng.standard_normal((20, 64)))
     data = normalize_rows(centres[rng.integers(0, 20, 4000)] + 0.3 * rng.standard_normal((4000, 64)) / 8)
     cfg = IndexConfig(exact_max_items=100, nprobe=8, rerank_factor=10)
-    factory = fx.choose_factory(len(data), 64, cfg)
+    factory = fx.ivf_pq_factory(len(data), 64)
     assert not fx.is_exact(factory)
     index = fx.build_float_index(data, factory, cfg)
     write_array(tmp_path / "v.npy", data)

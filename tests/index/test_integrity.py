@@ -1,11 +1,17 @@
-"""A corrupted, truncated or unfinished index is never loaded; the error names the file."""
+"""A corrupted, truncated or unfinished index is never loaded; the error names the file or collection."""
 import json
 
 import pytest
 
 from guard.errors import CorruptData
 from guard.index.api import FingerprintIndex
+from guard.index.config import IndexConfig
 from guard.index.sources import ImageFolderSource
+from tests.index.conftest import on
+
+# files every index directory holds whatever the backend, and the faiss backend's vector files
+SHARED_FILES = ["items.sqlite", "align.npy"]
+FAISS_FILES = ["latent.npy", "latent.faiss", "pdq.npy", "face.faiss"]
 
 
 def _flip_byte(path, offset_from_end=100):
@@ -14,15 +20,23 @@ def _flip_byte(path, offset_from_end=100):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["latent.npy", "latent.faiss", "pdq.npy", "face.faiss", "items.sqlite"])
+@pytest.mark.parametrize("name", SHARED_FILES)
 def test_a_flipped_byte_is_caught_by_the_checksum(index_dir, name):
     _flip_byte(index_dir / name)
     with pytest.raises(CorruptData, match=name.replace(".", r"\.")):
         FingerprintIndex.open(index_dir)
 
 
+@pytest.mark.parametrize("name", FAISS_FILES)
+def test_a_flipped_byte_in_a_faiss_file_is_caught_by_the_checksum(faiss_index_dir, name):
+    _flip_byte(faiss_index_dir / name)
+    with pytest.raises(CorruptData, match=name.replace(".", r"\.")):
+        FingerprintIndex.open(faiss_index_dir)
+
+
 @pytest.mark.parametrize("name", ["latent.npy", "latent.faiss", "pdq.faiss"])
-def test_a_truncated_file_is_caught_even_without_checksums(index_dir, name):
+def test_a_truncated_file_is_caught_even_without_checksums(faiss_index_dir, name):
+    index_dir = faiss_index_dir
     path = index_dir / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptData, match=name.replace(".", r"\.")) as err:
@@ -30,7 +44,8 @@ def test_a_truncated_file_is_caught_even_without_checksums(index_dir, name):
     assert "truncated" in str(err.value)
 
 
-def test_a_garbled_faiss_file_is_reported_by_name_when_checksums_are_skipped(index_dir):
+def test_a_garbled_faiss_file_is_reported_by_name_when_checksums_are_skipped(faiss_index_dir):
+    index_dir = faiss_index_dir
     path = index_dir / "latent.faiss"
     data = bytearray(path.read_bytes())
     data[:8] = b"GARBAGE!"
@@ -60,10 +75,36 @@ def test_a_corrupt_registry_names_the_database(index_dir):
         FingerprintIndex.open(index_dir)
 
 
-def test_an_unfinished_build_is_not_loadable(tmp_path, image_folder, vae_dir):
+def test_an_unfinished_build_is_not_loadable(tmp_path, image_folder, vae_dir, backend):
     out = tmp_path / "partial"
     report = FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir, progress=False,
-                                    stop_after=10)
+                                    stop_after=10, cfg=on(backend))
     assert not report.finished and report.items == 10
     with pytest.raises(CorruptData, match="unfinished build"):
         FingerprintIndex.open(out)
+
+
+def _milvus_collection(built_index, signal):
+    manifest = json.loads((built_index / "manifest.json").read_text())
+    return manifest["signals"][signal]["backend"]
+
+
+def test_a_milvus_collection_that_lost_rows_or_vanished_is_named(tmp_path, image_folder, vae_dir, milvus_uri):
+    from pymilvus import MilvusClient
+    out = tmp_path / "ix"
+    FingerprintIndex.build(out, ImageFolderSource(image_folder), model_dir=vae_dir, progress=False,
+                           cfg=on(milvus_uri, IndexConfig(faces=False, align_maps=False)))
+    info = _milvus_collection(out, "pdq")
+    client = MilvusClient(uri=milvus_uri)
+    client.delete(info["collection"], ids=[3])
+    with pytest.raises(CorruptData, match=rf"{info['collection']}.*holds \d+ rows, manifest says"):
+        FingerprintIndex.open(out)
+    client.drop_collection(info["collection"])
+    with pytest.raises(CorruptData, match=rf"{info['collection']}.*missing"):
+        FingerprintIndex.open(out)
+
+
+def test_index_files_are_private(built_index):
+    """Fingerprints and face descriptors: owner read/write only (issue 14)."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in built_index.iterdir() if p.is_file()}
+    assert modes and all(m == 0o600 for m in modes.values()), modes
