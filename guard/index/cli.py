@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-faces", action="store_true", help="do not detect or index faces")
     p.add_argument("--restart", action="store_true", help="discard an unfinished build instead of resuming it")
     p.add_argument("--stop-after", type=int, help="stop after this many input records (resume later)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="index identical images once per record (default: fold them into one item with a count)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="leave the screen thresholds uncalibrated (default: calibrate them after the build)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
 
@@ -55,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--face-negatives", type=Path, help="folder of other people's faces (default: skimage LFW)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave the manifest unchanged")
     _open_args(p)
+
+    p = _cmd(ix, "duplicates", _duplicates, "near-duplicate clusters of the training set (size, members, captions)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--min-size", type=int, default=2, help="smallest cluster listed, in training records")
+    p.add_argument("--neighbours", type=int, default=8, help="nearest items checked per item")
 
     p = _cmd(ix, "screen", _screen, "screen image files for copies and faces")
     p.add_argument("dir", type=Path)
@@ -116,10 +125,12 @@ def _source(args):
     if len(given) != 1:
         raise InvalidInput("source", "give exactly one of --images, --shards" +
                            (", --embeddings" if hasattr(args, "embeddings") else ""))
-    if args.images:
-        return ImageFolderSource(args.images)
-    if args.shards:
-        return TarShardSource(args.shards)
+    if args.images or args.shards:
+        source = ImageFolderSource(args.images) if args.images else TarShardSource(args.shards)
+        if getattr(args, "keep_duplicates", True):
+            return source
+        from guard.index.duplicates import DedupedSource
+        return DedupedSource(source)
     return EmbeddingSource(args.embeddings, args.embedding_signal, args.embedding_meta)
 
 
@@ -142,8 +153,30 @@ def _build(args) -> int:
                                     stop_after=args.stop_after)
     state = "built" if report.finished else "stopped (resume with the same command)"
     skipped = "".join(f"\n  skipped {s['ref']}: {s['error']}" for s in report.skipped_examples)
-    _emit(args, report.to_json(), f"{state}: {report.out}: {report.items} items, {report.faces} faces, "
-                                  f"{report.skipped} skipped in {report.seconds:.1f} s{skipped}")
+    text = (f"{state}: {report.out}: {report.items} items, {report.faces} faces, "
+            f"{report.skipped} skipped in {report.seconds:.1f} s{skipped}")
+    doc = report.to_json()
+    if report.finished and not args.no_calibrate and (args.images or args.shards):
+        # one flow, nothing left uncalibrated: the screen's thresholds come from this training set
+        from guard.index.calibrate import CalibrationConfig, calibrate
+        with FingerprintIndex.open(args.out, model_dir=args.model, device=args.device) as index:
+            cal = calibrate(index, _source(args), cfg=CalibrationConfig(), progress=not (args.no_progress or args.json))
+        doc["calibration"] = {"thresholds": cal.get("thresholds"), "combined_tpr": cal.get("combined_tpr")}
+        text += f"\nscreen thresholds calibrated (false-match rate 0.01): {cal.get('thresholds')}"
+    elif report.finished:
+        text += "\nWARNING: screen thresholds are uncalibrated defaults; run `memguard index calibrate`"
+    _emit(args, doc, text)
+    return 0
+
+
+def _duplicates(args) -> int:
+    from guard.index.duplicates import clusters_table, find_clusters
+    with _open(args) as index:
+        clusters = find_clusters(index, min_size=args.min_size, neighbours=args.neighbours)
+    records = sum(c.size for c in clusters)
+    _emit(args, {"clusters": [c.to_json() for c in clusters], "count": len(clusters), "records": records},
+          f"{len(clusters)} clusters of ≥ {args.min_size} training records ({records} records in all)\n"
+          + clusters_table(clusters))
     return 0
 
 
