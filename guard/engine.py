@@ -101,9 +101,11 @@ class GenerationEngine(Protocol):
     def screen(self, image: np.ndarray) -> ScreenOutcome:
         """uint8 [H, W, 3] → verdict; raises ScreeningUnavailable when it cannot screen."""
 
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str: ...
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None, *,
+                      idempotency_key: str | None = None) -> str: ...
 
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str: ...
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str, *,
+                     idempotency_key: str | None = None) -> str: ...
 
     def unprotect(self, item_id: str, reason: str) -> bool: ...
 
@@ -178,12 +180,16 @@ class IndexGateway:
             raise ScreeningUnavailable(f"index screen failed: {type(exc).__name__}") from exc
         return to_screen_outcome(result)
 
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
-        receipt = self._require("protect an image").protect_image(image, reason, item_id=item_id)
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None, *,
+                      idempotency_key: str | None = None) -> str:
+        receipt = self._require("protect an image").protect_image(image, reason, item_id=item_id,
+                                                                  idempotency_key=idempotency_key)
         return str(getattr(receipt, "pid", receipt))
 
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
-        receipt = self._require("protect a face").protect_face(images, identity, reason)
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str, *,
+                     idempotency_key: str | None = None) -> str:
+        receipt = self._require("protect a face").protect_face(images, identity, reason,
+                                                               idempotency_key=idempotency_key)
         return str(getattr(receipt, "pid", receipt))
 
     def unprotect(self, item_id: str, reason: str) -> bool:
@@ -286,11 +292,13 @@ class IndexedEngine:
             self._pending.screen_seconds.append(time.perf_counter() - t0)
         return outcome
 
-    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None) -> str:
-        return self.index.protect_image(image, reason, item_id)
+    def protect_image(self, image: np.ndarray, reason: str, item_id: str | None = None, *,
+                      idempotency_key: str | None = None) -> str:
+        return self.index.protect_image(image, reason, item_id, idempotency_key=idempotency_key)
 
-    def protect_face(self, images: list[np.ndarray], identity: str, reason: str) -> str:
-        return self.index.protect_face(images, identity, reason)
+    def protect_face(self, images: list[np.ndarray], identity: str, reason: str, *,
+                     idempotency_key: str | None = None) -> str:
+        return self.index.protect_face(images, identity, reason, idempotency_key=idempotency_key)
 
     def unprotect(self, item_id: str, reason: str) -> bool:
         return self.index.unprotect(item_id, reason)

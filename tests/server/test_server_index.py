@@ -86,3 +86,19 @@ def test_protect_takes_effect_at_once_and_unprotect_lifts_it(indexed):
         assert removed.removed and not screen()
     assert metric(server, "memguard_protect_operations_total", operation="protect_image", outcome="ok") == 1
     assert metric(server, "memguard_protect_operations_total", operation="unprotect", outcome="ok") == 1
+
+
+def test_protect_retried_with_its_idempotency_key_makes_one_protection(indexed):
+    """A client retry after a lost reply returns the first receipt instead of a duplicate."""
+    server, _, keys, rng = indexed
+    png = encode_png(smooth_image(rng))
+    request = admin_pb2.ProtectRequest(image=admin_pb2.ProtectImage(image=png), reason="takedown #9",
+                                       idempotency_key="client-retry-0001")
+    with channel(server) as ch:
+        admin = admin_pb2_grpc.IndexAdminStub(ch)
+        before = admin.GetIndexStats(admin_pb2.GetIndexStatsRequest(), metadata=auth(keys["admin"])).protected_items
+        first = admin.Protect(request, metadata=auth(keys["admin"]))
+        again = admin.Protect(request, metadata=auth(keys["admin"]))
+        after = admin.GetIndexStats(admin_pb2.GetIndexStatsRequest(), metadata=auth(keys["admin"])).protected_items
+    assert first.id and again.id == first.id
+    assert after == before + 1
