@@ -484,17 +484,22 @@ def write_report(directory: Path, record: dict) -> Path:
         f"text width {tc['width']}, {tc['layers']} layers, context {tc['context_length']} (open_clip's SimpleTokenizer); "
         f"embedding {MODEL_CFG['embed_dim']}; {tr.get('parameters', 0) / 1e6:.2f} M parameters, "
         f"{tr.get('weights_bytes', 0) / 1e6:.1f} MB of fp16 weights",
-        f"- training: open_clip.loss.ClipLoss, AdamW, cosine LR; {tr.get('train', {}).get('steps')} steps of batch "
-        f"{tr.get('train', {}).get('batch_size')} ({tr.get('epochs')} epochs over {tr.get('items')} distinct items of the "
-        f"vpred and eps training sets, {tr.get('photos')} of them photos, each once per epoch), half seen through the "
-        f"testbed VAE; {tr.get('train_seconds')} s on {tr.get('machine')}; final loss {tr.get('final_loss', float('nan')):.3f}",
+        f"- training: open_clip.loss.ClipLoss, AdamW, cosine LR over the run's progress; {tr.get('steps_done')} of "
+        f"{tr.get('train', {}).get('steps')} planned steps of batch {tr.get('train', {}).get('batch_size')}"
+        f"{' (stopped by the time cap)' if tr.get('stopped_by_time_cap') else ''} = {tr.get('epochs')} epochs over "
+        f"{tr.get('items')} distinct items of the vpred and eps training sets ({tr.get('photos')} photos, each once per "
+        f"epoch); augmentation: scale/shift/flip, blur on {tr.get('train', {}).get('blur_fraction', 0):.0%}, "
+        f"VAE reconstructions on {tr.get('train', {}).get('vae_fraction', 0):.0%}, light colour jitter; "
+        f"{tr.get('train_seconds')} s wall ({tr.get('loop_cpu_seconds')} CPU-s in the loop, nice 19 on a shared machine) "
+        f"on {tr.get('machine')}; final loss {tr.get('final_loss', float('nan')):.3f} (ln {tr.get('train', {}).get('batch_size')}"
+        f" = {math.log(tr.get('train', {}).get('batch_size', 1)):.2f} at chance)",
         "",
         "## Check: held-out novel prompts, unguarded generations",
         "",
         f"Each generated image's true caption ranked among all {g.get('n')} captions by CLIP score "
         f"(generations: {ck.get('generation', {}).get('sampler')}, {ck.get('generation', {}).get('steps')} steps, "
         f"guidance {ck.get('generation', {}).get('guidance_scale')}, seeds {ck.get('generation', {}).get('seeds')}, "
-        f"{ck.get('generation', {}).get('seconds')} s).",
+        f"{ck.get('generation', {}).get('seconds')} s; 0 means read from a cache of the same prompts and seeds).",
         "",
         "| images | n | top-1 | top-5 | median rank | chance top-5 | mean CLIP score |",
         "| --- | --- | --- | --- | --- | --- | --- |",
