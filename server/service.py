@@ -163,10 +163,10 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
 
     async def Screen(self, msg: pb.ScreenRequest, context) -> pb.ScreenResponse:
         request_id = convert.check_request_id(msg.request_id) or uuid.uuid4().hex
-        self._limit("Screen", "screen")
         engine, limits = self.engine, self.s.config.uploads
         who = _caller().name
         try:
+            self._limit("Screen", "screen")     # a refused Screen is audited too
             outcome = await self._upload("Screen", lambda: engine.screen(convert.decode_image(msg.image, "image",
                                                                                               limits)))
         except MemGuardError as exc:
