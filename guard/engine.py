@@ -125,6 +125,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int = 0         # 0: torch's default
+    face_match_scope: str = "any"  # guarded generation obfuscates faces of "any" indexed person or "protected" only
 
 
 def load_engine(spec: str, config: EngineConfig) -> GenerationEngine:

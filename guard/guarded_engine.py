@@ -51,7 +51,8 @@ class GuardedEngine(IndexedEngine):
             policy = Policy.uncalibrated()
         else:
             policy = Policy.load(policy_path)
-        return cls(load_pipeline(config), index, policy)
+        return cls(load_pipeline(config), index, policy,
+                   GuardConfig(face_match_scope=getattr(config, "face_match_scope", "any")))
 
     def index_stats(self):
         stats = super().index_stats()

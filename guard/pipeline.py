@@ -69,8 +69,13 @@ class GuardConfig:
     refresh_fraction: float = 1.0           # ...and keeps getting fresh candidates until this share
     mitigation: MitigationConfig = MitigationConfig()
     limits: RequestLimits = RequestLimits()
+    # whose faces the final screen acts on: "any" person in the index (training set and registry; the
+    # default: a training-set face is identifiable too) or "protected" registry identities only
+    face_match_scope: str = "any"
 
     def __post_init__(self):
+        if self.face_match_scope not in ("any", "protected"):
+            raise InvalidInput("face_match_scope", f"{self.face_match_scope!r} is not 'any' or 'protected'")
         if self.on_flag not in ("reroute", "block"):
             raise InvalidInput("on_flag", f"{self.on_flag!r} is not 'reroute' or 'block'")
         if self.candidates < 1:
@@ -542,7 +547,7 @@ class GuardedPipeline:
                 return ImageResult(s.image, s.seed, Decision.BLOCKED, Reason.SCREENING_FAILED, None, report)
             return ImageResult(s.image, s.seed, Decision.ALLOWED, Reason.SCREENING_FAILED, image, report)
         run.stats.screen_seconds.append(time.perf_counter() - t0)
-        faces = [f for f in screen.faces if f.matched]
+        faces = [f for f in screen.faces if f.matched and (self.config.face_match_scope == "any" or f.protected)]
         report.audit["screen"] = _screen_audit(screen)
         acted = s.rung > 0 or (s.mode == GuardMode.MONITOR and s.flagged_step is not None)
         verdict = final_verdict(s.mode, acted, screen.is_copy, len(faces), s.face_action)

@@ -144,3 +144,11 @@ def test_obfuscation_changes_only_the_padded_face_box():
         outside = np.ones((64, 64), bool)
         outside[16:40, 16:40] = False
         assert np.array_equal(out[outside], img[outside])
+
+
+def test_face_match_scope_is_checked():
+    from guard.pipeline import GuardConfig
+
+    assert GuardConfig(face_match_scope="protected").face_match_scope == "protected"
+    with pytest.raises(InvalidInput, match="face_match_scope"):
+        GuardConfig(face_match_scope="everyone")
