@@ -165,17 +165,9 @@ def scores_at(records: list[Record], signal: str, label: str) -> np.ndarray:
     return np.array([r.z[k, SIGNALS.index(signal)] for r in records])
 
 
-def fold_key(policy, target: str) -> int:
-    """Index of the fold that held `target`'s cluster out of the fit; -1: the policy itself."""
-    return next((i for i, f in enumerate(policy.folds) if target and target in f["held_out"]), -1)
-
-
 def margins(policy, records: list[Record], key: int, label: str) -> np.ndarray:
     """Score over steps 1..k minus the threshold, under fold `key` (or the policy, key −1)."""
-    from guard.policy import Combination
-
-    comb, thr = ((policy.combination, policy.threshold) if key < 0 else
-                 (Combination(**policy.folds[key]["combination"]), policy.folds[key]["threshold"]))
+    comb, thr = policy.fold_fit(key)
     k = step_index(label, len(records[0].combined))
     raw = np.stack([r.raw for r in records])
     scores = policy.scores(raw, records[0].timesteps, comb)
@@ -185,10 +177,10 @@ def margins(policy, records: list[Record], key: int, label: str) -> np.ndarray:
 def combined_scores(policy, pos: list[Record], neg: list[Record], label: str) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold margins: each positive under the fit that held its cluster out; the negatives
     under each of those fits in turn (pooled), so positives and negatives meet the same rules."""
-    keys = sorted({fold_key(policy, r.target) for r in pos})
+    keys = sorted({policy.fold_index(r.target) for r in pos})
     p_out, n_out = [], []
     for key in keys:
-        group = [r for r in pos if fold_key(policy, r.target) == key]
+        group = [r for r in pos if policy.fold_index(r.target) == key]
         p_out.append(margins(policy, group, key, label))
         n_out.append(margins(policy, neg, key, label))
     return np.concatenate(p_out), np.concatenate(n_out)
@@ -470,12 +462,11 @@ def self_calibrate(guarded, benign: list[str], seeds: list[int], args) -> None:
     cfg = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch, height=args.size)
     prompts = [p for p in benign for _ in seeds]
     raw, timesteps, distances = collect_signals(guarded, prompts, [s + 500_000 for p in benign for s in seeds], cfg)
-    enabled = np.array([guarded.index is not None or name != "similarity" for name in SIGNAL_NAMES])
+    from guard.signals import SIGNALS
+
+    enabled = np.array([guarded.index is not None or name != "similarity" for name in SIGNALS])
     guarded.policy = fit_policy(SignalSet(raw, np.repeat(np.arange(len(benign)), len(seeds)), distances), timesteps,
                                 cfg.fit_config(), enabled=enabled)
-
-
-SIGNAL_NAMES = ("divergence", "entropy", "bos", "similarity")
 
 
 def prompt_sets(args) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:

@@ -260,8 +260,6 @@ def calibration_warnings(policy: Policy | None, index=None) -> list[str]:
                    "--prompts benign.txt`")
     if index is not None and not index.thresholds.calibrated:
         out.append(f"UNCALIBRATED INDEX {index.path}: screen thresholds are defaults; run `memguard index calibrate`")
-    for w in out:
-        log.warning(w)
     return out
 
 

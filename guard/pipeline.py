@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 OnStep = Callable[[int, StepEvent], None]
 IsCancelled = Callable[[int], bool]
 S = len(SIGNALS)
-DIV, SIM = SIGNALS.index("divergence"), SIGNALS.index("similarity")
+SIM = SIGNALS.index("similarity")
 # trace columns: raw signals, their z-scores, combined, applied guidance scale
 COLUMNS = list(SIGNALS) + [f"z_{s}" for s in SIGNALS] + ["combined", "guidance"]
 COMBINED, GUIDANCE = 2 * S, 2 * S + 1

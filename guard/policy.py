@@ -135,12 +135,19 @@ class Policy:
                 raise InvalidInput(f"policy.signals.{name}.std", "must be positive")
         return self
 
+    def fold_index(self, item_id: str) -> int:
+        """Index of the fold whose fit held `item_id`'s cluster out; −1: none (the policy itself)."""
+        return next((i for i, f in enumerate(self.folds) if item_id and item_id in f["held_out"]), -1)
+
+    def fold_fit(self, key: int) -> tuple[Combination, float]:
+        """Combination and threshold of fold `key` (−1: the policy's own)."""
+        if key < 0:
+            return self.combination, self.threshold
+        return Combination(**self.folds[key]["combination"]), float(self.folds[key]["threshold"])
+
     def fold_for(self, item_id: str) -> tuple[Combination, float]:
         """The combination and threshold of the fit that held `item_id`'s cluster out (else the policy's)."""
-        for fold in self.folds:
-            if item_id in fold["held_out"]:
-                return Combination(**fold["combination"]), float(fold["threshold"])
-        return self.combination, self.threshold
+        return self.fold_fit(self.fold_index(item_id))
 
     def to_json(self) -> dict:
         d = asdict(self)

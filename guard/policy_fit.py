@@ -19,7 +19,7 @@ guard/policy.py has the formulas the fitted policy applies; here is how they are
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -89,10 +89,11 @@ def fit_combination(u_benign: np.ndarray, u_pos: np.ndarray | None, rule: str, e
     rows = []
     for k in range(window):
         ub = u_benign[:, k][:, en]
-        cb = _shrunk(_cov(ub), shrinkage)
+        cov_b = _cov(ub)
+        cb = _shrunk(cov_b, shrinkage)
         if rule == "linear":
             up = u_pos[:, k][:, en]
-            sigma = _shrunk((_cov(ub) + _cov(up)) / 2, shrinkage)
+            sigma = _shrunk((cov_b + _cov(up)) / 2, shrinkage)
             w = np.linalg.solve(sigma, up.mean(axis=0) - ub.mean(axis=0))
             w = w / max(math.sqrt(float(w @ cb @ w)), 1e-12)
             full = np.zeros(S)

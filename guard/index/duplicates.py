@@ -47,6 +47,7 @@ class DedupedSource:
     def __init__(self, source):
         self.source = source
         self._groups: dict[str, dict] | None = None
+        self._passthrough = 0   # records without an image, counted by the scan
 
     def describe(self) -> dict:
         inner = self.source.describe() if hasattr(self.source, "describe") else {}
@@ -57,6 +58,7 @@ class DedupedSource:
             groups: dict[str, dict] = {}
             for rec in self.source.records(0):
                 if rec.image is None:
+                    self._passthrough += 1
                     continue
                 g = groups.setdefault(content_key(rec.image), {"first": rec.item_id, "copies": 0, "ids": [],
                                                                 "captions": []})
@@ -69,11 +71,7 @@ class DedupedSource:
         return self._groups
 
     def count(self) -> int:
-        groups = self._scan()
-        return len(groups) + sum(1 for _ in self._passthrough())
-
-    def _passthrough(self) -> Iterator[SourceRecord]:
-        return (r for r in self.source.records(0) if r.image is None)
+        return len(self._scan()) + self._passthrough
 
     def records(self, start: int = 0) -> Iterator[SourceRecord]:
         groups = self._scan()

@@ -271,7 +271,6 @@ class Judge:
 def load_judge(dir: Path | str = JUDGE_DIR) -> Judge:  # noqa: A002  (the brief's name)
     """The judge from a local checkpoint directory (default: the shipped `guard/testbed/clip/`)."""
     import open_clip
-    import torch
 
     directory = Path(dir)
     weights = directory / WEIGHTS_FILE
