@@ -1,4 +1,6 @@
-"""Two `memguard serve` replicas on loopback, one shared PostgreSQL registry, one index directory.
+"""Two `memguard serve` replicas on loopback, one shared PostgreSQL registry, one shared index: on
+faiss files (one index directory), and on Milvus (a milvus-lite server process both replicas query,
+the index built with `backend=` its URI). Every test runs on both.
 
 - Protect through replica A: replica B blocks it within 1 s (p50 and max over 100 trials printed).
 - kill -9 one replica under load: no acknowledged protection is lost, and a client using gRPC's own
@@ -85,8 +87,8 @@ class Replica:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, postgres):
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def cluster(request, tmp_path_factory, postgres):
     import torch
 
     from guard.index.api import FingerprintIndex
@@ -94,7 +96,11 @@ def cluster(tmp_path_factory, postgres):
     from guard.index.sources import ImageFolderSource
     from guard.models import build_vae
 
-    tmp = tmp_path_factory.mktemp("replicas")
+    tmp = tmp_path_factory.mktemp(f"replicas-{request.param}")
+    server = None
+    if request.param == "milvus":   # one Milvus endpoint for both replicas: a milvus-lite server process
+        from guard.index.backends.lite_server import start_lite_server
+        server = start_lite_server(tmp / "milvus")
     torch.manual_seed(0)
     build_vae().save_pretrained(tmp / "vae")
     rng = np.random.default_rng(0)
@@ -102,16 +108,22 @@ def cluster(tmp_path_factory, postgres):
     for i in range(6):
         Image.fromarray(smooth_image(rng)).save(tmp / "images" / f"item{i}.png")
     FingerprintIndex.build(tmp / "index", ImageFolderSource(tmp / "images"), model_dir=tmp / "vae",
-                           cfg=IndexConfig(faces=False), progress=False)
+                           cfg=IndexConfig(faces=False, backend=server.uri if server else "faiss"), progress=False)
+    if server:
+        from guard.index.manifest import read_manifest
+        assert {i.backend["kind"] for i in read_manifest(tmp / "index").signals.values()} == {"milvus"}
     uri = postgres.create_database(f"replicas_{uuid.uuid4().hex[:8]}")
     replicas = [Replica(n, tmp / "index", uri, tmp) for n in ("a", "b")]
     try:
         for r in replicas:
             r.wait_serving()
-        yield {"pg": postgres, "uri": uri, "a": replicas[0], "b": replicas[1], "rng": np.random.default_rng(1)}
+        yield {"pg": postgres, "uri": uri, "a": replicas[0], "b": replicas[1], "rng": np.random.default_rng(1),
+               "backend": request.param}
     finally:
         for r in replicas:
             r.stop()
+        if server:
+            server.stop()
 
 
 def protect(admin, image: np.ndarray, reason: str = "takedown (replica test)") -> str:
@@ -153,7 +165,7 @@ def test_protect_through_a_is_enforced_by_b_within_a_second(cluster):
             answered.append(time.perf_counter() - acked)
     listener.close()
     ms = lambda xs, f: f"{f(xs) * 1000:.1f} ms"   # noqa: E731
-    print(f"\nprotect on A -> blocked on B over {TRIALS} trials: first blocking Screen sent after "
+    print(f"\n[{cluster['backend']}] protect on A -> blocked on B over {TRIALS} trials: first blocking Screen sent after "
           f"p50 {ms(sent, np.median)}, max {ms(sent, max)}; answered after p50 {ms(answered, np.median)}, "
           f"max {ms(answered, max)}; {misses} Screens before it came back unblocked; a listening registry "
           f"saw the commit after p50 {ms(notified, np.median)}, max {ms(notified, max)}")
@@ -214,7 +226,7 @@ def test_kill_9_a_replica_under_load(cluster):
     after = [(t - killed_at, c) for t, c in outcomes if t >= killed_at]
     failed = [(round(t - killed_at, 3), c) for t, c in outcomes if c != "OK"]   # sent this long after the kill
     settled = [c for t, c in after if t > 1.0]
-    print(f"\nkill -9 replica A under load: {len(before)} calls sent before the kill, {len(after)} after; "
+    print(f"\n[{cluster['backend']}] kill -9 replica A under load: {len(before)} calls sent before the kill, {len(after)} after; "
           f"failed (sent at, s after the kill): {failed}; {settled.count('OK')}/{len(settled)} OK of those sent "
           f"1 s or more after it; {len(acked)} protections acknowledged")
     assert {c for _, c in failed} <= {"UNAVAILABLE"}      # in flight on A, or sent before the client noticed
@@ -243,7 +255,7 @@ def test_a_replica_out_of_contact_with_the_registry_fails_closed(cluster):
         while b.health() != "NOT_SERVING":
             assert time.monotonic() - t0 < 2.0, "health stayed SERVING without the registry"
             time.sleep(0.05)
-        print(f"\nPostgreSQL stopped: replica B NOT_SERVING after {time.monotonic() - t0:.2f} s")
+        print(f"\n[{cluster['backend']}] PostgreSQL stopped: replica B NOT_SERVING after {time.monotonic() - t0:.2f} s")
         with grpc.insecure_channel(b.target) as ch:
             stub = memguard_pb2_grpc.MemGuardStub(ch)
             with pytest.raises(grpc.RpcError) as err:
