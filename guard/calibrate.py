@@ -90,8 +90,10 @@ def model_hash(model_dir: Path) -> str:
 def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = None, progress: bool = True) -> dict:
     """Index a testbed's training set (every duplicate as its own record, as the model saw them;
     identical images fold into one item) with its own VAE, then calibrate the screen's thresholds."""
+    from guard.crypto import DataKey
     from guard.index.api import FingerprintIndex
     from guard.index.calibrate import CalibrationConfig, calibrate
+    from guard.index.sealed import demo_key
     from guard.index.duplicates import DedupedSource
     from guard.index.sources import ImageFolderSource
     from guard.testbed.dataset import build_training_set, heldout_images, write_image_folder
@@ -104,7 +106,10 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
         train = DedupedSource(ImageFolderSource(write_image_folder(build_training_set(tb.data), Path(tmp) / "train",
                                                                    copies=True)))
         held = write_image_folder(heldout_images(tb.data), Path(tmp) / "heldout")
-        build = FingerprintIndex.build(out, train, model_dir=Path(model_dir), progress=progress, restart=True)
+        # the testbed's faces are public sample photos: without a configured key, the public demo key seals them
+        key = DataKey.resolve() or demo_key()
+        build = FingerprintIndex.build(out, train, model_dir=Path(model_dir), progress=progress, restart=True,
+                                       data_key=key)
         with FingerprintIndex.open(out, model_dir=Path(model_dir)) as index:
             report = calibrate(index, train, heldout=ImageFolderSource(held), cfg=CalibrationConfig(),
                                progress=progress)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.crypto import DataKey
+from guard.index.sealed import key_for
 from guard.errors import CorruptData, InvalidInput, MissingResource, RegistryUnavailable
 from guard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
 from guard.index.config import IndexConfig, Thresholds
@@ -55,11 +56,17 @@ class FingerprintIndex:
                  registry: str | None = None, data_key: bytes | str | None = None):
         self.path, self.manifest, self.device = Path(path), manifest, device
         self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
-        self.signals = {name: SignalIndex(name, info, self.path, self.cfg, backend)
+        key = DataKey.resolve(data_key)
+        face = manifest.signals.get("face")
+        face_key = key_for(face.backend["sealed"], key, self.path) if face and face.backend.get("sealed") else key
+        if face and face.count and not face.backend.get("sealed"):
+            log.warning("%s: %d face descriptors and their identity names are stored UNENCRYPTED (an index built "
+                        "before sealing); `memguard index seal %s` encrypts them", self.path, face.count, self.path)
+        self.signals = {name: SignalIndex(name, info, self.path, self.cfg, backend, face_key if name == "face" else None)
                         for name, info in manifest.signals.items()}
         self.maps = self._read_maps()
-        self.items = ItemStore(self.path / ITEMS_DB)
-        self.registry = open_registry(registry, self.path, key=DataKey.resolve(data_key))
+        self.items = ItemStore(self.path / ITEMS_DB, face_key)
+        self.registry = open_registry(registry, self.path, key=key)   # never the demo key: real people's faces
         self._model_dir = Path(model_dir) if model_dir else None
         self._latent, self._clip, self._faces = latent_encoder, clip_encoder, None
         self._write_lock = threading.RLock()
@@ -82,15 +89,18 @@ class FingerprintIndex:
     @staticmethod
     def build(out: str | Path, source, *, model_dir: Path | None = None, clip_model: str | None = None,
               clip_weights: Path | None = None, cfg: IndexConfig = IndexConfig(), device: str = "cpu",
-              progress: bool = True, restart: bool = False, stop_after: int | None = None) -> BuildReport:
-        """Build (or resume building) an index at `out` from a source (see guard.index.sources)."""
+              progress: bool = True, restart: bool = False, stop_after: int | None = None,
+              data_key: bytes | str | DataKey | None = None) -> BuildReport:
+        """Build (or resume building) an index at `out` from a source (see guard.index.sources).
+        Faces are sealed with data_key (default: the configured one; required when faces are indexed)."""
         from guard.index.encoders import ClipEncoder, LatentEncoder
         latent = LatentEncoder(model_dir, device) if model_dir else None
         clip = ClipEncoder(clip_model, clip_weights, device) if clip_weights else None
         if clip_weights and not clip_model:
             raise InvalidInput("clip_model", "give the open_clip model name that matches the weights")
         faces = FaceEmbedder(cfg.face_upscale_to, cfg.max_face_upscale) if cfg.faces and model_dir else None
-        builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress)
+        key = data_key if isinstance(data_key, DataKey) else DataKey.resolve(data_key)
+        builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress, key=key)
         return builder.run(restart=restart, stop_after=stop_after)
 
     def close(self) -> None:

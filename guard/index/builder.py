@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput
-from guard.index import backends
+from guard.crypto import DataKey
+from guard.errors import InvalidInput, MissingResource
+from guard.index import backends, sealed
 from guard.index.config import IndexConfig, Thresholds
 from guard.index.faces import FACE_DIM, FaceEmbedder
 from guard.index.manifest import MANIFEST, REGISTRY_DB, Manifest, SignalInfo, record_files, write_manifest
@@ -74,7 +75,9 @@ class BuildReport:
 class _Staging:
     """Raw append-only vector files + staging.sqlite with the checkpoint."""
 
-    def __init__(self, directory: Path, widths: dict[str, tuple[int, np.dtype]], spec: dict, restart: bool):
+    def __init__(self, directory: Path, widths: dict[str, tuple[int, np.dtype]], spec: dict, restart: bool,
+                 key: DataKey | None = None):
+        self.key = key   # seals face descriptors and identity names before they touch the disk
         if restart and directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -114,16 +117,20 @@ class _Staging:
     def commit(self, consumed: int, items: list[SourceRecord], vectors: dict[str, np.ndarray],
                faces: list[tuple[int, str, list[int]]], skipped: list[tuple[str, str]]) -> None:
         """Append vectors (fsync'ed), then record items, faces, skips and the checkpoint atomically."""
+        rows, face_rows = self.state["rows"], self.state["face_rows"]
+        if self.key is not None and "face" in vectors:
+            vectors = vectors | {"face": sealed.seal_rows(self.key, vectors["face"], face_rows)}
+            faces = [(i, sealed.seal_identity(self.key, face_rows + j, ident), box)
+                     for j, (i, ident, box) in enumerate(faces)]
         for signal, array in vectors.items():
             dim, dtype = self.widths[signal]
             with open(self._raw(signal), "ab") as f:
                 f.write(np.ascontiguousarray(array, dtype=dtype).reshape(-1, dim).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
-        rows, face_rows = self.state["rows"], self.state["face_rows"]
         self.db.execute("BEGIN IMMEDIATE")
         self.db.executemany("INSERT INTO items (row, item_id, source, caption, meta) VALUES (?,?,?,?,?)",
-                            [(rows + i, r.item_id, r.source, r.caption, json.dumps(r.meta, default=str))
+                            [(rows + i, r.item_id, r.source, r.caption, json.dumps(self._meta(r.meta), default=str))
                              for i, r in enumerate(items)])
         self.db.executemany("INSERT INTO faces (row, item_row, identity, box) VALUES (?,?,?,?)",
                             [(face_rows + j, rows + i, ident, json.dumps(box))
@@ -133,6 +140,10 @@ class _Staging:
                           skipped=self.state["skipped"] + len(skipped))
         self._save_state(self.state)
         self.db.execute("COMMIT")
+
+    def _meta(self, meta: dict) -> dict:
+        """An item's metadata as stored: a named identity lives only sealed, in the faces table."""
+        return {k: v for k, v in meta.items() if k != "identity"} if self.key is not None else meta
 
     def array(self, signal: str) -> np.ndarray:
         dim, dtype = self.widths[signal]
@@ -144,12 +155,20 @@ class _Staging:
 
 class IndexBuilder:
     """Builds one index directory from a source. Encoders are optional per signal:
-    latent (LatentEncoder), clip (ClipEncoder), faces (FaceEmbedder); PDQ is always computed for images."""
+    latent (LatentEncoder), clip (ClipEncoder), faces (FaceEmbedder); PDQ is always computed for images.
+    Faces need a data key (default: the configured one, see guard.crypto): descriptors and identity
+    names are written only sealed (guard.index.sealed), and stay in local files on any backend."""
 
     def __init__(self, out: Path, source, *, latent=None, clip=None, faces: FaceEmbedder | None = None,
-                 cfg: IndexConfig = IndexConfig(), progress: bool = True):
+                 cfg: IndexConfig = IndexConfig(), progress: bool = True, key: DataKey | None = None):
         self.out, self.source, self.cfg, self.progress = Path(out), source, cfg, progress
         self.latent, self.clip, self.faces = latent, clip, faces
+        self.key = (key or DataKey.resolve()) if faces is not None else None
+        if faces is not None and self.key is None:
+            raise MissingResource("MEMGUARD_DATA_KEY: indexing faces needs a data key, because face descriptors and "
+                                  "identity names are stored only encrypted (set MEMGUARD_DATA_KEY or "
+                                  "MEMGUARD_DATA_KEY_FILE; `python -m guard.crypto FILE` makes one), or build "
+                                  "with --no-faces")
         self.embedding_signal = getattr(source, "signal", None)
         if (self.out / MANIFEST).exists():
             raise InvalidInput("out", f"{self.out} already holds a built index; build into a new directory")
@@ -164,13 +183,14 @@ class IndexBuilder:
             if clip is not None:
                 self.widths["clip"] = (clip.dim, np.float32)
             if faces is not None:
-                self.widths["face"] = (FACE_DIM, np.float32)
+                self.widths["face"] = (sealed.SEALED_ROW, np.uint8)
 
     def _spec(self) -> dict:
         cfg = asdict(self.cfg)
         return {"source": self.source.describe(), "signals": sorted(self.widths),
                 "models": {k: getattr(self, k).describe() for k in ("latent", "clip") if getattr(self, k)},
-                "config": {k: cfg[k] for k in ("faces", "face_upscale_to", "max_face_upscale")}}
+                "config": {k: cfg[k] for k in ("faces", "face_upscale_to", "max_face_upscale")},
+                "sealed_with": self.key.key_id if self.key else None}
 
     def run(self, *, restart: bool = False, stop_after: int | None = None) -> BuildReport:
         """Build (or resume) and finalize. `stop_after`: stop once that many records are consumed
@@ -179,7 +199,7 @@ class IndexBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.embedding_signal:
             self._first_embedding()
-        stage = _Staging(self.out / STAGING, self.widths, self._spec(), restart)
+        stage = _Staging(self.out / STAGING, self.widths, self._spec(), restart, self.key)
         resumed = stage.state["consumed"]
         done = self._ingest(stage, stop_after)
         finished = done and self._finalize(stage, t0)
@@ -283,7 +303,11 @@ class IndexBuilder:
         milvus = backends.parse_backend(self.cfg.backend).kind == "milvus"
         prefix = _new_prefix(self.cfg) if milvus else None   # one prefix names all of this index's collections
         for signal in self.widths:
-            if signal != MAPS:
+            if signal == "face":   # decrypted in memory only, written sealed, never sent to Milvus
+                from guard.index.backends.faiss_store import write_faiss_signal
+                signals[signal] = write_faiss_signal(self.out, signal, sealed.open_rows(self.key, stage.array(signal)),
+                                                     self.cfg, key=self.key)
+            elif signal != MAPS:
                 signals[signal] = backends.write_signal(self.out, signal, stage.array(signal), self.cfg, prefix,
                                                         item_labels(stage.db, signal), self.progress)
         maps = None

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _backend_args(p, required=True)
     p.add_argument("--no-progress", action="store_true")
 
+    p = _cmd(ix, "seal", _seal, "encrypt the face descriptors and identity names of an older index in place")
+    p.add_argument("dir", type=Path)
+
     p = _cmd(ix, "stats", _stats, "counts, dimensions, factory strings, thresholds")
     p.add_argument("dir", type=Path)
 
@@ -188,6 +191,16 @@ def _migrate(args) -> int:
     lines = [f"migrated {args.src} → {report['out']} on {report['backend']} in {report['seconds']:.1f} s"]
     lines += [f"  {s}: {i['count']} rows in {i['collection']} ({i['index_type']})" for s, i in report["signals"].items()]
     _emit(args, report, "\n".join(lines))
+    return 0
+
+
+def _seal(args) -> int:
+    from guard.crypto import DataKey, require_key
+    from guard.index.sealed import seal_index
+    report = seal_index(args.dir, require_key(DataKey.resolve(), "seal faces"))
+    _emit(args, report, f"{args.dir}: " + (report.get("note") or
+                                         f"sealed {report['sealed']} face descriptors and {report['identities']} "
+                                         f"identity names (key id {report['key_id']})"))
     return 0
 
 

@@ -55,6 +55,13 @@ def migrate(src: Path, out: Path, backend: str, *, changes: dict | None = None, 
     prefix, signals = new_prefix(cfg), {}
     try:
         for signal, info in manifest.signals.items():
+            if info.backend.get("sealed"):   # sealed faces stay in local files (guard.index.sealed)
+                for name in info.files:
+                    shutil.copyfile(src / name, out / name)
+                    os.chmod(out / name, PRIVATE)
+                copied += info.files
+                signals[signal] = info
+                continue
             vectors = read_array(src / info.vectors, dtype=np.uint8 if signal == "pdq" else np.float32)
             signals[signal] = write_milvus_signal(target, prefix, signal, vectors, cfg, item_labels(items, signal),
                                                   progress)
@@ -65,8 +72,8 @@ def migrate(src: Path, out: Path, backend: str, *, changes: dict | None = None, 
     write_manifest(out, migrated)
     fsync_dir(out)
     return {"out": str(out), "backend": target.uri, "seconds": round(time.time() - t0, 3),
-            "signals": {s: {"count": i.count, "collection": i.backend["collection"],
-                            "index_type": i.backend["index_type"]} for s, i in signals.items()}}
+            "signals": {s: {"count": i.count, "collection": i.backend.get("collection"),
+                            "index_type": i.backend.get("index_type", i.factory)} for s, i in signals.items()}}
 
 
 def _backup_registry(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.crypto import DataKey
 from guard.index.backends import VectorCollection, open_collection
 from guard.index.config import IndexConfig
 from guard.index.manifest import SignalInfo
@@ -37,9 +38,10 @@ class RowView:
 
 
 class SignalIndex:
-    def __init__(self, name: str, info: SignalInfo, directory: Path, cfg: IndexConfig, backend: str | None = None):
+    def __init__(self, name: str, info: SignalInfo, directory: Path, cfg: IndexConfig, backend: str | None = None,
+                 key: DataKey | None = None):
         self.name, self.info, self.cfg = name, info, cfg
-        self.collection = open_collection(name, info, Path(directory), cfg, backend)
+        self.collection = open_collection(name, info, Path(directory), cfg, backend, key)
         # faiss keeps a memory-mapped array: hand it out as is, the fastest path for bulk reads
         self.vectors = getattr(self.collection, "vectors", None)
         if self.vectors is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from guard.crypto import DataKey
 from guard.errors import CorruptData, RegistryUnavailable
 from guard.index.registry_sql import V2_COLUMNS, Protection, SqlRegistry
+from guard.index.sealed import open_identity
 
 __all__ = ["ItemStore", "Protection", "Registry", "connect", "integrity_errors"]
 log = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ def integrity_errors(conn: sqlite3.Connection, path: Path) -> list[str]:
 class ItemStore:
     """Read access to items.sqlite. Safe to share between threads (reads are serialised)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: DataKey | None = None):
         self.path = Path(path)
         self.label = self.path.name
+        self.key = key   # opens sealed identity names (guard.index.sealed)
         self._conn = connect(self.path, readonly=True)
         self._lock = threading.Lock()
 
@@ -124,7 +126,7 @@ class ItemStore:
         marks = ",".join("?" * len(unique))
         if not unique:
             return {}
-        return {r: (i, ident) for r, i, ident in
+        return {r: (i, open_identity(self.key, r, ident)) for r, i, ident in
                 self._query(f"SELECT row, item_row, identity FROM faces WHERE row IN ({marks})", unique)}
 
     def counts(self) -> dict[str, int]:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from guard.crypto import DataKey
 from guard.errors import InvalidInput
 from guard.index.backends.base import BackendURI, VectorCollection, parse_backend
 from guard.index.config import IndexConfig
@@ -28,14 +29,15 @@ log = logging.getLogger(__name__)
 
 
 def open_collection(signal: str, info: SignalInfo, directory: Path, cfg: IndexConfig,
-                    backend: str | None = None) -> VectorCollection:
+                    backend: str | None = None, key: DataKey | None = None) -> VectorCollection:
+    """key: the data key that opens sealed (face) files."""
     kind = info.backend.get("kind", "faiss")
     if kind == "faiss":
-        if backend is not None and parse_backend(backend).kind != "faiss":
+        if backend is not None and parse_backend(backend).kind != "faiss" and not info.backend.get("sealed"):
             raise InvalidInput("backend", f"{directory}: the {signal} vectors are faiss files; "
                                           "`memguard index migrate` copies them into Milvus")
         from guard.index.backends.faiss_store import FaissCollection
-        return FaissCollection(signal, info, directory, cfg)
+        return FaissCollection(signal, info, directory, cfg, key)
     if kind == "milvus":
         from guard.index.backends.milvus_store import MilvusCollection
         given, field_name = (backend, "backend") if backend else (os.environ.get(ENV_MILVUS_URI), ENV_MILVUS_URI)

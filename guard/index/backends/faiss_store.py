@@ -5,6 +5,7 @@ stored vectors. The files are immutable once built; add() and remove() change th
 in-memory view only (appended rows, tombstones), because rewriting a faiss file in place under a
 running server is not atomic. Removal uses tombstones rather than faiss's remove_ids: Flat and HNSW
 renumber or refuse it, and IDMap2 over IVF-PQ corrupts ids after remove_ids.
+Face signals are sealed (guard.index.sealed): both files are decrypted into memory at open.
 """
 from __future__ import annotations
 
@@ -12,27 +13,35 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.crypto import DataKey
 from guard.errors import CorruptData, InvalidInput
 from guard.index import factory as fx
+from guard.index import sealed
 from guard.index.backends.base import VectorCollection
 from guard.index.config import IndexConfig
 from guard.index.manifest import SignalInfo
 from guard.index.pdq import PDQ_BITS, PDQ_BYTES
 from guard.index.scores import empty_hits, rank_candidates
-from guard.index.vectors import read_array, read_faiss, write_array, write_faiss
+from guard.index.vectors import read_array, read_faiss, write_array, write_bytes, write_faiss
 
 
 class FaissCollection(VectorCollection):
-    def __init__(self, signal: str, info: SignalInfo, directory: Path, cfg: IndexConfig):
+    def __init__(self, signal: str, info: SignalInfo, directory: Path, cfg: IndexConfig, key: DataKey | None = None):
         self.signal, self.info, self.cfg, self.dim = signal, info, cfg, info.dim
         binary = signal == "pdq"
         self.width, self.dtype = (PDQ_BYTES, np.dtype(np.uint8)) if binary else (info.dim, np.dtype(np.float32))
         vec_path, idx_path = Path(directory) / info.vectors, Path(directory) / info.index
         self.index_file = idx_path
-        self.vectors = read_array(vec_path, dtype=self.dtype)
+        self.sealed_with = info.backend.get("sealed")
+        if self.sealed_with:
+            key = sealed.key_for(self.sealed_with, key, Path(directory))
+            self.vectors = sealed.open_rows(key, read_array(vec_path, dtype=np.uint8))
+            self.index = sealed.open_faiss(key, idx_path)
+        else:
+            self.vectors = read_array(vec_path, dtype=self.dtype)
+            self.index = read_faiss(idx_path, binary=binary)
         if self.vectors.shape != (info.count, self.width):
             raise CorruptData(f"{vec_path}: shape {self.vectors.shape}, manifest says {(info.count, self.width)}")
-        self.index = read_faiss(idx_path, binary=binary)
         if self.index.ntotal != info.count or self.index.d != info.dim:
             raise CorruptData(f"{idx_path}: holds {self.index.ntotal} vectors of {self.index.d}, "
                               f"manifest says {info.count} of {info.dim}")
@@ -93,15 +102,18 @@ class FaissCollection(VectorCollection):
 
     def describe(self) -> dict:
         return {"kind": "faiss", "factory": self.info.factory, "exact": self.exact, "count": self.count(),
+                "sealed": bool(self.sealed_with),
                 "index_bytes": self.index_file.stat().st_size,   # what faiss holds in memory, serialised
                 "search": {"nprobe": self.cfg.nprobe, "hnsw_ef": self.cfg.hnsw_ef,
                            "rerank_factor": None if self.exact else self.cfg.rerank_factor}}
 
 
-def write_faiss_signal(out: Path, signal: str, array: np.ndarray, cfg: IndexConfig) -> SignalInfo:
-    """Write `signal`.npy and `signal`.faiss for rows `array` [N, W] (the index directory's files)."""
+def write_faiss_signal(out: Path, signal: str, array: np.ndarray, cfg: IndexConfig,
+                       key: DataKey | None = None) -> SignalInfo:
+    """Write `signal`.npy and `signal`.faiss for rows `array` [N, W] (the index directory's files);
+    with a key (faces), both are written sealed."""
     vec_name, idx_name = f"{signal}.npy", f"{signal}.faiss"
-    write_array(out / vec_name, array)
+    write_array(out / vec_name, sealed.seal_rows(key, array, 0) if key else array)
     if signal == "pdq":
         index = fx.make_binary_index(PDQ_BITS)
         index.add(np.ascontiguousarray(array))
@@ -111,5 +123,9 @@ def write_faiss_signal(out: Path, signal: str, array: np.ndarray, cfg: IndexConf
     factory = fx.choose_factory(len(array), array.shape[1], cfg, override)
     field_name = "face_factory" if signal == "face" else "factory"
     index = fx.build_float_index(array, factory, cfg, field_name, "l2" if signal == "face" else "ip")
+    if key:
+        write_bytes(out / idx_name, sealed.seal_faiss(key, index))
+        return SignalInfo(int(array.shape[1]), len(array), factory, vec_name, idx_name,
+                          {"kind": "faiss", "sealed": key.key_id})
     write_faiss(out / idx_name, index)
     return SignalInfo(int(array.shape[1]), len(array), factory, vec_name, idx_name)
