@@ -9,6 +9,10 @@
     # soak (issue 14): measure capacity, then 2x capacity for 2 minutes; admitted p99 within 1.5x,
     # the excess refused with RESOURCE_EXHAUSTED, no admitted request lost
     python -m benchmarks.load --soak --duration 120 --spawn-args "--engine guard.engine:PipelineEngine --tiny-random --no-index --max-queue 8"
+    # several replicas behind gRPC's own round_robin policy (one channel over all addresses)
+    python -m benchmarks.load --server 127.0.0.1:50051,127.0.0.1:50052 --concurrency 8
+    # spawn 1, then 2 replicas sharing one index and one throwaway PostgreSQL registry; same load, one table
+    python -m benchmarks.load --compare-replicas 1,2 --pg --spawn-args "--tiny-random" --concurrency 8
 
 Reports count, requests/s, latency histogram and p50/p90/p95/p99, status codes, decisions per
 prompt set, and goodput (OK replies within the SLO per second); writes JSON and markdown.
@@ -119,10 +123,29 @@ async def open_loop(stub, cfg: LoadConfig, mix: PromptMix, t0: float, end: float
         await asyncio.gather(*tasks)
 
 
+def channel_target(servers: str) -> tuple[str, list[tuple[str, object]]]:
+    """"HOST:PORT" → itself; "H1:P1,H2:P2,…" → one ipv4: target over all the addresses with gRPC's
+    round_robin load-balancing policy (a subchannel per address; a dead one is skipped)."""
+    addresses = [a.strip() for a in servers.split(",") if a.strip()]
+    if len(addresses) <= 1:
+        return servers, []
+    resolved = []
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        host = "127.0.0.1" if host in ("localhost", "") else host
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            raise SystemExit(f"--server {a}: several addresses must be IPv4 literals (ipv4: target)")
+        resolved.append(f"{host}:{port}")
+    return "ipv4:" + ",".join(resolved), [("grpc.lb_policy_name", "round_robin")]
+
+
 async def run_load(cfg: LoadConfig, prompt_file: Path | None = None) -> dict:
     mix = PromptMix(cfg.mix, prompt_file, cfg.seed)
-    options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
+    target, balancing = channel_target(cfg.target)
+    options = [("grpc.max_receive_message_length", 64 << 20), *balancing]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = memguard_pb2_grpc.MemGuardStub(channel)
         samples: list[Sample] = []
         t0 = time.perf_counter()
@@ -252,10 +275,12 @@ def free_port() -> int:
 class SpawnedServer:
     """`memguard serve` in a subprocess on a free port; SIGTERM on exit."""
 
-    def __init__(self, args: list[str]):
-        self.port = free_port()
+    def __init__(self, args: list[str], log: Path | None = None):
+        self.port, self.log = free_port(), log
         cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(self.port), "--metrics-port", "-1", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # a log file, not a pipe nobody reads while the load runs (a full pipe would stall the server)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, text=True,
+                                     stderr=log.open("w") if log else subprocess.PIPE,
                                      env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
     def __enter__(self) -> str:
@@ -266,7 +291,8 @@ class SpawnedServer:
             wait_until_serving(target, timeout=600, poll=0.5)
         except Exception:
             self.proc.kill()
-            raise SystemExit(f"spawned server did not come up:\n{self.proc.communicate()[1][-2000:]}")
+            tail = self.log.read_text()[-2000:] if self.log else self.proc.communicate()[1][-2000:]
+            raise SystemExit(f"spawned server did not come up:\n{tail}")
         return target
 
     def __exit__(self, *exc) -> None:
@@ -275,6 +301,56 @@ class SpawnedServer:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class SpawnedReplicas:
+    """N `memguard serve` replicas with the same arguments (so one index, one registry), started
+    together; the context gives "127.0.0.1:P1,127.0.0.1:P2,…" for channel_target. With pg=True a
+    throwaway PostgreSQL (guard.index.pg_local) is started and every replica gets --registry on it."""
+
+    def __init__(self, n: int, args: list[str], log_dir: Path, pg: bool = False):
+        self.n, self.args, self.log_dir, self.pg, self.postgres, self.servers = n, list(args), log_dir, pg, None, []
+
+    def __enter__(self) -> str:
+        import uuid
+
+        try:
+            if self.pg:
+                from guard.index.pg_local import LocalPostgres
+                self.postgres = LocalPostgres.start()
+                self.args += ["--registry", self.postgres.create_database(f"load_{uuid.uuid4().hex[:8]}")]
+            self.servers = [SpawnedServer(self.args, self.log_dir / f"replica-{self.n}-{i}.log") for i in range(self.n)]
+            return ",".join(server.__enter__() for server in self.servers)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                server.proc.send_signal(signal.SIGTERM)
+        for server in self.servers:
+            server.__exit__()
+        if self.postgres:
+            self.postgres.stop()
+
+
+def replicas_table(runs: list[tuple[int, dict]]) -> str:
+    """One row per run (counts may repeat, interleaved: 1,2,1,2), then the ratio of the mean
+    throughputs of each count to the smallest count's."""
+    lines = ["| run | replicas | requests/s | images/s | p50 | p99 | goodput/s | status codes | load avg (1 min) before → after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, (n, r) in enumerate(runs, 1):
+        lat, la = r["latency_s"], r.get("loadavg", {})
+        codes = ", ".join(f"{k} {v}" for k, v in sorted(r["status_codes"].items()))
+        lines.append(f"| {i} | {n} | {r['ok_rps']:.2f} | {r['images_per_s']:.2f} | {lat['p50'] * 1000:.0f} ms | "
+                     f"{lat['p99'] * 1000:.0f} ms | {r['goodput_rps']:.2f} | {codes} | "
+                     f"{la.get('before', float('nan')):.2f} → {la.get('after', float('nan')):.2f} |")
+    mean = {n: statistics.fmean(r["ok_rps"] for m, r in runs if m == n) for n in sorted({n for n, _ in runs})}
+    base = mean[min(mean)]
+    lines += ["", "| replicas | mean requests/s | ratio |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {v:.2f} | {v / base if base else float('nan'):.2f}× |" for n, v in mean.items()]
+    return "\n".join(lines) + "\n"
 
 
 def comparison_table(results: dict[int, dict]) -> str:
@@ -300,7 +376,8 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
-    p.add_argument("--server", help="HOST:PORT of a running server (or use --spawn-args / --compare-batching)")
+    p.add_argument("--server", help="HOST:PORT of a running server, or H1:P1,H2:P2,… of several replicas "
+                                    "(one channel, gRPC round_robin); or use --spawn-args / --compare-batching")
     p.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"))
     p.add_argument("--concurrency", type=int, default=4, help="closed loop: concurrent clients")
     p.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
@@ -315,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo", type=float, default=10.0, help="latency SLO for goodput, seconds")
     p.add_argument("--spawn-args", help="start `memguard serve` with these arguments for the run")
     p.add_argument("--compare-batching", help="comma list of --max-batch-images values to run in turn")
+    p.add_argument("--replicas", type=int, default=1, help="spawn this many replicas with --spawn-args (round_robin)")
+    p.add_argument("--compare-replicas", help="comma list of replica counts to spawn in turn, e.g. 1,2")
+    p.add_argument("--pg", action="store_true",
+                   help="with spawned replicas: a throwaway PostgreSQL registry shared by them (--registry)")
     p.add_argument("--out", type=Path, default=Path("runs/load"), help="directory for JSON and markdown")
     p.add_argument("--soak", action="store_true", help="capacity run, then --duration s at 2x capacity (issue 14)")
     p.add_argument("--capacity-duration", type=float, default=30.0, help="--soak: seconds of the capacity run")
@@ -339,6 +420,23 @@ def main(argv: list[str] | None = None) -> int:
                                               + "\n## Comparison\n\n" + table)
         print(table)
         return 0
+    if args.compare_replicas:
+        runs = []
+        for n in (int(x) for x in args.compare_replicas.split(",")):
+            with SpawnedReplicas(n, spawn, args.out, pg=args.pg) as target:
+                before = os.getloadavg()[0]   # other work on the box bounds what replicas can gain
+                report = asyncio.run(run_load(LoadConfig(**{**asdict(cfg), "target": target}), args.prompt_file))
+                report["loadavg"] = {"before": before, "after": os.getloadavg()[0]}
+            runs.append((n, report))
+            print(format_report(report, f"{n} replica(s)"), flush=True)
+        table = replicas_table(runs)
+        (args.out / "replicas.json").write_text(json.dumps({"spawn_args": spawn, "cpus": os.cpu_count(),
+                                                            "runs": [{"replicas": n, **r} for n, r in runs]}, indent=1))
+        (args.out / "replicas.md").write_text("\n".join(format_report(r, f"{n} replica(s)") for n, r in runs)
+                                              + f"\n## Comparison (spawn args: {' '.join(spawn)}; {os.cpu_count()} CPUs)\n\n"
+                                              + table)
+        print(table)
+        return 0
     if args.soak:
         if spawn:
             with SpawnedServer(spawn) as target:
@@ -353,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "soak.md").write_text(text)
         print(text)
         return 0 if result["verdict"]["pass"] else 1
-    if spawn:
+    if spawn and (args.replicas > 1 or args.pg):
+        with SpawnedReplicas(args.replicas, spawn, args.out, pg=args.pg) as target:
+            report = asyncio.run(run_load(LoadConfig(**{**asdict(cfg), "target": target}), args.prompt_file))
+    elif spawn:
         with SpawnedServer(spawn) as target:
             report = asyncio.run(run_load(LoadConfig(**{**asdict(cfg), "target": target}), args.prompt_file))
     elif args.server:

@@ -172,6 +172,22 @@ def test_protect_through_a_is_enforced_by_b_within_a_second(cluster):
     assert max(sent) < 1.0 and max(notified) < 1.0
 
 
+def test_load_generator_balances_over_both_replicas(cluster):
+    """benchmarks.load with --server A,B: one channel, gRPC's round_robin over both replicas."""
+    import asyncio
+
+    from benchmarks.load import LoadConfig, channel_target, run_load
+
+    a, b = cluster["a"], cluster["b"]
+    assert channel_target(f"{a.target},{b.target}") == (f"ipv4:{a.target},{b.target}",
+                                                         [("grpc.lb_policy_name", "round_robin")])
+    report = asyncio.run(run_load(LoadConfig(target=f"{a.target},{b.target}", concurrency=2, duration=2.0,
+                                             warmup=0.0, steps=2)))
+    print(f"\n[{cluster['backend']}] load over A,B (round_robin): {report['count']} requests, "
+          f"{report['ok_rps']:.2f}/s, codes {report['status_codes']}")
+    assert report["count"] >= 2 and report["status_codes"] == {"OK": report["count"]}
+
+
 def test_kill_9_a_replica_under_load(cluster):
     a, b, rng, uri = cluster["a"], cluster["b"], cluster["rng"], cluster["uri"]
     target = f"ipv4:{a.target},{b.target}"
