@@ -67,6 +67,7 @@ class BatchStats:
     first_flagged_steps: list[int] = field(default_factory=list)
     steps_saved: dict[str, int] = field(default_factory=dict)  # cause (blocked|cancelled) → steps
     decode_seconds: float = 0.0
+    second_passes: int = 0                       # images generated again (GuardConfig.second_pass)
 
 
 @dataclass
@@ -367,4 +368,5 @@ def to_batch_stats(stats, results: list[ImageResult]) -> BatchStats:
                       guard_seconds=list(stats.guard_seconds), signals=signals,
                       first_flagged_steps=[r.report.first_flagged_step for r in results
                                            if r.report.first_flagged_step is not None],
-                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds)
+                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds,
+                      second_passes=stats.second_passes)

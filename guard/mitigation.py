@@ -3,8 +3,13 @@
 The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verification. A reroute
 must keep the caller's prompt: guidance always comes back, and a sample that would leave the
 ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end).
-By default rung 1 applies attention + basin + push together, rung 2 adds embedding noise and a
-fresh start; a sample still heading to an indexed item after that is blocked:
+By default rung 1 applies attention + push together and rung 2 adds a fresh start while x_t is
+still almost pure noise; a sample still heading to an indexed item after that is blocked, or, at
+the end, generated once more (GuardConfig.second_pass). `basin` and `embed_noise` are available
+rungs but not defaults: on the ε-testbed's compositional captions, holding guidance off in the basin
+cut the rerouted images' testbed-CLIP score to 0.23 of novel generations' (unconditional samples,
+in effect), and embedding noise at rung 2 cost fidelity without saving more samples; attention + push
+with the second pass kept 0.73–0.86 and rerouted 23 of 24 / 16 of 16 (two seed sets; NOTES):
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);
@@ -44,7 +49,7 @@ RUNG_NAMES = ("attention", "basin", "push", "embed_noise", "reseed")
 
 @dataclass(frozen=True)
 class MitigationConfig:
-    rungs: tuple[tuple[str, ...], ...] = (("attention", "basin", "push"), ("embed_noise", "reseed"))
+    rungs: tuple[tuple[str, ...], ...] = (("attention", "push"), ("reseed",))
     bos_scale: float = 1.25            # Ren et al.'s factor on the BOS logit
     mask_eos: bool = True              # also mask the end-of-text token (padding is always masked)
     basin_guidance: float = 0.0        # guidance scale inside the basin: 0 none, < 0 opposite

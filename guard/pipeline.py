@@ -22,14 +22,18 @@ Decisions, per sample: flagged in the detection window → the mitigation ladder
 or, with `on_flag="block"`, out of the batch at once. After denoising, every guarded image is
 screened through the index (copies → BLOCKED, matched faces → FACE_OBFUSCATED or BLOCKED) and must
 pass the policy's perceptual-hash re-verification (no closer to an indexed item than any benign
-calibration image); any screening failure blocks the image (fail closed). MONITOR computes and reports all of it and changes nothing.
+calibration image); any screening failure blocks the image (fail closed). An ENFORCE image blocked
+as a copy gets one second pass (`GuardConfig.second_pass`): fresh noise, rerouted from step 0,
+screened again; at most twice a plain generation's UNet evaluations. MONITOR computes and reports
+all of it and changes nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -66,6 +70,10 @@ class GuardConfig:
     on_flag: str = "reroute"                # "reroute" (the ladder) or "block" at once
     verify_every: int = 2                   # a rerouted sample gets fresh candidates every this many steps
     verify_fraction: float = 0.6            # ...and is re-verified (climb or block) while step < this share
+    # an ENFORCE sample blocked as a copy (at the final screen, or with the ladder exhausted) is
+    # generated once more from fresh noise, mitigated from step 0: a new image for the prompt, at
+    # most twice a plain generation's UNet evaluations; blocked if that one fails too
+    second_pass: bool = True
     refresh_fraction: float = 1.0           # ...and keeps getting fresh candidates until this share
     mitigation: MitigationConfig = MitigationConfig()
     limits: RequestLimits = RequestLimits()
@@ -102,6 +110,17 @@ class PipelineStats:
     escalations: int = 0
     steps_saved: dict[str, int] = field(default_factory=dict)  # blocked | cancelled → steps not computed
     decisions: dict[str, int] = field(default_factory=dict)
+    second_passes: int = 0                       # samples generated again (GuardConfig.second_pass)
+
+    def absorb(self, other: "PipelineStats") -> None:
+        """Add a second pass's work to this call's (requests and samples are the caller's)."""
+        for name in ("sample_steps", "host_syncs", "retrieval_seconds", "retrieval_failures", "encode_seconds",
+                     "decode_seconds", "screen_failures", "reroutes", "escalations"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("step_seconds", "guard_seconds", "screen_seconds"):
+            getattr(self, name).extend(getattr(other, name))
+        for key, n in other.steps_saved.items():
+            self.steps_saved[key] = self.steps_saved.get(key, 0) + n
 
 
 @dataclass
@@ -128,6 +147,7 @@ class _Sample:
     stopped: Reason | None = None        # left the batch: MEMORIZATION (blocked) or CANCELLED
     actions: dict[int, str] = field(default_factory=dict)               # step → reroute | block
     audit: dict = field(default_factory=dict)
+    forced: bool = False                 # a second pass: flagged at step 0 whatever the score
 
 
 @dataclass
@@ -180,13 +200,49 @@ class GuardedPipeline:
     def generate(self, requests: Sequence[GenerationRequest], *, on_step: OnStep | None = None,
                  is_cancelled: IsCancelled | None = None) -> GuardedBatch:
         """Generate a batch; one result list per request. Requests must share size and steps."""
+        batch = self._generate_pass(requests, on_step, is_cancelled)
+        # 10. a second pass for samples blocked as copies (GuardConfig.second_pass)
+        retry = [(r, k) for r, rs in enumerate(batch.results) for k, res in enumerate(rs)
+                 if self._second_pass_due(requests[r], res)]
+        if retry:
+            self._second_pass(requests, batch, retry, on_step, is_cancelled)
+        return batch
+
+    def _second_pass_due(self, request: GenerationRequest, result: ImageResult) -> bool:
+        return (self.config.second_pass and self.config.on_flag == "reroute" and request.mode == GuardMode.ENFORCE
+                and result.decision == Decision.BLOCKED and result.reason == Reason.MEMORIZATION)
+
+    def _second_pass(self, requests, batch: GuardedBatch, retry: list[tuple[int, int]],
+                     on_step: OnStep | None, is_cancelled: IsCancelled | None) -> None:
+        """Generate the `retry` images (request, image) again, each from fresh noise and rerouted from
+        step 0; the new result replaces the blocked one (still BLOCKED if the reroute fails too)."""
+        again = [replace(requests[r], num_images=1,
+                         seed=second_pass_seed(batch.results[r][k].seed)) for r, k in retry]
+        fwd = (lambda j, event: on_step(retry[j][0], replace(event, image_index=retry[j][1]))) if on_step else None
+        cancelled = (lambda j: is_cancelled(retry[j][0])) if is_cancelled else None
+        second = self._generate_pass(again, fwd, cancelled, forced=True)
+        batch.stats.absorb(second.stats)
+        batch.stats.second_passes += len(retry)
+        for (r, k), (new,) in zip(retry, second.results):
+            old = batch.results[r][k]
+            rep = new.report
+            rep.steps_computed += old.report.steps_computed
+            rep.mitigations = old.report.mitigations + ["second pass: fresh noise, rerouted from step 0"] + rep.mitigations
+            rep.scores, rep.first_flagged_step = old.report.scores, old.report.first_flagged_step
+            rep.audit = {**rep.audit, "first_pass": old.report.audit}
+            batch.results[r][k] = replace(new, index=old.index, seed=old.seed, report=rep)
+            for d, n in ((old.decision, -1), (new.decision, 1)):
+                batch.stats.decisions[d.value] = batch.stats.decisions.get(d.value, 0) + n
+
+    def _generate_pass(self, requests: Sequence[GenerationRequest], on_step: OnStep | None,
+                       is_cancelled: IsCancelled | None, forced: bool = False) -> GuardedBatch:
         # 1. check inputs
         first = self._check_inputs(requests)
         stats = PipelineStats(len(requests), sum(r.num_images for r in requests), first.steps)
         try:
             with torch.inference_mode():
                 # 2. one sample per image, each with its own seed
-                samples = self._expand(requests)
+                samples = self._expand(requests, forced)
                 # 3. encode prompts (cond + uncond) and find each prompt's padding
                 t0 = time.perf_counter()
                 cond, uncond = self._encode_prompts(requests, samples)
@@ -234,11 +290,11 @@ class GuardedPipeline:
         return first
 
     @staticmethod
-    def _expand(requests: Sequence[GenerationRequest]) -> list[_Sample]:
+    def _expand(requests: Sequence[GenerationRequest], forced: bool = False) -> list[_Sample]:
         samples = []
         for i, req in enumerate(requests):
             base = req.seed if req.seed is not None else secrets.randbits(63)
-            samples += [_Sample(i, k, (base + k) % 2**63, req.mode, req.request_id, req.face_action)
+            samples += [_Sample(i, k, (base + k) % 2**63, req.mode, req.request_id, req.face_action, forced=forced)
                         for k in range(req.num_images)]
         return samples
 
@@ -432,7 +488,8 @@ class GuardedPipeline:
         climb, block = [], []
         for p, i in enumerate(live.rows):
             s = samples[i]
-            if s.mode == GuardMode.OFF or s.flagged_step is not None or not host[p, COMBINED] > self.policy.threshold:
+            hit = host[p, COMBINED] > self.policy.threshold or (s.forced and step == 0)
+            if s.mode == GuardMode.OFF or s.flagged_step is not None or not hit:
                 continue
             s.flagged_step = step
             best = int(host[p, -1])
@@ -638,6 +695,11 @@ class _Run:
     stats: PipelineStats
     guarded: bool                        # any sample not OFF: signals are computed
     latent_scale: list[float]            # scheduler-space latent per DDPM-space x_t, per step
+
+
+def second_pass_seed(seed: int) -> int:
+    """The fresh noise of a sample's second pass: derived from its seed, so runs stay reproducible."""
+    return int.from_bytes(hashlib.sha256(f"memguard second pass {seed}".encode()).digest()[:8], "little") % 2**63
 
 
 def nearest_pdq_distance(index, image: np.ndarray) -> float:

@@ -73,6 +73,8 @@ class Metrics:
                                             buckets=STEP_INDEX_BUCKETS, registry=r)
         self.steps_saved = Counter("memguard_steps_saved", "Denoising steps not computed: early block or cancel",
                                    ["cause"], registry=r)
+        self.second_passes = Counter("memguard_second_passes", "Images blocked as copies and generated once more "
+                                     "from fresh noise, rerouted from step 0", registry=r)
         self.index_items = Gauge("memguard_index_items", "Items in the fingerprint index", ["set"], registry=r)
         self.index_search_seconds = Histogram("memguard_index_search_duration_seconds", "Index screening latency",
                                               buckets=SEARCH_BUCKETS, registry=r)
@@ -161,6 +163,8 @@ class Metrics:
                 self.first_flagged_step.observe(step)
             for cause, n in b.steps_saved.items():
                 self.steps_saved.labels(cause if cause in ("blocked", "cancelled") else "other").inc(n)
+            if b.second_passes:
+                self.second_passes.inc(b.second_passes)
         for s in stats.screen_seconds:
             self.index_search_seconds.observe(s)
         if stats.screen_failures:

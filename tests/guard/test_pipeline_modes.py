@@ -74,9 +74,10 @@ def test_enforce_without_an_index_releases_nothing(tiny_pipe):
 
 
 def test_protected_image_is_not_released_again(tiny_pipe, tiny_index):
-    """An opt-out takes effect at once: the image a seed gave is protected, the same request is blocked."""
+    """An opt-out takes effect at once: the image a seed gave is protected, the same request is blocked
+    (without a second pass) or comes back as another image that the screen passes (with one)."""
     prompts, seeds = _fresh(2)
-    guarded = GuardedPipeline(tiny_pipe, index=tiny_index)
+    guarded = GuardedPipeline(tiny_pipe, index=tiny_index, config=GuardConfig(second_pass=False))
     first = guarded.generate(_requests(prompts, seeds, GuardMode.ENFORCE))
     assert [rs[0].decision for rs in first.results] == [Decision.ALLOWED, Decision.ALLOWED]
     tiny_index.protect_image(first.results[0][0].image, reason="takedown request (test)")
@@ -85,6 +86,13 @@ def test_protected_image_is_not_released_again(tiny_pipe, tiny_index):
     assert blocked.decision == Decision.BLOCKED and blocked.reason == Reason.MEMORIZATION and blocked.image is None
     assert blocked.report.audit["screen"]["copies"][0]["protected"]
     assert other.decision == Decision.ALLOWED and np.array_equal(other.image, first.results[1][0].image)
+    guarded.config = GuardConfig()
+    second = guarded.generate(_requests(prompts, seeds, GuardMode.ENFORCE)).results[0][0]
+    assert second.report.audit["first_pass"]["screen"]["copies"][0]["protected"]
+    assert second.decision in (Decision.REROUTED, Decision.BLOCKED), second.decision
+    if second.image is not None:
+        assert not tiny_index.screen(second.image).protected
+        assert not np.array_equal(second.image, first.results[0][0].image)
 
 
 def test_events_cancellation_and_per_request_grouping(tiny_pipe, tiny_index):

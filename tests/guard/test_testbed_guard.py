@@ -90,6 +90,36 @@ def test_blocked_sample_leaves_the_batch_at_once(testbed_pipe, testbed_index, te
                                                              and r.report.steps_computed == 30)
 
 
+def test_a_copy_caught_only_at_the_final_screen_gets_a_second_pass(testbed_pipe, testbed_index, testbed_policy,
+                                                                   training_images):
+    """With detection switched off (threshold +inf) only the final screen sees the copies: the second
+    pass regenerates each from fresh noise, rerouted from step 0, at twice a plain run's steps at
+    most; without it the copy is blocked after the full compute."""
+    from dataclasses import replace
+    rng = np.random.default_rng()
+    memorized, _ = _pick(rng, 3, 0, strong=True)
+    seeds = [int(s) for s in rng.integers(0, 2**31, 3)]
+    blind = replace(testbed_policy, threshold=float("inf"))
+    reqs = [GenerationRequest(p, seed=s) for p, s in zip(memorized, seeds)]
+    plain = [rs[0] for rs in GuardedPipeline(testbed_pipe, index=testbed_index, policy=blind,
+                                             config=GuardConfig(second_pass=False)).generate(reqs).results]
+    copied = [i for i, r in enumerate(plain) if r.decision == Decision.BLOCKED]
+    assert copied, "the strong memorized prompts copy: the final screen blocks at least one"
+    assert all(plain[i].report.steps_computed == 30 and plain[i].report.first_flagged_step is None for i in copied)
+    batch = GuardedPipeline(testbed_pipe, index=testbed_index, policy=blind).generate(reqs)
+    again = [rs[0] for rs in batch.results]
+    assert batch.stats.second_passes == len(copied)
+    for i in copied:
+        r = again[i]
+        assert r.seed == seeds[i] and r.report.steps_computed <= 60
+        assert any(m.startswith("second pass") for m in r.report.mitigations), r.report.mitigations
+        assert r.decision in (Decision.REROUTED, Decision.BLOCKED)
+        if r.decision == Decision.REROUTED:      # a new image, and not a copy of anything indexed
+            assert r.image is not None and not copies.nearest(r.image, training_images)[1].is_copy
+    assert batch.stats.sample_steps == sum(r.report.steps_computed for r in again)
+    assert sum(batch.stats.decisions.values()) == len(reqs)
+
+
 def test_monitor_flags_but_releases(testbed_pipe, testbed_index, testbed_policy):
     rng = np.random.default_rng()
     memorized, _ = _pick(rng, 1, 0, strong=True)
