@@ -110,3 +110,24 @@ def test_an_index_reopens_on_another_address_of_its_milvus(built_index, backend,
     monkeypatch.setenv(ENV_MILVUS_URI, backend.replace("http://", "milvus://"))
     with FingerprintIndex.open(built_index, verify_checksums=False) as ix:
         assert ix.signals["latent"].collection.backend.uri == backend
+
+
+def test_milvus_lite_builds_with_the_parameters_the_manifest_records(tmp_path):
+    """milvus-lite reads build parameters only from the JSON "params" key: the backend sends them there
+    too, so the engine's own record of each collection's index matches the manifest."""
+    import json
+
+    from guard.index.backends.lite_server import start_lite_server
+    server = start_lite_server(tmp_path / "lite")
+    try:
+        data = _clustered(2000, 32, 5)
+        cfg = on(server.uri, IndexConfig(exact_max_items=100, hnsw_m=24, hnsw_ef_construction=64))
+        with _embedding_index(tmp_path, data, cfg) as ix:
+            backend = ix.stats()["signals"]["clip"]["backend"]
+        assert backend["index_type"] == "HNSW"
+        assert backend["build_params"] == {"M": 24, "efConstruction": 64}
+        manifest = tmp_path / "lite" / "db" / "collections" / backend["collection"] / "manifest.json"
+        specs = json.loads(manifest.read_text())["index_specs"]
+        assert [s["build_params"] for s in specs.values()] == [{"M": 24, "efConstruction": 64}], specs
+    finally:
+        server.stop()

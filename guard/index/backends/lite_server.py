@@ -11,7 +11,8 @@ future phase" / "unknown index_type"), so those collections are searched brute f
 call also walks every row of every segment in Python (a cross-segment dedup map and a tombstone
 mask), so a call costs O(rows) whatever the index type. Build parameters: milvus-lite reads them
 only from a JSON "params" key, while pymilvus 3.0.2 sends M / efConstruction / nlist as separate
-keys, so they are dropped and its defaults apply (HNSW M=16, efConstruction=200);
+keys, so they would be dropped and its defaults apply (HNSW M=16, efConstruction=200): the
+backend sends them also as that JSON key (milvus_store.create_collection);
 `wait_for_lite_indexes` and the index_scale benchmark report what the engine recorded."""
 from __future__ import annotations
 

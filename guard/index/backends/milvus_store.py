@@ -11,6 +11,7 @@ consistency level (Strong by default: a read sees every acknowledged write).
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import uuid
@@ -206,8 +207,12 @@ def create_collection(cl, name: str, signal: str, dim: int, spec: dict) -> None:
     schema.add_field("protected", DataType.BOOL)
     schema.add_field("meta", DataType.JSON)
     params = cl.prepare_index_params()
+    # the build parameters twice: as separate keys (what pymilvus sends) and as the JSON "params" key,
+    # the wire format Milvus also accepts and the only one milvus-lite 3.2.2 reads (else it builds
+    # with its defaults, HNSW M=16, whatever the manifest records)
+    build = spec["build_params"]
     params.add_index(field_name="vector", index_type=spec["index_type"], metric_type=spec["metric_type"],
-                     params=spec["build_params"])
+                     params={**build, "params": json.dumps(build)} if build else build)
     cl.create_collection(name, schema=schema, index_params=params, consistency_level=CONSISTENCY)
 
 
