@@ -98,6 +98,7 @@ def generate_set(guarded, name: str, members: list[tuple[str, str]], seeds: list
 
 
 STRUCTURAL_THRESHOLD = 0.45   # the judge's SSIM threshold, applied colour-blind
+MEANINGFUL_PREFIX = "memo-"   # testbed items rendered from compositional captions (memorized_combos)
 
 
 def _grey_standardized(image: np.ndarray) -> np.ndarray:
@@ -218,6 +219,9 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
     def rerouted(r):
         return r.result.decision in (Decision.REROUTED, Decision.FACE_OBFUSCATED) and bool(r.result.report.mitigations)
 
+    def second_pass(r):
+        return any(m.startswith("second pass") for m in r.result.report.mitigations)
+
     out = {}
     for name, recs in enforce.items():
         blocked = [r for r in recs if r.result.decision == Decision.BLOCKED]
@@ -250,6 +254,9 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
             "acted_on": sum(r.result.decision == Decision.BLOCKED or rerouted(r) for r in recs),
             "decided_only_at_end": sum(r.result.decision == Decision.BLOCKED and r.result.report.first_flagged_step
                                        is None for r in recs),
+            # blocked as copies, generated again from fresh noise (GuardConfig.second_pass); of which rerouted
+            "second_pass": sum(second_pass(r) for r in recs),
+            "second_pass_rerouted": sum(second_pass(r) and rerouted(r) for r in recs),
         }
     return out
 
@@ -361,8 +368,8 @@ def markdown(doc: dict) -> str:
                   "the loop, as a share of all steps.", "",
                   "| set | generations | released | released near copies (photos) | released structural copies | "
                   "blocked | rerouted | rerouted to a non-copy | flagged | blocked where | blocked-in-loop cost | "
-                  "acted on / decided only at the end |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "acted on / decided only at the end | second pass / rerouted by it |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, e in doc["enforce"].items():
             cost = "–" if e["blocked_cost_share_of_full"] is None else f"{e['blocked_cost_share_of_full']:.3f}"
             lines.append(f"| {name} | {e['generations']} | {e['released']} | {e['released_copies']} "
@@ -370,7 +377,8 @@ def markdown(doc: dict) -> str:
                          f"{e['blocked_share']:.3f} | {e['rerouted_share']:.3f} | {e['rerouted_non_copy_share']:.3f} / "
                          f"{e['rerouted_non_copy_share_structural']:.3f} | {e['flagged_share']:.3f} | "
                          f"{e['blocked_in_loop']} / {e['blocked_at_final_reverification']} / "
-                         f"{e['blocked_at_final_screen']} | {cost} | {e['acted_on']} / {e['decided_only_at_end']} |")
+                         f"{e['blocked_at_final_screen']} | {cost} | {e['acted_on']} / {e['decided_only_at_end']} | "
+                         f"{e['second_pass']} / {e['second_pass_rerouted']} |")
         lines.append("")
     if doc.get("reroutes"):
         lines += ["## Rerouted images", "", "```", json.dumps(doc["reroutes"], indent=1), "```", ""]
@@ -569,6 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     if "web" in enforce:
         enforce["web_clean"] = [r for r in enforce["web"] if r.label == "clean"]
         enforce["web_resembling"] = [r for r in enforce["web"] if r.label != "clean"]
+    if "novel" in enforce and train is not None:   # novel prompts whose unguarded image copies nothing
+        enforce["novel_clean"] = [r for r in enforce["novel"] if r.label == "clean"]
+    # memorized items with compositional captions (issue 13): the reroute can keep their meaning
+    monitor_split, enforce_split = dict(monitor), dict(enforce)
+    for name in ("memorized", "paraphrased"):
+        if name in enforce and any(r.target.startswith(MEANINGFUL_PREFIX) for r in enforce[name]):
+            for split, recs in ((monitor_split, monitor[name]), (enforce_split, enforce[name])):
+                split[f"{name}_meaningful"] = [r for r in recs if r.target.startswith(MEANINGFUL_PREFIX)]
     doc = {"model": str(args.model), "testbed": testbed.name if testbed else None,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.device}, {args.threads} thread(s)",
            "seeds": args.seeds, "seed_base": args.seed_base, "steps": args.steps,
@@ -581,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
            "baseline": monitor_baseline(monitor) if train is not None else {},
            "web_labels": ({lab: sum(r.label == lab for r in monitor["web"]) for lab in ("copy", "resembles", "clean")}
                           if "web" in monitor and train is not None else {}),
-           "enforce": enforce_outcomes(enforce, args.steps) if enforce else {},
-           "reroutes": reroute_fidelity(monitor, enforce, args.steps) if enforce and train is not None else {},
+           "enforce": enforce_outcomes(enforce_split, args.steps) if enforce else {},
+           "reroutes": reroute_fidelity(monitor_split, enforce_split, args.steps) if enforce and train is not None else {},
            "seconds": time.time() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")

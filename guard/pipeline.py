@@ -217,7 +217,7 @@ class GuardedPipeline:
         """Generate the `retry` images (request, image) again, each from fresh noise and rerouted from
         step 0; the new result replaces the blocked one (still BLOCKED if the reroute fails too)."""
         again = [replace(requests[r], num_images=1,
-                         seed=second_pass_seed(batch.results[r][k].seed)) for r, k in retry]
+                         seed=second_pass_seed(batch.results[r][k].seed, requests[r].prompt)) for r, k in retry]
         fwd = (lambda j, event: on_step(retry[j][0], replace(event, image_index=retry[j][1]))) if on_step else None
         cancelled = (lambda j: is_cancelled(retry[j][0])) if is_cancelled else None
         second = self._generate_pass(again, fwd, cancelled, forced=True)
@@ -697,9 +697,11 @@ class _Run:
     latent_scale: list[float]            # scheduler-space latent per DDPM-space x_t, per step
 
 
-def second_pass_seed(seed: int) -> int:
-    """The fresh noise of a sample's second pass: derived from its seed, so runs stay reproducible."""
-    return int.from_bytes(hashlib.sha256(f"memguard second pass {seed}".encode()).digest()[:8], "little") % 2**63
+def second_pass_seed(seed: int, prompt: str) -> int:
+    """The fresh noise of a sample's second pass, from its seed and prompt: reproducible, and two
+    prompts that the model renders alike from one noise (captions it never learned) do not share it."""
+    digest = hashlib.sha256(f"memguard second pass {seed}\n{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 def nearest_pdq_distance(index, image: np.ndarray) -> float:
