@@ -64,8 +64,10 @@ class DataKey:
         return cls(derived[:32], derived[32:], hashlib.sha256(derived[32:]).hexdigest()[:16])
 
     @classmethod
-    def resolve(cls, data_key: bytes | str | None = None) -> "DataKey | None":
+    def resolve(cls, data_key: "bytes | str | DataKey | None" = None) -> "DataKey | None":
         """The configured key, or None when none is configured (see the module docstring)."""
+        if isinstance(data_key, DataKey):
+            return data_key
         if isinstance(data_key, bytes):
             return cls.from_bytes(data_key)
         if isinstance(data_key, str):

@@ -8,8 +8,10 @@ still almost pure noise; a sample still heading to an indexed item after that is
 the end, generated once more (GuardConfig.second_pass). `basin` and `embed_noise` are available
 rungs but not defaults: on the ε-testbed's compositional captions, holding guidance off in the basin
 cut the rerouted images' testbed-CLIP score to 0.23 of novel generations' (unconditional samples,
-in effect), and embedding noise at rung 2 cost fidelity without saving more samples; attention + push
-with the second pass kept 0.73–0.86 and rerouted 23 of 24 / 16 of 16 (two seed sets; NOTES):
+in effect), and embedding noise at rung 2 cost fidelity without saving more samples. With attention +
+push and the second pass, `benchmarks.quality --testbed eps` rerouted 15 of 16 of those generations to
+a non-copy at 1.09× the CLIP score of unguarded novel prompts (`benchmarks/reroute_sweep.py` compares
+ladders):
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);

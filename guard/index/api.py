@@ -99,8 +99,8 @@ class FingerprintIndex:
         if clip_weights and not clip_model:
             raise InvalidInput("clip_model", "give the open_clip model name that matches the weights")
         faces = FaceEmbedder(cfg.face_upscale_to, cfg.max_face_upscale) if cfg.faces and model_dir else None
-        key = data_key if isinstance(data_key, DataKey) else DataKey.resolve(data_key)
-        builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress, key=key)
+        builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress,
+                               key=DataKey.resolve(data_key))
         return builder.run(restart=restart, stop_after=stop_after)
 
     def close(self) -> None:

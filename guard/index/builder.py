@@ -163,7 +163,7 @@ class IndexBuilder:
                  cfg: IndexConfig = IndexConfig(), progress: bool = True, key: DataKey | None = None):
         self.out, self.source, self.cfg, self.progress = Path(out), source, cfg, progress
         self.latent, self.clip, self.faces = latent, clip, faces
-        self.key = (key or DataKey.resolve()) if faces is not None else None
+        self.key = DataKey.resolve(key) if faces is not None else None
         if faces is not None and self.key is None:
             raise MissingResource("MEMGUARD_DATA_KEY: indexing faces needs a data key, because face descriptors and "
                                   "identity names are stored only encrypted (set MEMGUARD_DATA_KEY or "

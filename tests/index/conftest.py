@@ -116,3 +116,15 @@ def full_photo():
         photo = next(p for p in PHOTOS if p.key == key)
         return np.asarray(Image.open(photo_path(photo)).convert("RGB"))
     return load
+
+
+def assert_opens_only_with_its_key(index_dir: Path, monkeypatch, missing: str, wrong: str) -> None:
+    """Without a data key the index does not open (MissingResource matching `missing`); with another
+    key it does not either (CorruptData matching `wrong`)."""
+    from guard.errors import CorruptData, MissingResource
+    monkeypatch.delenv("MEMGUARD_DATA_KEY")
+    with pytest.raises(MissingResource, match=missing):
+        FingerprintIndex.open(index_dir)
+    monkeypatch.setenv("MEMGUARD_DATA_KEY", "77" * 32)
+    with pytest.raises(CorruptData, match=wrong):
+        FingerprintIndex.open(index_dir)

@@ -9,7 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
+from guard.errors import InvalidInput
+from tests.index.conftest import assert_opens_only_with_its_key
 from guard.index.api import FingerprintIndex
 
 STORES = ("sqlite", "postgresql")
@@ -119,12 +120,7 @@ def test_face_descriptors_and_names_are_sealed_at_rest(index_dir, full_photo, mo
         path = index_dir / name
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, name
-    monkeypatch.delenv("MEMGUARD_DATA_KEY")
-    with pytest.raises(MissingResource, match="MEMGUARD_DATA_KEY"):
-        FingerprintIndex.open(index_dir)
-    monkeypatch.setenv("MEMGUARD_DATA_KEY", "77" * 32)
-    with pytest.raises(CorruptData, match="cannot decrypt|not the key"):
-        FingerprintIndex.open(index_dir)
+    assert_opens_only_with_its_key(index_dir, monkeypatch, missing="MEMGUARD_DATA_KEY", wrong="cannot decrypt|not the key")
 
 
 def test_a_new_registry_is_created_0600(index_dir):

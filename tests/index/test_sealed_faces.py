@@ -21,6 +21,7 @@ from guard.index.config import IndexConfig
 from guard.index.manifest import read_manifest, record_files, write_manifest
 from guard.index.sources import ImageFolderSource
 from guard.testbed.dataset import write_image_folder
+from tests.index.conftest import assert_opens_only_with_its_key
 
 
 def _files(directory) -> dict[str, bytes]:
@@ -51,12 +52,7 @@ def test_training_faces_are_unreadable_without_the_key(index_dir, monkeypatch):
         assert stat.S_IMODE((index_dir / name).stat().st_mode) & 0o077 == 0, name
     with pytest.raises(RuntimeError):          # the faiss file is not a faiss index without the key
         faiss.read_index(str(index_dir / face.index))
-    monkeypatch.delenv("MEMGUARD_DATA_KEY")
-    with pytest.raises(MissingResource, match="sealed"):
-        FingerprintIndex.open(index_dir)
-    monkeypatch.setenv("MEMGUARD_DATA_KEY", "77" * 32)
-    with pytest.raises(CorruptData, match="not the key"):
-        FingerprintIndex.open(index_dir)
+    assert_opens_only_with_its_key(index_dir, monkeypatch, missing="sealed", wrong="not the key")
 
 
 def test_a_tampered_sealed_row_is_refused(index_dir):
