@@ -74,6 +74,7 @@ class Record:
     ssim: float = math.nan
     structural: float = math.nan   # colour-blind structural similarity to the closest memorized photo
     label: str = ""            # web-style: copy | resembles | clean (judge, on the unguarded image)
+    colour_label: str = ""     # the same by the colour judge alone (before relabel_tinted)
 
 
 def generate_set(guarded, name: str, members: list[tuple[str, str]], seeds: list[int], mode, args) -> list[Record]:
@@ -132,6 +133,22 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str],
         r.copy, r.nearest, r.ssim = score.is_copy, train_ids[j], score.ssim
         r.structural = structural_similarity_to(r.result.image, photos)
         r.label = "copy" if r.copy else "resembles" if r.nearest in memorized and r.ssim >= RESEMBLES_SSIM else "clean"
+
+
+def relabel_tinted(web: list[Record], novel: list[Record]) -> float:
+    """Web-style generations the colour judge calls clean, but that are structurally closer to a
+    memorized photo than any novel-prompt generation gets (the null), become "resembles".
+
+    Measured on the v-testbed: the colour SSIM called 40 web-style images clean that the guard acted
+    on; on a contact sheet they are Grace Hopper's portrait, the rocket on its pad, the coins, tinted
+    green (colour SSIM 0.46-0.49, under the 0.5 bar). A tint is no new picture: copy detectors train
+    with colour jitter. Returns the null (the novel generations' largest structural similarity)."""
+    null = max((r.structural for r in novel if not math.isnan(r.structural)), default=STRUCTURAL_THRESHOLD)
+    for r in web:
+        r.colour_label = r.label
+        if r.label == "clean" and r.structural > null:
+            r.label = "resembles"
+    return float(null)
 
 
 def structural_copy(r: Record) -> bool:
@@ -322,7 +339,7 @@ def record_rows(runs: dict[str, dict[str, list[Record]]]) -> list[dict]:
                 rows.append({"mode": mode, "set": name, "prompt": r.prompt, "seed": r.seed,
                              "decision": r.result.decision.value, "reason": r.result.reason.value,
                              "first_flagged_step": rep.first_flagged_step, "steps_computed": rep.steps_computed,
-                             "mitigations": rep.mitigations, "copy": r.copy, "label": r.label, "target": r.target, "nearest": r.nearest,
+                             "mitigations": rep.mitigations, "copy": r.copy, "label": r.label, "colour_label": r.colour_label, "target": r.target, "nearest": r.nearest,
                              "ssim": None if math.isnan(r.ssim) else round(r.ssim, 4),
                              "structural": None if math.isnan(r.structural) else round(r.structural, 4),
                              "screen_copy": rep.audit.get("screen", {}).get("is_copy"),
@@ -383,7 +400,10 @@ def markdown(doc: dict) -> str:
     if doc.get("reroutes"):
         lines += ["## Rerouted images", "", "```", json.dumps(doc["reroutes"], indent=1), "```", ""]
     if doc.get("web_labels"):
-        lines += [f"Web-style generations, unguarded, by the judge: {doc['web_labels']}.", ""]
+        lines += [f"Web-style generations, unguarded, by the judge: {doc['web_labels']}; by the colour judge alone: "
+                  f"{doc['web_labels_colour_judge']}. A colour-clean image structurally closer to a memorized photo "
+                  f"than any novel generation ({doc['resembles_structural_null']:.3f}, colour-blind SSIM) resembles it "
+                  "(a tinted copy).", ""]
     lines.append(f"policy: rule {doc['policy']['rule']}, threshold {doc['policy']['threshold']}, detect steps "
                  f"{doc['policy']['detect_steps']}; calibration: {doc['calibration']}; {doc['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
@@ -469,11 +489,11 @@ def self_calibrate(guarded, benign: list[str], seeds: list[int], args) -> None:
 
     cfg = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch, height=args.size)
     prompts = [p for p in benign for _ in seeds]
-    raw, timesteps, distances = collect_signals(guarded, prompts, [s + 500_000 for p in benign for s in seeds], cfg)
+    m = collect_signals(guarded, prompts, [s + 500_000 for p in benign for s in seeds], cfg)
     from guard.signals import SIGNALS
 
     enabled = np.array([guarded.index is not None or name != "similarity" for name in SIGNALS])
-    guarded.policy = fit_policy(SignalSet(raw, np.repeat(np.arange(len(benign)), len(seeds)), distances), timesteps,
+    guarded.policy = fit_policy(SignalSet(m.raw, np.repeat(np.arange(len(benign)), len(seeds)), m.pdq_distances), m.timesteps,
                                 cfg.fit_config(), enabled=enabled)
 
 
@@ -565,9 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     if train is not None:
         for recs in (*monitor.values(), *enforce.values()):
             judge(recs, *train, memorized_items)
+        resembles_null = relabel_tinted(monitor.get("web", []), monitor.get("novel", []))
         for name, recs in enforce.items():   # a generation's label is that of its unguarded image
             for e, m in zip(recs, monitor[name]):
-                e.label = m.label
+                e.label, e.colour_label = m.label, m.colour_label
     policy = guarded.policy
     detection = {f"{pos}_vs_novel": detection_table(policy, monitor.get(pos, []), monitor.get("novel", []))
                  for pos in ("memorized", "paraphrased")}
@@ -577,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     if "web" in enforce:
         enforce["web_clean"] = [r for r in enforce["web"] if r.label == "clean"]
         enforce["web_resembling"] = [r for r in enforce["web"] if r.label != "clean"]
+        # the colour judge's clean set, tinted copies included: the figure before relabel_tinted
+        enforce["web_clean_colour_judge"] = [r for r in enforce["web"] if r.colour_label == "clean"]
     if "novel" in enforce and train is not None:   # novel prompts whose unguarded image copies nothing
         enforce["novel_clean"] = [r for r in enforce["novel"] if r.label == "clean"]
     # memorized items with compositional captions (issue 13): the reroute can keep their meaning
@@ -597,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
            "baseline": monitor_baseline(monitor) if train is not None else {},
            "web_labels": ({lab: sum(r.label == lab for r in monitor["web"]) for lab in ("copy", "resembles", "clean")}
                           if "web" in monitor and train is not None else {}),
+           "web_labels_colour_judge": ({lab: sum(r.colour_label == lab for r in monitor["web"])
+                                        for lab in ("copy", "resembles", "clean")}
+                                       if "web" in monitor and train is not None else {}),
+           "resembles_structural_null": resembles_null if train is not None else None,
            "enforce": enforce_outcomes(enforce_split, args.steps) if enforce else {},
            "reroutes": reroute_fidelity(monitor_split, enforce_split, args.steps) if enforce and train is not None else {},
            "seconds": time.time() - t0}

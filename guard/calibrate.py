@@ -174,14 +174,24 @@ class CalibrationConfig:
                          verify_fraction=self.verify_fraction, rule=self.rule)
 
 
+@dataclass
+class Measured:
+    """Generations measured in MONITOR mode: raw signals [N, steps, S], their timesteps, each image's
+    PDQ distance to the closest indexed item [N] (NaN without an index), and the item the final
+    screen found it to copy ("" for none) [N]."""
+    raw: np.ndarray
+    timesteps: list[float]
+    pdq_distances: np.ndarray
+    screen_copies: list[str]
+
+
 def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: CalibrationConfig,
-                    *, progress: bool = True) -> tuple[np.ndarray, list[float], np.ndarray]:
-    """Raw signals [N, steps, S] of generations (MONITOR mode, nothing is changed), their
-    timesteps, and each image's PDQ distance to the closest indexed item [N] (NaN without an index)."""
+                    *, progress: bool = True) -> Measured:
+    """Measure every (prompt, seed) in MONITOR mode: nothing is changed, everything is recorded."""
     from guard.pipeline import nearest_pdq_distance
     from guard.types import GenerationRequest, GuardMode
 
-    out, timesteps, distances = [], [], []
+    out, timesteps, distances, copies = [], [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         reqs = [GenerationRequest(p, seed=s, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                   height=cfg.height, width=cfg.height, mode=GuardMode.MONITOR)
@@ -193,9 +203,11 @@ def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: Calibrat
             timesteps = [row["timestep"] for row in rows]
             distances.append(nearest_pdq_distance(guarded.index, rs[0].image) if guarded.index is not None
                              else math.nan)
+            matches = rs[0].report.audit.get("screen", {}).get("copies", [])
+            copies.append(matches[0]["item_id"] if matches else "")
         if progress:
             log.info("calibration: %d / %d generations", min(start + cfg.batch_size, len(prompts)), len(prompts))
-    return np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64)
+    return Measured(np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64), copies)
 
 
 def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out: Path | None = None, *,
@@ -214,9 +226,10 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
     testbed = testbed_of(model_dir)
     if prompt_file is None and testbed is None:
         raise InvalidInput("prompts", "give a file of benign prompts (--prompts FILE) for a model other than the testbed")
-    base = read_prompt_file(prompt_file) if prompt_file else benign_testbed_prompts(cfg.prompts, testbed=testbed)
-    prompts = [p for p in base[:cfg.prompts] for _ in range(cfg.seeds_per_prompt)]
-    groups = np.array([i for i in range(len(base[:cfg.prompts])) for _ in range(cfg.seeds_per_prompt)])
+    base = (read_prompt_file(prompt_file) if prompt_file else benign_testbed_prompts(cfg.prompts, testbed=testbed))
+    base = base[:cfg.prompts]
+    prompts = [p for p in base for _ in range(cfg.seeds_per_prompt)]
+    groups = np.array([i for i in range(len(base)) for _ in range(cfg.seeds_per_prompt)])
     seeds = [CALIBRATION_SEED_BASE + i for i in range(len(prompts))]
     t0 = time.time()
     with FingerprintIndex.open(index_dir, model_dir=model_dir, device=device) as index:
@@ -228,11 +241,25 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         pos_seeds = [POSITIVE_SEED_BASE + i for i in range(len(pos_prompts))]
         guarded = GuardedPipeline(load_pipeline(model_dir, device=device), index=index, policy=Policy.uncalibrated(),
                                   config=GuardConfig(retrieve_steps=tuple(range(cfg.steps))))
-        raw, timesteps, distances = collect_signals(guarded, prompts, seeds, cfg, progress=progress)
-        pos_raw = collect_signals(guarded, pos_prompts, pos_seeds, cfg, progress=progress)[0] if found else None
+        benign = collect_signals(guarded, prompts, seeds, cfg, progress=progress)
+        pos_raw = collect_signals(guarded, pos_prompts, pos_seeds, cfg, progress=progress).raw if found else None
+    raw, timesteps, distances = benign.raw, benign.timesteps, benign.pdq_distances
+    # a "benign" generation the final screen finds in the training set is no negative (a prompt file
+    # from real traffic holds memorized prompts too): it would widen the benign standard towards
+    # memorization. It is left out, counted and named in the provenance. Not made a positive: on the
+    # v-testbed, web-style copies as positives lowered the held-out TPR (0.91 vs 1.00) and flagged more
+    # clean web-style generations (9 vs 5 of 54)
+    copied = np.array([bool(c) for c in benign.screen_copies], bool)
+    if copied.any():
+        log.warning("calibration: %d of %d benign generations copy an indexed item (final screen): left out of "
+                    "the negatives", int(copied.sum()), len(copied))
+    screened_out = {"generations": int(copied.sum()), "prompts": sorted({p for p, c in zip(prompts, copied) if c})}
+    raw, distances, groups = raw[~copied], distances[~copied], groups[~copied]
+    kept_prompts = [p for p, c in zip(prompts, copied) if not c]
+    kept_seeds = [x for x, c in zip(seeds, copied) if not c]
     if signals_out:   # the measured signals, for audits and re-fitting without re-generating
         np.savez_compressed(signals_out, raw=raw, timesteps=np.asarray(timesteps), groups=groups,
-                            prompts=np.asarray(prompts), seeds=np.asarray(seeds), pdq_distances=distances,
+                            prompts=np.asarray(kept_prompts), seeds=np.asarray(kept_seeds), pdq_distances=distances,
                             positive_raw=pos_raw if pos_raw is not None else np.zeros((0,) + raw.shape[1:]),
                             positive_groups=pos_groups, positive_prompts=np.asarray(pos_prompts))
     positives = SignalSet(pos_raw, pos_groups) if found else None
@@ -241,8 +268,9 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         model={"path": str(model_dir.resolve()), "sha256": model_hash(model_dir)},
         index={"path": str(index_dir.resolve()), "manifest_sha256": sha256_file(index_dir / "manifest.json")},
         data={"source": str(prompt_file) if prompt_file else f"testbed {testbed.name}: training-distribution captions",
-              "prompts": len(base[:cfg.prompts]), "generations": len(prompts), "seeds": [seeds[0], seeds[-1]],
+              "prompts": len(base), "generations": len(prompts), "seeds": [seeds[0], seeds[-1]],
               "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+              "benign_screened_out": screened_out,
               "positives": {"source": "duplicate clusters of the index" + (f" + {positives_file}" if positives_file
                                                                             else ""),
                             "clusters": sorted({k for _, k in found}), "prompts": sorted({p for p, _ in found}),

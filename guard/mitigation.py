@@ -130,22 +130,25 @@ def push_away(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: float, candida
     return (alpha_bar ** 0.5) * F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False).to(x_t.dtype)
 
 
-def sample_seed(seed: int, salt: str) -> int:
-    """A deterministic derived seed (reroutes are reproducible for a given request seed)."""
-    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
+def sample_seed(seed: int, salt: str, prompt: str = "") -> int:
+    """A deterministic derived seed (reroutes are reproducible for a given request seed and prompt).
+    The prompt is part of it: two prompts the model renders alike from one noise (web-style captions
+    it never learned) would otherwise be rerouted to one image (measured: pairwise SSIM 0.997)."""
+    digest = hashlib.sha256(f"{seed}:{salt}".encode() + (b"\n" + prompt.encode() if prompt else b"")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def noisy_embedding(embedding: torch.Tensor, seed: int, config: MitigationConfig) -> torch.Tensor:
+def noisy_embedding(embedding: torch.Tensor, seed: int, config: MitigationConfig, prompt: str = "") -> torch.Tensor:
     """[T, D] prompt embedding plus Gaussian noise of std embed_noise · std(embedding)."""
-    gen = torch.Generator("cpu").manual_seed(sample_seed(seed, "embed_noise"))
+    gen = torch.Generator("cpu").manual_seed(sample_seed(seed, "embed_noise", prompt))
     noise = torch.randn(embedding.shape, generator=gen, dtype=torch.float32).to(embedding.device)
     return (embedding.float() + config.embed_noise * embedding.float().std() * noise).to(embedding.dtype)
 
 
-def fresh_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Initial noise [1, C, h, w] of a derived seed (the reseed rung)."""
-    gen = torch.Generator("cpu").manual_seed(sample_seed(seed, "reseed"))
+def fresh_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype,
+                prompt: str = "") -> torch.Tensor:
+    """Initial noise [1, C, h, w] of a seed derived from the request's seed and prompt (the reseed rung)."""
+    gen = torch.Generator("cpu").manual_seed(sample_seed(seed, "reseed", prompt))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 

@@ -542,9 +542,10 @@ class GuardedPipeline:
         if "push" in new:
             live.push[p] = True
         if "embed_noise" in new:
-            live.cond[p] = noisy_embedding(live.cond[p], s.seed, cfg)
+            live.cond[p] = noisy_embedding(live.cond[p], s.seed, cfg, run.requests[s.request].prompt)
         if "reseed" in new:
-            noise = fresh_noise((1, *live.latents.shape[1:]), s.seed, self.device, live.latents.dtype)
+            noise = fresh_noise((1, *live.latents.shape[1:]), s.seed, self.device, live.latents.dtype,
+                                run.requests[s.request].prompt)
             live.latents[p] = noise[0] * run.scheduler.init_noise_sigma
         return True
 

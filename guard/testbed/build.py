@@ -65,11 +65,12 @@ def build_files(out: Path) -> list[Path]:
     return sorted(files)
 
 
-def write_manifest(out: Path, cfg: BuildConfig, timings: dict[str, float]) -> Path:
+def write_manifest(out: Path, cfg: BuildConfig, timings: dict[str, float], cycles_done: int = 1) -> Path:
     files = build_files(out)
     manifest = {
         "format": 1,
         "config": dataclasses.asdict(cfg),
+        "cycles_done": cycles_done,   # UNet training cycles the saved model has had (TrainConfig.restart_*)
         "timings_s": timings,
         "torch": torch.__version__,
         "files": {str(p.relative_to(out)): sha256_file(p) for p in files},
@@ -104,8 +105,9 @@ def verify_manifest(out: Path) -> list[str]:
     return bad
 
 
-def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
-    """Train every component and save the pipeline under out/model. Returns timings in seconds."""
+def train_and_save(out: Path, cfg: BuildConfig, *, resume: bool = False) -> dict[str, float]:
+    """Train every component and save the pipeline under out/model. Returns timings in seconds.
+    `resume`: out/model holds the result of the cycles its manifest records; run the next one on it."""
     from diffusers import StableDiffusionPipeline
 
     if cfg.train.threads:
@@ -117,6 +119,8 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
     timings["dataset"] = time.time() - t
     log.info("training set: %d unique items, %d with duplicates", len(items), sum(i.duplicates for i in items))
 
+    if resume:
+        return _resume(out, cfg, items, tokenizer, timings)
     t = time.time()
     stage = out / "stage-vae"  # a finished VAE survives an interrupted build: UNet training resumes after it
     if (stage / STAGE_WEIGHTS).is_file():
@@ -141,6 +145,49 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
     vae.register_to_config(scaling_factor=scaling)
     unet, text_encoder = train_unet(items, latents * scaling, tokenizer, cfg.model, cfg.train)
     timings["unet"] = time.time() - t
+    _save(out, cfg, vae, text_encoder, tokenizer, unet)
+    shutil.rmtree(stage)
+    return timings
+
+
+def cycles_done(out: Path) -> int:
+    """Training cycles the model in `out` has had (its manifest; a build before restarts existed: 1)."""
+    path = out / MANIFEST
+    return int(json.loads(path.read_text()).get("cycles_done", 1)) if path.is_file() else 0
+
+
+def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, float]) -> dict[str, float]:
+    """The next restart cycle only, on the model saved in out/model (same VAE, same latents)."""
+    from safetensors.torch import load_file
+
+    from guard.models import build_text_encoder, build_tiny_unet, build_vae
+
+    model = out / MODEL_SUBDIR
+    if not (model / "unet" / STAGE_WEIGHTS).is_file():
+        raise BuildError(f"--resume needs a built model in {model}; run the build without --resume first")
+    done = cycles_done(out)
+    if not cfg.train.restart_steps or done > cfg.train.restart_cycles:
+        raise BuildError(f"--resume runs the recipe's next restart cycle, but the model has had {done} cycle(s) and "
+                         f"the recipe has {cfg.train.restart_cycles if cfg.train.restart_steps else 0} restart(s)")
+    t = time.time()
+    # weights into fresh configs, as for the staged VAE: the saved model records no path of this build
+    vae, unet, text_encoder = build_vae(cfg.model), build_tiny_unet(cfg.model), build_text_encoder(cfg.model)
+    for part, module, weights in (("vae", vae, STAGE_WEIGHTS), ("unet", unet, STAGE_WEIGHTS),
+                                  ("text_encoder", text_encoder, "model.safetensors")):
+        module.load_state_dict(load_file(model / part / weights))
+    vae.register_to_config(scaling_factor=json.loads((model / "vae" / "config.json").read_text())["scaling_factor"])
+    vae.eval()
+    latents = encode_latents(vae, [it.image for it in items]) * vae.config.scaling_factor
+    unet, text_encoder = train_unet(items, latents, tokenizer, cfg.model, cfg.train, init=(unet, text_encoder),
+                                    cycles=range(done, done + 1))
+    timings[f"unet_restart_{done}"] = time.time() - t
+    _save(out, cfg, vae, text_encoder, tokenizer, unet)
+    return timings
+
+
+def _save(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer, unet) -> None:
+    """The pipeline under out/model (staged, then swapped in whole) and the prompt sets."""
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -152,18 +199,20 @@ def train_and_save(out: Path, cfg: BuildConfig) -> dict[str, float]:
     final = out / MODEL_SUBDIR
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    shutil.rmtree(stage)
     write_prompt_sets(out / "prompts", cfg.data)
-    return timings
 
 
-def build(out: Path, cfg: BuildConfig = BuildConfig(), *, report: bool = True) -> Path:
-    """Reproduce the testbed into `out`. Returns the manifest path."""
+def build(out: Path, cfg: BuildConfig = BuildConfig(), *, report: bool = True, resume: bool = False) -> Path:
+    """Reproduce the testbed into `out` (`resume`: only the restart cycle, on out/model). Returns the
+    manifest path."""
     check_output_dir(out)
     build_training_set(dataclasses.replace(cfg.data, num_procedural=1))  # missing photos fail before training
-    timings = train_and_save(out, cfg)
+    earlier = json.loads((out / MANIFEST).read_text()).get("timings_s", {}) if resume and (out / MANIFEST).is_file() else {}
+    done = cycles_done(out) if resume else 0
+    timings = {**earlier, **train_and_save(out, cfg, resume=resume)}   # a resumed build keeps earlier cycles' times
     if report:
         t = time.time()
         write_report(out, cfg.data, seeds=cfg.report_seeds, timings=dict(timings))
         timings["report"] = time.time() - t
-    return write_manifest(out, cfg, timings)
+    cycles = done + 1 if resume else 1 + (cfg.train.restart_cycles if cfg.train.restart_steps else 0)
+    return write_manifest(out, cfg, timings, cycles_done=cycles)

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few training steps only: checks the pipeline, not a model")
     p.add_argument("--seeds", type=int, help="seeds per prompt in the report (default: report.REPORT_SEEDS)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="run only the recipe's restart cycle on the model already built in the output directory")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")
@@ -64,10 +66,11 @@ def _build(args) -> int:
         cfg = dataclasses.replace(cfg, report_seeds=args.seeds)
     if args.quick:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tb.train, vae_steps=4, unet_steps=4, warmup=1,
+                                                                 restart_steps=min(tb.train.restart_steps, 4),
                                                                  vae_batch=8, unet_batch=8))
     out = _dir(args)
     t = time.time()
-    manifest = build(out, cfg, report=not args.no_report)
+    manifest = build(out, cfg, report=not args.no_report, resume=args.resume)
     print(f"testbed built in {time.time() - t:.0f} s: {out} (manifest {manifest})")
     return 0
 

@@ -54,7 +54,8 @@ TESTBEDS: dict[str, Testbed] = {
     "vpred": Testbed("vpred", ROOT, TestbedDataConfig(), TrainConfig()),
     "eps": Testbed("eps", ROOT / "eps",
                    TestbedDataConfig(photo_duplicates=320, memorized_combos=EPS_COMBOS, combo_duplicates=160),
-                   TrainConfig(prediction_type="epsilon", zero_terminal_snr=False, ema_decay=0.999)),
+                   TrainConfig(prediction_type="epsilon", zero_terminal_snr=False, ema_decay=0.999,
+                               restart_steps=3000, restart_lr=2e-4, restart_cycles=2)),
 }
 DEFAULT_TESTBED = "vpred"
 

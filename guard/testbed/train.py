@@ -47,6 +47,12 @@ class TrainConfig:
     # Exponential moving average of the weights, saved instead of the raw ones (0: off). An ε-model
     # needs it to copy reliably: its x0 error is amplified by √(1−ᾱ)/√ᾱ ≈ 15 at the first step.
     ema_decay: float = 0.0
+    # Further cosine cycles from the first's weights (warm restarts, Loshchilov & Hutter 2017) at a
+    # lower peak rate. `memguard testbed build --resume` runs the next cycle on a built model, so a
+    # longer recipe need not retrain what is already there. 0 steps: one cycle.
+    restart_steps: int = 0
+    restart_lr: float = 2e-4
+    restart_cycles: int = 1
     seed: int = 0
     threads: int = 0               # 0: leave torch's default
 
@@ -108,28 +114,45 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer, model_cfg: TinyPipelineConfig,
-               cfg: TrainConfig):
+               cfg: TrainConfig, *, init=None, cycles: range | None = None):
     """Train UNet + text encoder jointly on scaled latents (cfg.prediction_type objective).
-    Returns (unet, text_encoder)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    torch.manual_seed(cfg.seed + 1)
-    unet, text_encoder = build_tiny_unet(model_cfg), build_text_encoder(model_cfg)
+    `init`: (unet, text_encoder) to continue from; `cycles`: which cosine cycles to run (0: the first,
+    1..restart_cycles: the restarts; default all). Returns (unet, text_encoder)."""
+    torch.manual_seed(cfg.seed + 1)   # before building: the initial weights come from this seed
+    unet, text_encoder = init if init is not None else (build_tiny_unet(model_cfg), build_text_encoder(model_cfg))
+    plan = [(cfg.unet_steps, cfg.unet_lr)] + [(cfg.restart_steps, cfg.restart_lr)] * cfg.restart_cycles
+    for k, (steps, lr) in enumerate(plan):
+        if steps and (cycles is None or k in cycles):
+            seed = cfg.seed + 1 + 100 * k
+            if k:
+                torch.manual_seed(seed)
+            _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg, steps, lr, seed)
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder
+
+
+def _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg: TrainConfig, steps: int, lr: float,
+                 seed: int) -> None:
+    """One cosine learning-rate cycle with a fresh optimizer; the EMA (if any) replaces the weights at
+    its end."""
+    gen = torch.Generator().manual_seed(seed)
     scheduler = build_scheduler(cfg.prediction_type, cfg.zero_terminal_snr)
     ids = tokenize(tokenizer, [it.caption for it in items])
     empty = tokenize(tokenizer, [""])[0]
     # the sampling list: each item repeated `duplicates` times
     pool = torch.tensor([i for i, it in enumerate(items) for _ in range(it.duplicates)])
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     alphas = scheduler.alphas_cumprod
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(cfg.unet_steps), desc="unet", mininterval=5)
+    bar = tqdm(range(steps), desc="unet", mininterval=5)
     t0 = time.time()
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+            g["lr"] = _lr_at(step, steps, lr, cfg.warmup)
         idx = pool[torch.randint(len(pool), (cfg.unet_batch,), generator=gen)]
         x0 = latents[idx]
         tok = ids[idx].clone()
@@ -159,7 +182,4 @@ def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer, mode
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-    log.info("unet trained: %d steps in %.0f s", cfg.unet_steps, time.time() - t0)
-    unet.eval()
-    text_encoder.eval()
-    return unet, text_encoder
+    log.info("unet cycle trained: %d steps at peak lr %g in %.0f s", steps, lr, time.time() - t0)

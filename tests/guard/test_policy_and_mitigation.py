@@ -132,6 +132,7 @@ def test_embedding_noise_is_seeded_and_scaled():
     cfg = MitigationConfig(embed_noise=0.5)
     a, b = noisy_embedding(emb, 11, cfg), noisy_embedding(emb, 11, cfg)
     assert torch.equal(a, b) and not torch.equal(a, noisy_embedding(emb, 12, cfg))
+    assert not torch.equal(noisy_embedding(emb, 11, cfg, "a cat"), noisy_embedding(emb, 11, cfg, "a dog"))
     assert abs(float((a - emb).std() / emb.std()) - 0.5) < 0.05
 
 
@@ -152,3 +153,15 @@ def test_face_match_scope_is_checked():
     assert GuardConfig(face_match_scope="protected").face_match_scope == "protected"
     with pytest.raises(InvalidInput, match="face_match_scope"):
         GuardConfig(face_match_scope="everyone")
+
+
+def test_reseed_noise_comes_from_the_seed_and_the_prompt():
+    """Two prompts rerouted at one seed must not restart from one noise (they would come back as one image)."""
+    from guard.mitigation import fresh_noise
+
+    def noise(seed, prompt):
+        return fresh_noise((1, 4, 8, 8), seed, torch.device("cpu"), torch.float32, prompt)
+
+    assert torch.equal(noise(5, "a red fox"), noise(5, "a red fox"))          # reproducible
+    assert not torch.equal(noise(5, "a red fox"), noise(5, "a blue fox"))
+    assert not torch.equal(noise(5, "a red fox"), noise(6, "a red fox"))

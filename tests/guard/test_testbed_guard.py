@@ -180,11 +180,33 @@ def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
     assert prov["model"]["sha256"] == model_hash(TESTBED_MODEL_DIR)
     assert prov["index"]["manifest_sha256"] == sha256_file(TESTBED_INDEX_DIR / "manifest.json")
     assert prov["data"]["generations"] == 8 and prov["data"]["seeds"][0] >= 900_000
+    assert prov["data"]["benign_screened_out"]["generations"] == 0
     assert 0 <= prov["rates"]["flag_rate_in_sample"] <= 1 / 8
     assert policy.calibrated and np.isfinite(policy.threshold) and policy.final_pdq_distance is not None
     assert len(policy.signals["divergence"].timesteps) == 4
     signals = np.load(tmp_path / "signals.npz")
     assert signals["raw"].shape == (8, 4, 4)
+
+
+def test_a_benign_prompt_whose_image_copies_is_no_negative(tmp_path):
+    """A "benign" prompt file that holds a memorized caption: its generations copy a photo, so the final
+    screen finds them, and calibration leaves them out of the benign standard (and says so)."""
+    from guard.calibrate import CalibrationConfig, benign_testbed_prompts, calibrate
+    from guard.testbed.registry import get_testbed
+
+    memorized = get_testbed().prompts("memorized")[0]
+    prompts = tmp_path / "benign.txt"
+    prompts.write_text("\n".join([memorized, *benign_testbed_prompts(5, seed=7)]) + "\n")
+    cfg = CalibrationConfig(prompts=6, seeds_per_prompt=2, steps=30, batch_size=12, positive_clusters=2,
+                            captions_per_cluster=1, positive_seeds=1)
+    policy = calibrate(cfg=cfg, out=tmp_path / "policy.json", progress=False, prompt_file=prompts,
+                       signals_out=tmp_path / "signals.npz")
+    dropped = policy.provenance["data"]["benign_screened_out"]
+    assert memorized in dropped["prompts"] and dropped["generations"] >= 1
+    signals = np.load(tmp_path / "signals.npz")
+    assert len(signals["raw"]) == 12 - dropped["generations"]          # the benign standard left them out
+    assert len(signals["prompts"]) == len(signals["raw"])
+    assert len(signals["positive_raw"]) == 2                             # not made positives
 
 
 def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):

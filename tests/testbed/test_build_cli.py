@@ -78,3 +78,35 @@ def test_an_interrupted_build_resumes_from_its_trained_vae(tmp_path):
     assert all(torch.equal(shipped[k], v) for k, v in staged.state_dict().items())
     assert "_name_or_path" not in _json.loads((out / "model" / "vae" / "config.json").read_text())
     assert not (out / "stage-vae").exists()
+
+
+def test_resume_runs_only_the_restart_cycle_on_the_built_model(tmp_path):
+    """`--resume` continues from the model in the output directory: same VAE, a new UNet, both cycles' times."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from guard.testbed.build import STAGE_WEIGHTS, BuildConfig, BuildError, build
+    from guard.testbed.train import TrainConfig
+
+    out = tmp_path / "tb"
+    first = TrainConfig(vae_steps=2, unet_steps=2, warmup=1, vae_batch=4, unet_batch=4, restart_steps=0)
+    with __import__("pytest").raises(BuildError, match="--resume needs a built model"):
+        build(out, dataclasses.replace(BuildConfig(), train=first), report=False, resume=True)
+    build(out, dataclasses.replace(BuildConfig(), train=first), report=False)
+    with __import__("pytest").raises(BuildError, match="has had 1 cycle.* has 0 restart"):
+        build(out, dataclasses.replace(BuildConfig(), train=first), report=False, resume=True)
+    before = {part: load_file(out / "model" / part / STAGE_WEIGHTS) for part in ("vae", "unet")}
+    again = dataclasses.replace(first, restart_steps=2, restart_lr=1e-3)
+    manifest = build(out, dataclasses.replace(BuildConfig(), train=again), report=False, resume=True)
+    doc = _json.loads(manifest.read_text())
+    assert {"unet", "unet_restart_1"} <= set(doc["timings_s"])    # the first cycle's time is kept
+    assert doc["config"]["train"]["restart_steps"] == 2 and doc["cycles_done"] == 2
+    with __import__("pytest").raises(BuildError, match="has had 2 cycle"):   # the recipe's one restart is done
+        build(out, dataclasses.replace(BuildConfig(), train=again), report=False, resume=True)
+    after = {part: load_file(out / "model" / part / STAGE_WEIGHTS) for part in ("vae", "unet")}
+    assert all(torch.equal(before["vae"][k], v) for k, v in after["vae"].items())
+    assert any(not torch.equal(before["unet"][k], v) for k, v in after["unet"].items())
+    for part in ("vae", "unet"):   # a resumed model records no path of the build that made it
+        assert "_name_or_path" not in _json.loads((out / "model" / part / "config.json").read_text())
