@@ -3,6 +3,9 @@
 - `vpred`: v-prediction on a zero-terminal-SNR schedule (SD 2.x-style objective), `guard/testbed/`.
 - `eps`: ε-prediction on SD 1.x's scaled-linear schedule, `guard/testbed/eps/`. It also memorizes
   renderings with ordinary compositional captions, so a reroute can be judged on prompt fidelity.
+  Its recipe adds two warm-restart cycles (3000 steps each, peak lr 2e-4) to the first 4000 steps.
+  Measured at 16 seeds they barely moved copying: photos copied in most seeds stayed 3 of 8
+  (astronaut 14 → 15, Grace Hopper 7 → 8 of 16). More training is not what this objective lacks.
 """
 from __future__ import annotations
 
