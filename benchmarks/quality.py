@@ -72,7 +72,8 @@ class Record:
     copy: bool | None = None   # independent judge (testbed only)
     nearest: str = ""
     ssim: float = math.nan
-    structural: float = math.nan   # colour-blind structural similarity to the closest memorized photo
+    structural: float = math.nan   # colour-blind structural similarity to the closest memorized item
+    structural_photo: float = math.nan   # the same over memorized photos only (tinted copies: relabel_tinted)
     label: str = ""            # web-style: copy | resembles | clean (judge, on the unguarded image)
     colour_label: str = ""     # the same by the colour judge alone (before relabel_tinted)
 
@@ -125,6 +126,8 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str],
     from guard.testbed.report import RESEMBLES_SSIM
 
     photos = [_grey_standardized(im) for im, i in zip(train_images, train_ids) if i in memorized]
+    photo_only = [_grey_standardized(im) for im, i in zip(train_images, train_ids)
+                  if i in memorized and i.startswith("photo-")] or photos
     references = copies.References.of(train_images)
     for r in records:
         if r.result.image is None:
@@ -132,6 +135,7 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str],
         j, score = copies.nearest(r.result.image, references)
         r.copy, r.nearest, r.ssim = score.is_copy, train_ids[j], score.ssim
         r.structural = structural_similarity_to(r.result.image, photos)
+        r.structural_photo = structural_similarity_to(r.result.image, photo_only)
         r.label = "copy" if r.copy else "resembles" if r.nearest in memorized and r.ssim >= RESEMBLES_SSIM else "clean"
 
 
@@ -142,11 +146,14 @@ def relabel_tinted(web: list[Record], novel: list[Record]) -> float:
     Measured on the v-testbed: the colour SSIM called 40 web-style images clean that the guard acted
     on; on a contact sheet they are Grace Hopper's portrait, the rocket on its pad, the coins, tinted
     green (colour SSIM 0.46-0.49, under the 0.5 bar). A tint is no new picture: copy detectors train
-    with colour jitter. Returns the null (the novel generations' largest structural similarity)."""
-    null = max((r.structural for r in novel if not math.isnan(r.structural)), default=STRUCTURAL_THRESHOLD)
+    with colour jitter. Photos only: novel compositions resemble the memorized compositional renderings
+    by construction (on the ε-testbed their null was 0.82). Returns the null (the novel generations'
+    largest structural similarity to a memorized photo)."""
+    null = max((r.structural_photo for r in novel if not math.isnan(r.structural_photo)),
+               default=STRUCTURAL_THRESHOLD)
     for r in web:
         r.colour_label = r.label
-        if r.label == "clean" and r.structural > null:
+        if r.label == "clean" and r.structural_photo > null:
             r.label = "resembles"
     return float(null)
 
@@ -342,6 +349,7 @@ def record_rows(runs: dict[str, dict[str, list[Record]]]) -> list[dict]:
                              "mitigations": rep.mitigations, "copy": r.copy, "label": r.label, "colour_label": r.colour_label, "target": r.target, "nearest": r.nearest,
                              "ssim": None if math.isnan(r.ssim) else round(r.ssim, 4),
                              "structural": None if math.isnan(r.structural) else round(r.structural, 4),
+                             "structural_photo": None if math.isnan(r.structural_photo) else round(r.structural_photo, 4),
                              "screen_copy": rep.audit.get("screen", {}).get("is_copy"),
                              "combined_by_step": [None if math.isnan(x) else round(float(x), 3)
                                                   for x in np.fmax.accumulate(r.combined)]})
@@ -402,7 +410,7 @@ def markdown(doc: dict) -> str:
     if doc.get("web_labels"):
         lines += [f"Web-style generations, unguarded, by the judge: {doc['web_labels']}; by the colour judge alone: "
                   f"{doc['web_labels_colour_judge']}. A colour-clean image structurally closer to a memorized photo "
-                  f"than any novel generation ({doc['resembles_structural_null']:.3f}, colour-blind SSIM) resembles it "
+                  f"than any novel generation is to one ({doc['resembles_structural_null']:.3f}, colour-blind SSIM) resembles it "
                   "(a tinted copy).", ""]
     lines.append(f"policy: rule {doc['policy']['rule']}, threshold {doc['policy']['threshold']}, detect steps "
                  f"{doc['policy']['detect_steps']}; calibration: {doc['calibration']}; {doc['seconds']:.0f} s")
