@@ -600,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     policy = guarded.policy
     detection = {f"{pos}_vs_novel": detection_table(policy, monitor.get(pos, []), monitor.get("novel", []))
                  for pos in ("memorized", "paraphrased")}
+    # novel generations the judge finds copying a memorized item are no negatives: the guard should
+    # catch them (eps: 10 of 192 land on a memorized rendering). Both tables are kept
+    novel_clean = [r for r in monitor.get("novel", []) if r.label == "clean"]
+    if train is not None and 0 < len(novel_clean) < len(monitor.get("novel", [])):
+        for pos in ("memorized", "paraphrased"):
+            detection[f"{pos}_vs_novel_clean"] = detection_table(policy, monitor.get(pos, []), novel_clean)
     web_clean = [r for r in monitor.get("web", []) if r.label == "clean"]
     if web_clean:
         detection["memorized_vs_web_clean"] = detection_table(policy, monitor["memorized"], web_clean)
