@@ -135,7 +135,8 @@ def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str],
         j, score = copies.nearest(r.result.image, references)
         r.copy, r.nearest, r.ssim = score.is_copy, train_ids[j], score.ssim
         r.structural = structural_similarity_to(r.result.image, photos)
-        r.structural_photo = structural_similarity_to(r.result.image, photo_only)
+        r.structural_photo = (r.structural if len(photo_only) == len(photos)   # the same set: no second pass
+                              else structural_similarity_to(r.result.image, photo_only))
         r.label = "copy" if r.copy else "resembles" if r.nearest in memorized and r.ssim >= RESEMBLES_SSIM else "clean"
 
 

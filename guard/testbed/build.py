@@ -105,11 +105,18 @@ def verify_manifest(out: Path) -> list[str]:
     return bad
 
 
-def train_and_save(out: Path, cfg: BuildConfig, *, resume: bool = False) -> dict[str, float]:
-    """Train every component and save the pipeline under out/model. Returns timings in seconds.
-    `resume`: out/model holds the result of the cycles its manifest records; run the next one on it."""
-    from diffusers import StableDiffusionPipeline
+def _with_weights(module, path: Path):
+    """`module` (built from a fresh config, so the saved model records no path of this build) with the
+    weights of the safetensors file at `path`."""
+    from safetensors.torch import load_file
 
+    module.load_state_dict(load_file(path))
+    return module
+
+
+def train_and_save(out: Path, cfg: BuildConfig, *, resume_after: int = 0) -> dict[str, float]:
+    """Train every component and save the pipeline under out/model. Returns timings in seconds.
+    `resume_after` > 0: out/model has had that many training cycles; run only the next one on it."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     timings = {}
@@ -119,19 +126,14 @@ def train_and_save(out: Path, cfg: BuildConfig, *, resume: bool = False) -> dict
     timings["dataset"] = time.time() - t
     log.info("training set: %d unique items, %d with duplicates", len(items), sum(i.duplicates for i in items))
 
-    if resume:
-        return _resume(out, cfg, items, tokenizer, timings)
+    if resume_after:
+        return _resume(out, cfg, items, tokenizer, timings, resume_after)
     t = time.time()
     stage = out / "stage-vae"  # a finished VAE survives an interrupted build: UNet training resumes after it
     if (stage / STAGE_WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
         from guard.models import build_vae
 
-        # weights only: a fresh config, so the saved model does not record the stage's path
-        vae = build_vae(cfg.model)
-        vae.load_state_dict(load_file(stage / STAGE_WEIGHTS))
-        vae.eval()
+        vae = _with_weights(build_vae(cfg.model), stage / STAGE_WEIGHTS).eval()
         log.info("reusing the VAE trained earlier in %s", stage)
         timings["vae_reused"] = time.time() - t   # not a training time: the report must not call it one
     else:
@@ -150,33 +152,20 @@ def train_and_save(out: Path, cfg: BuildConfig, *, resume: bool = False) -> dict
     return timings
 
 
-def cycles_done(out: Path) -> int:
-    """Training cycles the model in `out` has had (its manifest; a build before restarts existed: 1)."""
-    path = out / MANIFEST
-    return int(json.loads(path.read_text()).get("cycles_done", 1)) if path.is_file() else 0
-
-
-def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, float]) -> dict[str, float]:
-    """The next restart cycle only, on the model saved in out/model (same VAE, same latents)."""
-    from safetensors.torch import load_file
-
+def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, float], done: int) -> dict[str, float]:
+    """The next restart cycle only, on the model saved in out/model after `done` cycles (same VAE,
+    same latents)."""
     from guard.models import build_text_encoder, build_tiny_unet, build_vae
 
     model = out / MODEL_SUBDIR
-    if not (model / "unet" / STAGE_WEIGHTS).is_file():
-        raise BuildError(f"--resume needs a built model in {model}; run the build without --resume first")
-    done = cycles_done(out)
     if not cfg.train.restart_steps or done > cfg.train.restart_cycles:
         raise BuildError(f"--resume runs the recipe's next restart cycle, but the model has had {done} cycle(s) and "
                          f"the recipe has {cfg.train.restart_cycles if cfg.train.restart_steps else 0} restart(s)")
     t = time.time()
-    # weights into fresh configs, as for the staged VAE: the saved model records no path of this build
-    vae, unet, text_encoder = build_vae(cfg.model), build_tiny_unet(cfg.model), build_text_encoder(cfg.model)
-    for part, module, weights in (("vae", vae, STAGE_WEIGHTS), ("unet", unet, STAGE_WEIGHTS),
-                                  ("text_encoder", text_encoder, "model.safetensors")):
-        module.load_state_dict(load_file(model / part / weights))
+    vae = _with_weights(build_vae(cfg.model), model / "vae" / STAGE_WEIGHTS).eval()
+    unet = _with_weights(build_tiny_unet(cfg.model), model / "unet" / STAGE_WEIGHTS)
+    text_encoder = _with_weights(build_text_encoder(cfg.model), model / "text_encoder" / "model.safetensors")
     vae.register_to_config(scaling_factor=json.loads((model / "vae" / "config.json").read_text())["scaling_factor"])
-    vae.eval()
     latents = encode_latents(vae, [it.image for it in items]) * vae.config.scaling_factor
     unet, text_encoder = train_unet(items, latents, tokenizer, cfg.model, cfg.train, init=(unet, text_encoder),
                                     cycles=range(done, done + 1))
@@ -207,9 +196,14 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), *, report: bool = True, r
     manifest path."""
     check_output_dir(out)
     build_training_set(dataclasses.replace(cfg.data, num_procedural=1))  # missing photos fail before training
-    earlier = json.loads((out / MANIFEST).read_text()).get("timings_s", {}) if resume and (out / MANIFEST).is_file() else {}
-    done = cycles_done(out) if resume else 0
-    timings = {**earlier, **train_and_save(out, cfg, resume=resume)}   # a resumed build keeps earlier cycles' times
+    earlier = {}   # a resumed build keeps the manifest's earlier cycles: their count and times
+    if resume:
+        if not (out / MODEL_SUBDIR / "unet" / STAGE_WEIGHTS).is_file() or not (out / MANIFEST).is_file():
+            raise BuildError(f"--resume needs a built model in {out / MODEL_SUBDIR}; run the build without --resume "
+                             "first")
+        earlier = json.loads((out / MANIFEST).read_text())
+    done = int(earlier.get("cycles_done", 1)) if resume else 0   # a manifest from before restarts: 1 cycle
+    timings = {**earlier.get("timings_s", {}), **train_and_save(out, cfg, resume_after=done)}
     if report:
         t = time.time()
         write_report(out, cfg.data, seeds=cfg.report_seeds, timings=dict(timings))

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, help="seeds per prompt in the report (default: report.REPORT_SEEDS)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--resume", action="store_true",
-                   help="run only the recipe's restart cycle on the model already built in the output directory")
+                   help="run only the recipe's next restart cycle on the model already built in the output directory")
     p.set_defaults(func=_build)
 
     p = tb.add_parser("report", help="re-measure memorization of a built testbed")

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from guard.cli import main
 
 
@@ -92,10 +94,10 @@ def test_resume_runs_only_the_restart_cycle_on_the_built_model(tmp_path):
 
     out = tmp_path / "tb"
     first = TrainConfig(vae_steps=2, unet_steps=2, warmup=1, vae_batch=4, unet_batch=4, restart_steps=0)
-    with __import__("pytest").raises(BuildError, match="--resume needs a built model"):
+    with pytest.raises(BuildError, match="--resume needs a built model"):
         build(out, dataclasses.replace(BuildConfig(), train=first), report=False, resume=True)
     build(out, dataclasses.replace(BuildConfig(), train=first), report=False)
-    with __import__("pytest").raises(BuildError, match="has had 1 cycle.* has 0 restart"):
+    with pytest.raises(BuildError, match="has had 1 cycle.* has 0 restart"):
         build(out, dataclasses.replace(BuildConfig(), train=first), report=False, resume=True)
     before = {part: load_file(out / "model" / part / STAGE_WEIGHTS) for part in ("vae", "unet")}
     again = dataclasses.replace(first, restart_steps=2, restart_lr=1e-3)
@@ -103,7 +105,7 @@ def test_resume_runs_only_the_restart_cycle_on_the_built_model(tmp_path):
     doc = _json.loads(manifest.read_text())
     assert {"unet", "unet_restart_1"} <= set(doc["timings_s"])    # the first cycle's time is kept
     assert doc["config"]["train"]["restart_steps"] == 2 and doc["cycles_done"] == 2
-    with __import__("pytest").raises(BuildError, match="has had 2 cycle"):   # the recipe's one restart is done
+    with pytest.raises(BuildError, match="has had 2 cycle"):   # the recipe's one restart is done
         build(out, dataclasses.replace(BuildConfig(), train=again), report=False, resume=True)
     after = {part: load_file(out / "model" / part / STAGE_WEIGHTS) for part in ("vae", "unet")}
     assert all(torch.equal(before["vae"][k], v) for k, v in after["vae"].items())
