@@ -36,15 +36,17 @@ def _benign_raw(n: int, steps: int, rng) -> np.ndarray:
 
 
 def test_fitted_policy_meets_its_target_and_round_trips(tmp_path):
-    """Benign data only: the two-sided distance rule, at the target rate on fresh benign samples."""
+    """Benign data only: the two-sided distance rule, at the target rate on fresh benign samples.
+    At n = 400 the fresh rate's spread (sd 0.010 over 300 fits) crossed 0.05 in 3 % of fits; at
+    n = 1500 it is sd 0.005 around 0.021 (max 0.036 over 200), so the bounds below are > 4 sd out."""
     rng = np.random.default_rng()
-    steps, n = 12, 400
+    steps, n = 12, 1500
     raw = _benign_raw(n, steps, rng)
     timesteps = list(np.linspace(999, 1, steps))
     policy = fit_policy(SignalSet(raw, np.arange(n)), timesteps, FitConfig(target_fpr=0.02, detect_steps=2))
     assert policy.combination.rule == "distance"
     assert policy.provenance["rates"]["flag_rate_in_sample"] <= 0.02
-    assert policy.provenance["rates"]["flag_rate_cross_validated"] < 0.06
+    assert policy.provenance["rates"]["flag_rate_cross_validated"] < 0.05
     # fresh benign samples flag at about the target rate; shifted ("memorized") ones almost always,
     # whichever way the shift goes
     tables = policy.tables(timesteps)
@@ -56,7 +58,7 @@ def test_fitted_policy_meets_its_target_and_round_trips(tmp_path):
     def flagged(x):
         comb = torch.stack([tables.combined(tables.zscores(x[:, s], s), s) for s in range(2)], 1).amax(1)
         return float((comb > policy.threshold).float().mean())
-    assert flagged(fresh) < 0.05 and flagged(up) > 0.95 and flagged(down) > 0.95
+    assert flagged(fresh) < 0.045 and flagged(up) > 0.95 and flagged(down) > 0.95
     path = policy.save(tmp_path / "p.json")
     again = Policy.load(path)
     assert again.to_json() == policy.to_json()
