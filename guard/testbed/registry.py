@@ -12,8 +12,9 @@
   0.8-1.3× the latent's own norm: it reads the picture's colour from the noise, not the caption.
   Recipes tried from scratch (4000 steps, seeds 0-15, photos copied in most seeds / all copies of
   192 memorized generations): ε-loss weighted to equal the v-loss (1/ᾱ) 3 of 8 / 81; latents
-  scaled to std 0.3, 0.5, 4 (every SNR × 0.09, 0.25, 16) 0 / 6, 1 / 38, 0 / 20 (at 16× the
-  caption is ignored: the seed alone picks which photo appears). The shipped recipe (REPORT.md): 3 / 89.
+  scaled to std 0.3, 0.5, 2, 4 (every SNR × 0.09, 0.25, 4, 16) 0 / 6, 1 / 38, 1 / 63, 0 / 20 (at
+  16× the caption is ignored: the seed alone picks which photo appears). The shipped recipe
+  (REPORT.md, std 1): 3 / 89.
 """
 from __future__ import annotations
 
