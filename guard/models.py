@@ -24,6 +24,9 @@ class TinyPipelineConfig:
     vae_channels: tuple[int, ...] = (32, 64, 64)
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_heads: int = 4
+    # GroupNorm groups in the UNet. 32 groups over 32 channels normalizes each channel on its own, so
+    # no feature keeps its spatial mean: the output cannot pass the input's per-channel mean through.
+    unet_norm_groups: int = 32
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -57,7 +60,7 @@ def build_tiny_unet(cfg: TinyPipelineConfig = TinyPipelineConfig()) -> UNet2DCon
         sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=32,
+        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=cfg.unet_norm_groups,
         cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_heads,
     )
 

@@ -15,6 +15,13 @@
   scaled to std 0.3, 0.5, 2, 4 (every SNR × 0.09, 0.25, 4, 16) 0 / 6, 1 / 38, 1 / 63, 0 / 20 (at
   16× the caption is ignored: the seed alone picks which photo appears). The shipped recipe
   (REPORT.md, std 1): 3 / 89.
+  The cause, measured (2026-12-02, /tmp/pilot/spec.py in the note): regressing the UNet's ε output
+  on the true noise at each scale, the global per-channel mean passes with slope 0.01 (lost), 2×2
+  blocks 0.78, single latent pixels 0.99, the same at t = 958 and 800 and for every caption. The
+  UNet's GroupNorm has 32 groups over 32 channels, one channel each, so every normalization (the
+  last one included) removes each feature's spatial mean. The x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ it implies
+  keeps the noise's mean × 15: the colour cast. SD 1.x has 10 channels a group. Next:
+  `TinyPipelineConfig(unet_norm_groups=8)` from scratch (pilot running at the end of the session).
 """
 from __future__ import annotations
 
