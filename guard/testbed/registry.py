@@ -6,25 +6,17 @@
   Its recipe adds two warm-restart cycles (3000 steps each, peak lr 2e-4) to the first 4000 steps.
   Measured at 16 seeds they barely moved copying: photos copied in most seeds stayed 3 of 8
   (astronaut 14 → 15, Grace Hopper 7 → 8 of 16). More training is not what this objective lacks.
-  Why (measured on the shipped model): at the first sampling step (t = 958) its x0 prediction is
-  about 11× the initial noise's per-channel mean and the same for every caption (the rocket's and
-  the espresso's agree to 0.01), and its x0 error, given the true latent noised to t = 958, is
-  0.8-1.3× the latent's own norm: it reads the picture's colour from the noise, not the caption.
-  Recipes tried from scratch (4000 steps, seeds 0-15, photos copied in most seeds / all copies of
-  192 memorized generations): ε-loss weighted to equal the v-loss (1/ᾱ) 3 of 8 / 81; latents
-  scaled to std 0.3, 0.5, 2, 4 (every SNR × 0.09, 0.25, 4, 16) 0 / 6, 1 / 38, 1 / 63, 0 / 20 (at
-  16× the caption is ignored: the seed alone picks which photo appears). The shipped recipe
-  (REPORT.md, std 1): 3 / 89.
-  The cause, measured (2026-12-02, /tmp/pilot/spec.py in the note): regressing the UNet's ε output
-  on the true noise at each scale, the global per-channel mean passes with slope 0.01 (lost), 2×2
-  blocks 0.78, single latent pixels 0.99, the same at t = 958 and 800 and for every caption. The
-  UNet's GroupNorm has 32 groups over 32 channels, one channel each, so every normalization (the
-  last one included) removes each feature's spatial mean. The x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ it implies
-  keeps the noise's mean × 15: the colour cast. SD 1.x has 10 channels a group. From scratch,
-  4000 steps, same data, VAE and recipe otherwise, seeds 0-7: `unet_norm_groups=8` (4 channels a
-  group) passes the mean with slope 0.66 and copies 8 of 8 photos in most seeds (77 of 96 memorized
-  generations); `unet_norm_groups=4`: 8 of 8 (82 of 96). Not shipped yet: the index, policy and
-  REPORT.md must be rebuilt on it (models in /tmp/eps-g4, /tmp/eps-g8 while they last).
+  Why (measured on the shipped model, true latents noised to t): regressing its ε output on the
+  true noise at each scale, each channel's global mean passes with slope 0.01, 2×2 blocks 0.78,
+  single latent pixels 0.99 (t = 958 and 800, every caption tried). x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ then
+  keeps the noise's mean × 15: a seed-dependent colour cast the caption cannot undo. The cause is
+  the UNet's GroupNorm, 32 groups over 32 channels (one channel a group; SD 1.x has 10), so every
+  normalization removes each feature's spatial mean. Recipes that left it in place, from scratch,
+  4000 steps, seeds 0-15 (photos copied in most seeds / copies of 192 memorized generations):
+  ε-loss weighted to equal the v-loss 3 of 8 / 81; latents scaled to std 0.3, 0.5, 2, 4: 0 / 6,
+  1 / 38, 1 / 63, 0 / 20; the shipped recipe 3 / 89. With `unet_norm_groups` 8 or 4 (4000 steps,
+  seeds 0-7) the mean passes with slope 0.66 (8 groups) and 8 of 8 photos are copied in most seeds
+  (77 and 82 of 96). Not shipped yet: the model, index, policy and REPORT.md must be rebuilt on it.
 """
 from __future__ import annotations
 
