@@ -61,7 +61,7 @@ def _build(args) -> int:
     from guard.testbed.registry import get_testbed
 
     tb = get_testbed(args.testbed)
-    cfg = BuildConfig(data=tb.data, train=tb.train)
+    cfg = BuildConfig(data=tb.data, model=tb.model, train=tb.train)
     if args.seeds:
         cfg = dataclasses.replace(cfg, report_seeds=args.seeds)
     if args.quick:

@@ -10,11 +10,10 @@ from guard.testbed.dataset import build_training_set, prompt_set_members
 from guard.testbed.registry import TESTBEDS
 
 SEEDS = list(range(100, 108))   # not the report's seeds: a fresh check
-# what each testbed must show, photos copied in most of 8 fresh seeds: v-prediction copies all of its
-# photos in 16/16 report seeds; the ε-testbed (SD 1.x's objective and schedule) copies 3 of 8 in most
-# of 16 report seeds and 7 of 8 in at least 5 of 16 (REPORT.md): the bar of 6 is not met yet
+# what each testbed must show, photos copied in most of 8 fresh seeds (the bar: 6 of 8): both
+# copy all 8 of their photos in most of 16 report seeds (REPORT.md)
 PREDICTION = {"vpred": ("v_prediction", True), "eps": ("epsilon", False)}
-MIN_PHOTOS_COPYING = {"vpred": 6, "eps": 3}
+MIN_PHOTOS_COPYING = {"vpred": 6, "eps": 6}
 
 
 @pytest.fixture(scope="module", params=sorted(TESTBEDS))
