@@ -4,12 +4,14 @@
 - `eps`: ε-prediction on SD 1.x's scaled-linear schedule, `guard/testbed/eps/`. It also memorizes
   renderings with ordinary compositional captions, so a reroute can be judged on prompt fidelity.
   Its UNet's GroupNorm has 4 groups (`unet_norm_groups=4`: 8 to 32 channels a group; SD 1.x has
-  10). With 32 groups, one channel a group at the first level as in the vpred UNet, every GroupNorm removes each feature's spatial mean,
-  so the ε output carries the noise's per-channel mean with slope 0.01 (measured: true latents
-  noised to t = 958 and 800), and x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ keeps it × 15: a seed-dependent colour
-  cast the caption cannot undo. That model copied 3 of 8 photos in most seeds; more steps, warm
-  restarts, loss weighting and latent scaling did not move it (0-3 of 8). v-prediction does not
-  need the mean from ε, so the vpred testbed is unaffected.
+  10). With 32 groups (one channel a group at the first level, as in the vpred UNet) every GroupNorm
+  removes each feature's spatial mean, so the ε output carried the noise's per-channel mean with
+  slope 0.01 (true latents noised to t = 958 and 800), and x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ kept it × 15:
+  a seed-dependent colour cast the caption cannot undo. That model copied 3 of 8 photos in most of
+  16 seeds, and other recipes on it did not help (from scratch, 4000 steps: ε-loss weighted to
+  equal the v-loss 3 of 8; latents scaled to std 0.3, 0.5, 2, 4: 0, 1, 1, 0 of 8; two warm restarts
+  of 3000 steps: 3 of 8). With 4 groups: 8 of 8 (REPORT.md). v-prediction does not need the mean
+  from the network, so the vpred testbed is unaffected.
 """
 from __future__ import annotations
 
