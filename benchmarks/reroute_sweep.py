@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from benchmarks.quality import build_guard, generate_set, judge
+from benchmarks.quality import build_guard, generate_set, judge, reroute_fidelity
 from guard.types import GuardMode, Decision
 from guard.testbed.registry import get_testbed, EPS_COMBOS
 from guard.testbed.dataset import prompt_set_members, build_training_set, memorized_items, caption_for
@@ -61,13 +61,17 @@ def main() -> None:
         judge(enf, *train, memo)
         rr = [e for e in enf if e.result.decision == Decision.REROUTED]
         dec = {d.name: sum(e.result.decision == d for e in enf) for d in Decision}
-        clip = J.clip_score([e.result.image for e in rr], [e.prompt for e in rr]) if rr else np.array([np.nan])
+        fid = reroute_fidelity({"memorized": mon, "novel": nov}, {"memorized": enf}, args.steps).get("memorized", {})
         rel = [e for e in enf if e.result.image is not None]
         for e in enf:
             if e.result.decision == Decision.BLOCKED and os.environ.get("VERBOSE"):
-                print("   blocked", e.prompt[:30], e.seed, e.result.reason.name, e.result.report.mitigations, e.result.report.steps_computed, {k: v for k, v in e.result.report.audit.items() if k != "trace"} if len(str(e.result.report.audit)) < 400 else str(e.result.report.audit)[:400])
-        print(f"{name}: {dec} rerouted non-copy {sum(not e.copy for e in rr)}/{len(enf)} released copies {sum(bool(e.copy) for e in rel)} "
-              f"clip {np.mean(clip):.3f} ({np.mean(clip)/nclip:.2f} of novel) evals/img {np.mean([e.result.report.steps_computed for e in rr]) if rr else 0:.1f} ({time.time()-t1:.0f}s)", flush=True)
+                print("   blocked", e.prompt[:30], e.seed, e.result.reason.name, e.result.report.mitigations,
+                      e.result.report.steps_computed, str(e.result.report.audit)[:300])
+        print(f"{name}: {dec} rerouted non-copy {sum(not e.copy for e in rr)}/{len(enf)} released copies "
+              f"{sum(bool(e.copy) for e in rel)} clip {fid.get('clip_rerouted', np.nan):.3f} "
+              f"({fid.get('clip_rerouted', np.nan) / nclip:.2f} of novel) max pairwise SSIM same seed "
+              f"{fid.get('max_pairwise_ssim_same_seed', np.nan):.3f} evals/img vs plain "
+              f"{fid.get('unet_evaluations_per_image_vs_plain', 0):.2f} ({time.time()-t1:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@
 The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verification. A reroute
 must keep the caller's prompt: guidance always comes back, and a sample that would leave the
 ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end).
-By default rung 1 applies attention + push together and rung 2 adds a fresh start while x_t is
-still almost pure noise; a sample still heading to an indexed item after that is blocked, or, at
-the end, generated once more (GuardConfig.second_pass). `basin` and `embed_noise` are available
-rungs but not defaults: on the ε-testbed's compositional captions, holding guidance off in the basin
-cut the rerouted images' testbed-CLIP score to 0.23 of novel generations' (unconditional samples,
-in effect), and embedding noise at rung 2 cost fidelity without saving more samples. With attention +
-push and the second pass, `benchmarks.quality --testbed eps` rerouted 15 of 16 of those generations to
-a non-copy at 1.09× the CLIP score of unguarded novel prompts (`benchmarks/reroute_sweep.py` compares
-ladders):
+By default rung 1 is the push-away alone and rung 2 adds a fresh start while x_t is still almost
+pure noise; a sample still heading to an indexed item after that is blocked, or, at the end,
+generated once more (GuardConfig.second_pass). `attention`, `basin` and `embed_noise` are available
+rungs but not defaults. On the ε-testbed's compositional captions (16 generations,
+`benchmarks/reroute_sweep.py`, 2026-12-03) every ladder with `attention` lost the prompt: rerouted
+images scored 0.31× the testbed-CLIP of unguarded novel prompts and were near-identical across
+prompts (SSIM up to 0.95), because masking the padding/summary tokens leaves a small text encoder's
+conditioning almost empty (with `mask_eos=False` too: 0.31×; applied only at rung 2: 0.65×).
+Holding guidance off in the basin gave 0.23×. The push alone at strength 4 rerouted 14 of 16 to a
+non-copy at 0.88× (pairwise SSIM ≤ 0.15), 0 copies released; strength 1.5 rerouted 11, 3.0 13.
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);
@@ -51,7 +52,7 @@ RUNG_NAMES = ("attention", "basin", "push", "embed_noise", "reseed")
 
 @dataclass(frozen=True)
 class MitigationConfig:
-    rungs: tuple[tuple[str, ...], ...] = (("attention", "push"), ("reseed",))
+    rungs: tuple[tuple[str, ...], ...] = (("push",), ("reseed",))
     bos_scale: float = 1.25            # Ren et al.'s factor on the BOS logit
     mask_eos: bool = True              # also mask the end-of-text token (padding is always masked)
     basin_guidance: float = 0.0        # guidance scale inside the basin: 0 none, < 0 opposite
@@ -59,7 +60,7 @@ class MitigationConfig:
     basin_exit: bool = True            # leave the basin when the memorization score is benign again (Jain et al.)
     min_guided_fraction: float = 0.5   # a rerouted image needs guidance on at least this share of steps
     rewind: bool = True                # entering the basin early, restart from the sample's own noise
-    push_strength: float = 1.5         # gain on a close candidate's excess cosine, removed from x̂0 per step
+    push_strength: float = 4.0         # gain on a close candidate's excess cosine, removed from x̂0 per step
     push_floor_z: float = 1.0          # push from candidates whose cosine z (benign-standardized) exceeds this
     push_until_fraction: float = 1.0   # push until this share of steps (the last steps pull back otherwise)
     embed_noise: float = 1.0           # noise std relative to the embedding's std
