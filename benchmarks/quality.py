@@ -286,8 +286,10 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
     return out
 
 
-def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[Record]], steps: int) -> dict:
-    """Rerouted images: copies released, CLIP score kept (testbed judge), distinct outputs, extra cost."""
+def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[Record]], steps: int,
+                     judge=None) -> dict:
+    """Rerouted images: copies released, CLIP score kept (testbed judge, loaded if not given), distinct
+    outputs, extra cost."""
     from skimage.metrics import structural_similarity
 
     from guard.types import Decision
@@ -295,12 +297,12 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
     rerouted = {name: [(m, e) for m, e in zip(monitor[name], recs) if e.result.decision == Decision.REROUTED]
                 for name, recs in enforce.items() if name in monitor}
     out: dict = {}
-    try:
-        from guard.testbed.clip_judge import load_judge
-        judge = load_judge()
-    except Exception as exc:   # noqa: BLE001 - the judge is optional outside the testbed
-        log.warning("no CLIP fidelity judge (%s): fidelity is not scored", exc)
-        judge = None
+    if judge is None:
+        try:
+            from guard.testbed.clip_judge import load_judge
+            judge = load_judge()
+        except Exception as exc:   # noqa: BLE001 - the judge is optional outside the testbed
+            log.warning("no CLIP fidelity judge (%s): fidelity is not scored", exc)
     novel_clip = None
     if judge is not None and monitor.get("novel"):
         imgs = [r.result.image for r in monitor["novel"] if r.result.image is not None]

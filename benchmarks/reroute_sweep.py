@@ -61,7 +61,8 @@ def main() -> None:
         judge(enf, *train, memo)
         rr = [e for e in enf if e.result.decision == Decision.REROUTED]
         dec = {d.name: sum(e.result.decision == d for e in enf) for d in Decision}
-        fid = reroute_fidelity({"memorized": mon, "novel": nov}, {"memorized": enf}, args.steps).get("memorized", {})
+        fid = reroute_fidelity({"memorized": mon, "novel": nov}, {"memorized": enf}, args.steps,
+                               judge=J).get("memorized", {})
         rel = [e for e in enf if e.result.image is not None]
         for e in enf:
             if e.result.decision == Decision.BLOCKED and os.environ.get("VERBOSE"):
@@ -69,7 +70,7 @@ def main() -> None:
                       e.result.report.steps_computed, str(e.result.report.audit)[:300])
         print(f"{name}: {dec} rerouted non-copy {sum(not e.copy for e in rr)}/{len(enf)} released copies "
               f"{sum(bool(e.copy) for e in rel)} clip {fid.get('clip_rerouted', np.nan):.3f} "
-              f"({fid.get('clip_rerouted', np.nan) / nclip:.2f} of novel) max pairwise SSIM same seed "
+              f"({fid.get('clip_vs_novel_unguarded', np.nan):.2f} of novel) max pairwise SSIM same seed "
               f"{fid.get('max_pairwise_ssim_same_seed', np.nan):.3f} evals/img vs plain "
               f"{fid.get('unet_evaluations_per_image_vs_plain', 0):.2f} ({time.time()-t1:.0f}s)", flush=True)
 

@@ -12,7 +12,8 @@ images scored 0.31× the testbed-CLIP of unguarded novel prompts and were near-i
 prompts (SSIM up to 0.95), because masking the padding/summary tokens leaves a small text encoder's
 conditioning almost empty (with `mask_eos=False` too: 0.31×; applied only at rung 2: 0.65×).
 Holding guidance off in the basin gave 0.23×. The push alone at strength 4 rerouted 14 of 16 to a
-non-copy at 0.88× (pairwise SSIM ≤ 0.15), 0 copies released; strength 1.5 rerouted 11, 3.0 13.
+non-copy at 0.88× (pairwise SSIM ≤ 0.15), 0 copies released; strength 1.5 rerouted 11, 3.0 13
+(the sweep's baseline: 24 novel prompts, one seed; against `benchmarks.quality`'s 192: 0.96×).
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);
