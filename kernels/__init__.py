@@ -40,10 +40,27 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        clash = _name_clash_hint()
+        if clash:  # ImportError, not AttributeError: `from kernels import X` would replace the message
+            raise ImportError(f"cannot import name {name!r} from MemGuard's 'kernels' package{clash}")
         raise AttributeError(f"module 'kernels' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def _name_clash_hint() -> str:
+    # The PyPI distribution `kernels` (Hugging Face; transformers>=5.25 requires it) has this
+    # import name too. A caller that wanted it gets this package instead: say so, not just "no attribute".
+    from importlib import metadata
+
+    try:
+        version = metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        return ""
+    return (f": it shadows the installed PyPI 'kernels' {version}"
+            " (pulled in by transformers>=5.25): MemGuard needs transformers<5.25 and"
+            " `pip uninstall kernels`")
 
 
 def __dir__() -> list[str]:
