@@ -286,6 +286,9 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
     return out
 
 
+NEAR_IDENTICAL_SSIM = 0.9   # issue 13's bar for two rerouted images of different prompts
+
+
 def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[Record]], steps: int,
                      judge=None) -> dict:
     """Rerouted images: copies released, CLIP score kept (testbed judge, loaded if not given), distinct
@@ -310,9 +313,16 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
                                                              is not None])))
         out["novel_unguarded_clip"] = novel_clip
     for name, pairs in rerouted.items():
+        # reroutes the guard blocked for losing the prompt (policy.reroute_min_fidelity, the index's CLIP:
+        # on the testbeds the same weights as this judge, so the released ones' CLIP is not independent)
+        unfaithful = sum(any("no longer answers the prompt" in m for m in e.result.report.mitigations)
+                         for e in enforce[name])
         if not pairs:
+            if unfaithful:
+                out[name] = {"rerouted": 0, "blocked_unfaithful": unfaithful}
             continue
-        row = {"rerouted": len(pairs), "released_copies": sum(bool(e.copy) for _, e in pairs),
+        row = {"rerouted": len(pairs), "blocked_unfaithful": unfaithful,
+               "released_copies": sum(bool(e.copy) for _, e in pairs),
                "unet_evaluations_per_image_vs_plain": float(np.mean([e.result.report.steps_computed for _, e in pairs]))
                / steps}
         if judge is not None:
@@ -322,19 +332,30 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
                        clip_vs_unguarded=float(np.mean(clip_r) / max(np.mean(clip_u), 1e-9)))
             if novel_clip:
                 row["clip_vs_novel_unguarded"] = float(np.mean(clip_r) / novel_clip)
-        # distinct: pairwise SSIM between rerouted images of different prompts at the same seed
-        worst, pairs_checked = 0.0, 0
-        by_seed: dict[int, list[Record]] = {}
-        for _, e in pairs:
-            by_seed.setdefault(e.seed, []).append(e)
+        # distinct: pairwise SSIM between rerouted images of different prompts at the same seed; for
+        # the near-identical pairs, whether the unguarded model already gave those two prompts nearly
+        # the same image (prompts its text encoder cannot tell apart: no reroute that keeps them can)
+        worst, pairs_checked, near, near_unguarded, worst_pair = 0.0, 0, 0, 0, None
+        by_seed: dict[int, list[tuple[Record, Record]]] = {}
+        for m, e in pairs:
+            by_seed.setdefault(e.seed, []).append((m, e))
         for group in by_seed.values():
             for i in range(len(group)):
                 for j in range(i + 1, len(group)):
-                    if group[i].prompt != group[j].prompt:
-                        ssim = structural_similarity(group[i].result.image, group[j].result.image, channel_axis=2,
-                                                     data_range=255)
-                        worst, pairs_checked = max(worst, float(ssim)), pairs_checked + 1
-        row.update(max_pairwise_ssim_same_seed=worst, pairs_checked=pairs_checked)
+                    (mi, ei), (mj, ej) = group[i], group[j]
+                    if ei.prompt == ej.prompt:
+                        continue
+                    ssim = float(structural_similarity(ei.result.image, ej.result.image, channel_axis=2,
+                                                       data_range=255))
+                    pairs_checked += 1
+                    if ssim > worst:
+                        worst, worst_pair = ssim, [ei.prompt, ej.prompt]
+                    if ssim >= NEAR_IDENTICAL_SSIM:
+                        near += 1
+                        near_unguarded += structural_similarity(mi.result.image, mj.result.image, channel_axis=2,
+                                                                data_range=255) >= NEAR_IDENTICAL_SSIM
+        row.update(max_pairwise_ssim_same_seed=worst, pairs_checked=pairs_checked, worst_pair=worst_pair,
+                   pairs_near_identical=near, of_which_unguarded_near_identical_too=int(near_unguarded))
         out[name] = row
     return out
 

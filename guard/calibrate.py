@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +36,11 @@ from guard.errors import InvalidInput, MissingResource
 from guard.policy import Policy
 from guard.policy_fit import FitConfig, SignalSet, fit_policy
 from guard.signals import SIGNALS
+from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
 from guard.testbed.registry import TESTBEDS, Testbed, get_testbed
+
+CLIP_MODEL = "memguard-testbed-clip"   # guard.testbed.clip_judge's model, trained on both testbeds
+CLIP_WEIGHTS = BUNDLED_CLIP_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +107,32 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
     out, model_dir = Path(out or tb.index_dir), tb.model_dir
     if not (Path(model_dir) / "model_index.json").is_file():
         raise MissingResource(f"no testbed model at {model_dir}: build it with `memguard testbed build`")
+    # built beside the index in use and swapped in whole at the end: a failed rebuild leaves the old one
+    staging = out.with_name(out.name + ".rebuild")
+    if staging.exists():
+        shutil.rmtree(staging)
+    final, out = out, staging
     with tempfile.TemporaryDirectory(prefix="memguard-testbed-images-") as tmp:
         train = DedupedSource(ImageFolderSource(write_image_folder(build_training_set(tb.data), Path(tmp) / "train",
                                                                    copies=True)))
         held = write_image_folder(heldout_images(tb.data), Path(tmp) / "heldout")
         # the testbed's faces are public sample photos: without a configured key, the public demo key seals them
         key = DataKey.resolve() or demo_key()
+        # the testbed's CLIP (guard/testbed/clip/) is the index's `clip` signal: the final screen gets a
+        # real image embedding, and reroutes are checked against the prompt with it
         build = FingerprintIndex.build(out, train, model_dir=Path(model_dir), progress=progress, restart=True,
-                                       data_key=key)
+                                       data_key=key, clip_model=CLIP_MODEL, clip_weights=CLIP_WEIGHTS)
         with FingerprintIndex.open(out, model_dir=Path(model_dir)) as index:
             report = calibrate(index, train, heldout=ImageFolderSource(held), cfg=CalibrationConfig(),
                                progress=progress)
+    if final.exists():
+        retired = final.with_name(final.name + ".old")
+        shutil.rmtree(retired, ignore_errors=True)
+        final.rename(retired)
+        staging.rename(final)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(final)
     return {"build": asdict(build) if hasattr(build, "__dataclass_fields__") else str(build),
             "thresholds": report.get("thresholds")}
 
@@ -168,30 +188,34 @@ class CalibrationConfig:
     positive_seeds: int = 4            # ...each generated with this many seeds
     batch_size: int = 16
     height: int = 64
+    reroute_fidelity_quantile: float = 0.05  # rerouted images must answer their prompt (CLIP) as well as this share
 
     def fit_config(self) -> FitConfig:
         return FitConfig(target_fpr=self.target_fpr, final_fpr=self.final_fpr, detect_steps=self.detect_steps,
-                         verify_fraction=self.verify_fraction, rule=self.rule)
+                         verify_fraction=self.verify_fraction, rule=self.rule,
+                         reroute_fidelity_quantile=self.reroute_fidelity_quantile)
 
 
 @dataclass
 class Measured:
     """Generations measured in MONITOR mode: raw signals [N, steps, S], their timesteps, each image's
-    PDQ distance to the closest indexed item [N] (NaN without an index), and the item the final
-    screen found it to copy ("" for none) [N]."""
+    PDQ distance to the closest indexed item [N] (NaN without an index), the item the final
+    screen found it to copy ("" for none) [N], and its prompt fidelity [N] (NaN without
+    an index CLIP): the prompt's CLIP standing among reference captions (guard/fidelity.py)."""
     raw: np.ndarray
     timesteps: list[float]
     pdq_distances: np.ndarray
     screen_copies: list[str]
+    fidelity: np.ndarray
 
 
 def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: CalibrationConfig,
-                    *, progress: bool = True) -> Measured:
+                    *, fidelity=None, progress: bool = True) -> Measured:
     """Measure every (prompt, seed) in MONITOR mode: nothing is changed, everything is recorded."""
     from guard.pipeline import nearest_pdq_distance
     from guard.types import GenerationRequest, GuardMode
 
-    out, timesteps, distances, copies = [], [], [], []
+    out, timesteps, distances, copies, clip = [], [], [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         reqs = [GenerationRequest(p, seed=s, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                   height=cfg.height, width=cfg.height, mode=GuardMode.MONITOR)
@@ -205,9 +229,13 @@ def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: Calibrat
                              else math.nan)
             matches = rs[0].report.audit.get("screen", {}).get("copies", [])
             copies.append(matches[0]["item_id"] if matches else "")
+        images = [rs[0].image for rs in batch.results]
+        clip.extend(fidelity.zscores(images, [r.prompt for r in reqs]) if fidelity is not None
+                    else [math.nan] * len(images))
         if progress:
             log.info("calibration: %d / %d generations", min(start + cfg.batch_size, len(prompts)), len(prompts))
-    return Measured(np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64), copies)
+    return Measured(np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64), copies,
+                    np.asarray(clip, dtype=np.float64))
 
 
 def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out: Path | None = None, *,
@@ -217,6 +245,7 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
     """Measure benign and likely-memorized prompts on `model_dir` with `index_dir`; write and return the policy."""
     from guard.index.api import FingerprintIndex
     from guard.loading import load_pipeline
+    from guard.fidelity import PromptFidelity, reference_prompts
     from guard.pipeline import GuardConfig, GuardedPipeline
 
     model_dir = Path(model_dir) if model_dir else TESTBED_MODEL_DIR
@@ -241,9 +270,16 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         pos_seeds = [POSITIVE_SEED_BASE + i for i in range(len(pos_prompts))]
         guarded = GuardedPipeline(load_pipeline(model_dir, device=device), index=index, policy=Policy.uncalibrated(),
                                   config=GuardConfig(retrieve_steps=tuple(range(cfg.steps))))
-        benign = collect_signals(guarded, prompts, seeds, cfg, progress=progress)
+        # reroutes will be checked against the benign prompts as reference captions (guard/fidelity.py)
+        references = reference_prompts(base)
+        encoder = index.clip_encoder()
+        fidelity = PromptFidelity(encoder, references) if encoder is not None and len(references) >= 8 else None
+        if fidelity is None:
+            log.warning("calibration: %s: reroutes will not be checked for prompt fidelity", "the index has no CLIP"
+                        if encoder is None else f"only {len(references)} distinct benign prompts (8 needed)")
+        benign = collect_signals(guarded, prompts, seeds, cfg, fidelity=fidelity, progress=progress)
         pos_raw = collect_signals(guarded, pos_prompts, pos_seeds, cfg, progress=progress).raw if found else None
-    raw, timesteps, distances = benign.raw, benign.timesteps, benign.pdq_distances
+    raw, timesteps, distances, clip = benign.raw, benign.timesteps, benign.pdq_distances, benign.fidelity
     # a "benign" generation the final screen finds in the training set is no negative (a prompt file
     # from real traffic holds memorized prompts too): it would widen the benign standard towards
     # memorization. It is left out, counted and named in the provenance. Not made a positive: on the
@@ -254,16 +290,19 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         log.warning("calibration: %d of %d benign generations copy an indexed item (final screen): left out of "
                     "the negatives", int(copied.sum()), len(copied))
     screened_out = {"generations": int(copied.sum()), "prompts": sorted({p for p, c in zip(prompts, copied) if c})}
-    raw, distances, groups = raw[~copied], distances[~copied], groups[~copied]
+    raw, distances, groups, clip = raw[~copied], distances[~copied], groups[~copied], clip[~copied]
     kept_prompts = [p for p, c in zip(prompts, copied) if not c]
     kept_seeds = [x for x, c in zip(seeds, copied) if not c]
     if signals_out:   # the measured signals, for audits and re-fitting without re-generating
         np.savez_compressed(signals_out, raw=raw, timesteps=np.asarray(timesteps), groups=groups,
                             prompts=np.asarray(kept_prompts), seeds=np.asarray(kept_seeds), pdq_distances=distances,
+                            fidelity=clip,
                             positive_raw=pos_raw if pos_raw is not None else np.zeros((0,) + raw.shape[1:]),
                             positive_groups=pos_groups, positive_prompts=np.asarray(pos_prompts))
     positives = SignalSet(pos_raw, pos_groups) if found else None
-    policy = fit_policy(SignalSet(raw, groups, distances), timesteps, cfg.fit_config(), positives=positives)
+    policy = fit_policy(SignalSet(raw, groups, distances, clip), timesteps, cfg.fit_config(), positives=positives)
+    if policy.reroute_min_fidelity is not None:
+        policy.reroute_references = references
     policy.provenance.update(
         model={"path": str(model_dir.resolve()), "sha256": model_hash(model_dir)},
         index={"path": str(index_dir.resolve()), "manifest_sha256": sha256_file(index_dir / "manifest.json")},
@@ -315,5 +354,6 @@ def with_overrides(cfg: CalibrationConfig, **kw) -> CalibrationConfig:
 def policy_summary(policy: Policy) -> dict:
     return json.loads(json.dumps({"threshold": policy.threshold, "verify_threshold": policy.verify_threshold,
                                   "final_pdq_distance": policy.final_pdq_distance,
+                                  "reroute_min_fidelity": policy.reroute_min_fidelity,
                                   "detect_steps": policy.detect_steps, "rule": policy.combination.rule,
                                   "target_fpr": policy.target_fpr, **policy.provenance}, default=str))

@@ -68,6 +68,7 @@ class BatchStats:
     steps_saved: dict[str, int] = field(default_factory=dict)  # cause (blocked|cancelled) → steps
     decode_seconds: float = 0.0
     second_passes: int = 0                       # images generated again (GuardConfig.second_pass)
+    reroutes_unfaithful: int = 0                 # reroutes blocked for no longer answering the prompt
 
 
 @dataclass
@@ -369,4 +370,4 @@ def to_batch_stats(stats, results: list[ImageResult]) -> BatchStats:
                       first_flagged_steps=[r.report.first_flagged_step for r in results
                                            if r.report.first_flagged_step is not None],
                       steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds,
-                      second_passes=stats.second_passes)
+                      second_passes=stats.second_passes, reroutes_unfaithful=stats.reroutes_unfaithful)

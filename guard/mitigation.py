@@ -2,7 +2,8 @@
 
 The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verification. A reroute
 must keep the caller's prompt: guidance always comes back, and a sample that would leave the
-ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end).
+ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end),
+and so is a rerouted image whose prompt no longer stands out in CLIP (guard/fidelity.py).
 By default rung 1 is the push-away alone and rung 2 adds a fresh start while x_t is still almost
 pure noise; a sample still heading to an indexed item after that is blocked, or, at the end,
 generated once more (GuardConfig.second_pass). `attention`, `basin` and `embed_noise` are available

@@ -41,7 +41,8 @@ import torch
 
 import kernels
 from guard.attention import AttentionControl, install_stats_processors
-from guard.errors import InvalidInput, ScreeningUnavailable
+from guard.errors import InvalidInput, MissingResource, ScreeningUnavailable
+from guard.fidelity import PromptFidelity
 from guard.mitigation import (MitigationConfig, active_mitigations, attention_rows, fresh_noise, noisy_embedding,
                               obfuscate_faces, prompt_lengths, push_away)
 from guard.policy import Policy, PolicyTables, final_verdict
@@ -111,11 +112,12 @@ class PipelineStats:
     steps_saved: dict[str, int] = field(default_factory=dict)  # blocked | cancelled → steps not computed
     decisions: dict[str, int] = field(default_factory=dict)
     second_passes: int = 0                       # samples generated again (GuardConfig.second_pass)
+    reroutes_unfaithful: int = 0                 # reroutes blocked for losing the prompt (guidance, CLIP)
 
     def absorb(self, other: "PipelineStats") -> None:
         """Add a second pass's work to this call's (requests and samples are the caller's)."""
         for name in ("sample_steps", "host_syncs", "retrieval_seconds", "retrieval_failures", "encode_seconds",
-                     "decode_seconds", "screen_failures", "reroutes", "escalations"):
+                     "decode_seconds", "screen_failures", "reroutes", "escalations", "reroutes_unfaithful"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("step_seconds", "guard_seconds", "screen_seconds"):
             getattr(self, name).extend(getattr(other, name))
@@ -184,6 +186,7 @@ class GuardedPipeline:
         self.policy = policy or Policy.uncalibrated()
         self.v_prediction = prediction == "v_prediction"
         self.control: AttentionControl = install_stats_processors(pipe.unet)
+        self._fidelity_cache: tuple | None = None   # (policy, encoder, PromptFidelity)
         self._idle()
 
     def _idle(self) -> None:
@@ -611,7 +614,7 @@ class GuardedPipeline:
         verdict = final_verdict(s.mode, acted, screen.is_copy, len(faces), s.face_action)
         if verdict.release and s.mode == GuardMode.ENFORCE and not self._reverified(image, report, run):
             return ImageResult(s.image, s.seed, Decision.BLOCKED, Reason.MEMORIZATION, None, report)
-        if verdict.decision == Decision.REROUTED and not self._kept_prompt(run, s, rows, report):
+        if verdict.decision == Decision.REROUTED and not self._kept_prompt(run, s, image, rows, report):
             return ImageResult(s.image, s.seed, Decision.BLOCKED, Reason.MEMORIZATION, None, report)
         if not verdict.release:
             report.mitigations.append("final screen: " + ("copy" if screen.is_copy else "protected face"))
@@ -640,17 +643,48 @@ class GuardedPipeline:
             return False
         return True
 
-    def _kept_prompt(self, run: "_Run", s: _Sample, rows: np.ndarray, report: GuardReport) -> bool:
+    def _kept_prompt(self, run: "_Run", s: _Sample, image: np.ndarray, rows: np.ndarray,
+                     report: GuardReport) -> bool:
         """REROUTED promises an image for the caller's prompt: guidance must have been on for at least
-        min_guided_fraction of the steps (an unguided trajectory is an unconditional sample)."""
+        min_guided_fraction of the steps (an unguided trajectory is an unconditional sample), and the
+        image must answer the prompt (index CLIP) at least as well as policy.reroute_min_fidelity."""
         wanted = run.requests[s.request].guidance_scale
         applied = rows[:s.steps_done, GUIDANCE]
         share = float(np.mean(np.abs(applied - wanted) <= 1e-3 * max(1.0, abs(wanted)))) if len(applied) else 0.0
         report.audit["guided_share"] = round(share, 3)
         if share < self.config.mitigation.min_guided_fraction:
             report.mitigations.append(f"reroute could not keep the prompt (guidance on {share:.0%} of steps): blocked")
+            run.stats.reroutes_unfaithful += 1
+            return False
+        floor = self.policy.reroute_min_fidelity
+        if floor is None:
+            return True
+        try:
+            score = float(self._fidelity().zscores([image], [run.requests[s.request].prompt])[0])
+        except Exception as exc:   # noqa: BLE001 - a reroute that could not be checked is not released
+            run.stats.screen_failures += 1
+            log.warning("reroute fidelity check failed (%s: %s): blocked", type(exc).__name__, exc)
+            report.mitigations.append(f"reroute fidelity check failed: {type(exc).__name__}: blocked")
+            return False
+        report.audit["reroute_fidelity"] = round(score, 4)
+        if score < floor:
+            # a new image that does not answer the prompt either (for a caption that means nothing to
+            # the model but the memorized photo, the usual case): blocking says so, REROUTED would not
+            report.mitigations.append("reroute no longer answers the prompt (CLIP fidelity under the benign floor): "
+                                      "blocked")
+            run.stats.reroutes_unfaithful += 1
             return False
         return True
+
+    def _fidelity(self) -> PromptFidelity:
+        """The policy's fidelity test on the index's CLIP, built once per (policy, encoder)."""
+        encoder = self.index.clip_encoder() if self.index is not None else None
+        if encoder is None:
+            raise MissingResource("the policy checks reroutes with the index's CLIP, and this index has none")
+        cached = self._fidelity_cache
+        if cached is None or cached[0] is not self.policy or cached[1] is not encoder:
+            cached = self._fidelity_cache = (self.policy, encoder, PromptFidelity(encoder, self.policy.reroute_references))
+        return cached[2]
 
     def _clean_after_obfuscation(self, image: np.ndarray, stats: PipelineStats) -> bool:
         try:

@@ -25,7 +25,10 @@ a whole, not each step, meets the false-positive target. After a reroute the sam
 there are any; +1 otherwise, since similarity is a cosine to the nearest indexed item by
 definition), must stay at or below `verify_threshold` (benign order statistic). Every released
 image must lie at least `final_pdq_distance` bits (PDQ, colour-blind) from every indexed and
-protected item: the smallest distance any benign calibration image had.
+protected item: the smallest distance any benign calibration image had. A rerouted image must
+also still answer its prompt: its prompt's CLIP standing among `reroute_references` (the index's
+CLIP, guard/fidelity.py) at least `reroute_min_fidelity`, a low quantile of the benign
+generations' own; else it is blocked.
 
 The policy file records what it was fitted on, the rule chosen and the rates reached, with the
 fits of held-out folds (clusters left out) so that benchmarks can score memorized prompts with a
@@ -107,6 +110,11 @@ class Policy:
     verify_direction: int = 1
     final_pdq_distance: float | None = None   # a released image this close (PDQ bits) to an item is blocked
     basin_exit_score: float = 0.0         # score at or below which a rerouted sample has left the basin
+    # a REROUTED image must answer its prompt at least as well as the worst benign generations did
+    # (guard/fidelity.py: the prompt's CLIP standing among reference captions, benign quantile);
+    # None: the index has no CLIP, not checked
+    reroute_min_fidelity: float | None = None
+    reroute_references: list[str] = field(default_factory=list)   # the reference captions of that test
     target_fpr: float = 0.01
     calibrated: bool = False
     folds: list[dict] = field(default_factory=list)  # held-out fits: {"held_out": [...], "combination", "threshold"}
@@ -163,10 +171,15 @@ class Policy:
                                                 "re-run `memguard calibrate`")
         sigs = {k: SignalCalibration(**v) for k, v in data["signals"].items()}
         kw = {k: data[k] for k in ("detect_steps", "basin_exit_score", "target_fpr", "calibrated", "folds",
-                                   "verify_direction", "final_pdq_distance", "provenance") if k in data}
+                                   "verify_direction", "final_pdq_distance", "reroute_min_fidelity", "reroute_references",
+                                   "provenance")
+              if k in data}
         for key in INF_FIELDS:
             kw[key] = math.inf if data.get(key) is None else float(data[key])
-        return cls(sigs, Combination(**data["combination"]), **kw).validate()
+        policy = cls(sigs, Combination(**data["combination"]), **kw).validate()
+        if policy.reroute_min_fidelity is not None and len(policy.reroute_references) < 8:
+            raise InvalidInput("policy.reroute_references", "a fidelity floor needs at least 8 reference prompts")
+        return policy
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file + fsync + rename)."""

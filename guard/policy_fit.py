@@ -34,10 +34,12 @@ SIM = SIGNALS.index("similarity")
 @dataclass
 class SignalSet:
     """Measured generations: raw signals [N, steps, S], a group per row (prompt id for benign rows,
-    cluster key for positives), each image's PDQ distance to the nearest indexed item [N]."""
+    cluster key for positives), each image's PDQ distance to the nearest indexed item [N] and its
+    CLIP image–prompt cosine [N] (index CLIP; None or NaN without one)."""
     raw: np.ndarray
     groups: np.ndarray
     pdq_distances: np.ndarray | None = None
+    fidelity: np.ndarray | None = None
 
     def __post_init__(self):
         self.raw = np.asarray(self.raw, np.float64)
@@ -48,7 +50,8 @@ class SignalSet:
 
     def subset(self, mask: np.ndarray) -> "SignalSet":
         d = None if self.pdq_distances is None else np.asarray(self.pdq_distances)[mask]
-        return SignalSet(self.raw[mask], self.groups[mask], d)
+        c = None if self.fidelity is None else np.asarray(self.fidelity)[mask]
+        return SignalSet(self.raw[mask], self.groups[mask], d, c)
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -64,6 +67,7 @@ class FitConfig:
     folds: int = 4                   # held-out folds of positive clusters
     rule: str = "auto"               # "auto" (held-out TPR decides), "linear" or "distance"
     basin_exit_quantile: float = 0.5   # benign quantile of the per-step score below which a sample left the basin
+    reroute_fidelity_quantile: float = 0.05  # a reroute must answer its prompt as well as this share of benign images
 
 
 def standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +220,9 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
     distances = (np.full(len(benign), np.nan) if benign.pdq_distances is None
                  else np.asarray(benign.pdq_distances, np.float64))
     policy.final_pdq_distance = lower_quantile_threshold(distances, cfg.final_fpr)
+    clip = (np.full(len(benign), np.nan) if benign.fidelity is None
+            else np.asarray(benign.fidelity, np.float64))
+    policy.reroute_min_fidelity = lower_quantile_threshold(clip, cfg.reroute_fidelity_quantile)
     vs = verify_steps(u_b.shape[1], cfg)
     rates = {"flag_rate_in_sample": float(np.mean(window_max(scores, cfg.detect_steps) > policy.threshold)),
              "verify_fail_rate_in_sample": float(np.mean(
@@ -234,6 +241,10 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
             policy.scores(positives.raw, timesteps), cfg.detect_steps) > policy.threshold))
     if policy.final_pdq_distance is not None:
         rates["final_reverify_fail_rate_in_sample"] = float(np.mean(distances < policy.final_pdq_distance))
+    if policy.reroute_min_fidelity is not None:
+        finite = clip[np.isfinite(clip)]
+        rates["benign_clip_median"] = float(np.median(finite))
+        rates["benign_below_reroute_min_fidelity"] = float(np.mean(finite < policy.reroute_min_fidelity))
     policy.provenance["fit"] = fit_report
     policy.provenance["rates"] = rates
     return policy.validate()

@@ -75,6 +75,8 @@ class Metrics:
                                    ["cause"], registry=r)
         self.second_passes = Counter("memguard_second_passes", "Images blocked as copies and generated once more "
                                      "from fresh noise, rerouted from step 0", registry=r)
+        self.reroutes_unfaithful = Counter("memguard_reroutes_unfaithful", "Rerouted images blocked because they no "
+                                           "longer answered the prompt (guidance share, CLIP floor)", registry=r)
         self.index_items = Gauge("memguard_index_items", "Items in the fingerprint index", ["set"], registry=r)
         self.index_search_seconds = Histogram("memguard_index_search_duration_seconds", "Index screening latency",
                                               buckets=SEARCH_BUCKETS, registry=r)
@@ -165,6 +167,8 @@ class Metrics:
                 self.steps_saved.labels(cause if cause in ("blocked", "cancelled") else "other").inc(n)
             if b.second_passes:
                 self.second_passes.inc(b.second_passes)
+            if b.reroutes_unfaithful:
+                self.reroutes_unfaithful.inc(b.reroutes_unfaithful)
         for s in stats.screen_seconds:
             self.index_search_seconds.observe(s)
         if stats.screen_failures:

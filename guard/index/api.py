@@ -14,6 +14,7 @@ cannot be read raises RegistryUnavailable (fail closed), and the next call tries
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ import numpy as np
 from guard.crypto import DataKey
 from guard.index.sealed import key_for
 from guard.errors import CorruptData, InvalidInput, MissingResource, RegistryUnavailable
+from guard.digest import sha256_file
+from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
 from guard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
 from guard.index.config import IndexConfig, Thresholds
 from guard.index.faces import FaceEmbedder
@@ -53,8 +56,10 @@ class ProtectionReceipt:
 class FingerprintIndex:
     def __init__(self, path: Path, manifest: Manifest, *, model_dir: Path | None = None, device: str = "cpu",
                  latent_encoder=None, clip_encoder=None, overrides: dict | None = None, backend: str | None = None,
-                 registry: str | None = None, data_key: bytes | str | None = None):
+                 registry: str | None = None, data_key: bytes | str | None = None,
+                 clip_weights: str | Path | None = None):
         self.path, self.manifest, self.device = Path(path), manifest, device
+        self._clip_given = clip_weights
         self.cfg = replace(IndexConfig(**manifest.config), **(overrides or {}))
         key = DataKey.resolve(data_key)
         face = manifest.signals.get("face")
@@ -79,7 +84,8 @@ class FingerprintIndex:
     def open(cls, path: str | Path, *, verify_checksums: bool = True, **kwargs) -> "FingerprintIndex":
         """Open an index directory. Sizes of all files are always checked, sha256 unless told not to;
         CorruptData names the first bad file (or Milvus collection). kwargs: model_dir, device,
-        latent_encoder, clip_encoder, overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
+        latent_encoder, clip_encoder, clip_weights (where the CLIP weights are, if not where they were at
+        build), overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
         $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see guard.crypto),
         backend (another URI of the Milvus that holds the vectors; default: the one recorded at build)."""
         manifest = read_manifest(Path(path))
@@ -150,8 +156,29 @@ class FingerprintIndex:
             if self._clip is None and "clip" in self.manifest.models:
                 from guard.index.encoders import ClipEncoder
                 info = self.manifest.models["clip"]
-                self._clip = ClipEncoder(info["model"], Path(info["path"]), self.device)
+                self._clip = ClipEncoder(info["model"], self._clip_weights(info), self.device)
             return self._clip
+
+    def _clip_weights(self, info: dict) -> Path:
+        """The index's CLIP weights: those given (clip_weights=, $MEMGUARD_CLIP_WEIGHTS), else the first
+        file with the recorded sha256 at the path recorded at build, relative to the index (moved
+        together), or among the weights shipped with MemGuard (the testbed CLIP)."""
+        want = info.get("weights_sha256")
+        given = self._clip_given or os.environ.get("MEMGUARD_CLIP_WEIGHTS")
+        if given:
+            if not Path(given).is_file():
+                raise InvalidInput("clip_weights", f"{given}: no such file")
+            if want and sha256_file(given) != want:
+                raise InvalidInput("clip_weights", f"{given}: not the CLIP weights the index was built with "
+                                                   "(sha256 differs); its clip vectors would not be comparable")
+            return Path(given)
+        where = list(dict.fromkeys([Path(info["path"])] + ([self.path / info["relpath"]] if info.get("relpath")
+                                                           else []) + [BUNDLED_CLIP_WEIGHTS]))
+        for path in where:
+            if path.is_file() and (not want or sha256_file(path) == want):
+                return path
+        raise MissingResource(f"{self.path}: the index's CLIP weights ({info.get('model')}, sha256 {want}) are in "
+                              f"none of {', '.join(map(str, where))}; pass clip_weights or set MEMGUARD_CLIP_WEIGHTS")
 
     def face_embedder(self) -> FaceEmbedder:
         with self._load_lock:

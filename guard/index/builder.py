@@ -192,6 +192,14 @@ class IndexBuilder:
                 "config": {k: cfg[k] for k in ("faces", "face_upscale_to", "max_face_upscale")},
                 "sealed_with": self.key.key_id if self.key else None}
 
+    def _models(self) -> dict:
+        """The encoders, for the manifest. CLIP weights are also found relative to the index, so an index
+        moved (or cloned) together with its weights still opens; the sha256 says they are the same."""
+        models = {k: getattr(self, k).describe() for k in ("latent", "clip") if getattr(self, k)}
+        if "clip" in models:
+            models["clip"]["relpath"] = os.path.relpath(models["clip"]["path"], self.out.resolve())
+        return models
+
     def run(self, *, restart: bool = False, stop_after: int | None = None) -> BuildReport:
         """Build (or resume) and finalize. `stop_after`: stop once that many records are consumed
         in total, without finalizing (a deliberate interruption, for tests and staged builds)."""
@@ -328,7 +336,7 @@ class IndexBuilder:
         names = sorted({ITEMS_DB} | {f for s in signals.values() for f in s.files} | ({MAPS_FILE} if maps else set()))
         manifest = Manifest(
             signals=signals,
-            models={k: getattr(self, k).describe() for k in ("latent", "clip") if getattr(self, k)}
+            models=self._models()
             | ({"face": {"kind": "dlib_resnet_v1", "dim": FACE_DIM, "upscale_to": self.cfg.face_upscale_to}}
                if "face" in self.widths else {}),
             counts={"items": stage.state["rows"], "faces": stage.state["face_rows"],

@@ -98,6 +98,9 @@ class LatentEncoder:
             mean = self.vae.encode(x).latent_dist.mean * self.scaling_factor
             return latent_fingerprint(mean).cpu().numpy(), latent_map(mean, self.map_grid)
 
+# open_clip weights shipped with MemGuard: the testbeds' CLIP (guard/testbed/clip/, trained here)
+BUNDLED_CLIP_WEIGHTS = Path(__file__).resolve().parents[1] / "testbed" / "clip" / "open_clip_model.safetensors"
+
 
 class ClipEncoder:
     """Images → open_clip image embeddings [B, D] float32, unit rows, from a LOCAL checkpoint file."""
@@ -122,6 +125,7 @@ class ClipEncoder:
         except (KeyError, ValueError) as exc:
             raise InvalidInput("clip_model", f"open_clip has no model {model_name!r} ({exc})") from exc
         self.model, self.preprocess = model.eval(), preprocess
+        self.tokenizer = open_clip.get_tokenizer(model_name)
         self.device = torch.device(device)
         self.dim = int(model.visual.output_dim)
         self._lock = threading.Lock()
@@ -140,3 +144,22 @@ class ClipEncoder:
                          for i, im in enumerate(images)]).to(self.device)
         with self._lock, torch.inference_mode():
             return normalize_rows(self.model.encode_image(x).float().cpu().numpy())
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Captions → [N, D] float32 unit rows (open_clip's tokenizer; longer captions are truncated)."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInput(f"texts[{i}]", f"must be a string, got {type(t).__name__}")
+        ids = self.tokenizer(list(texts)).to(self.device)
+        with self._lock, torch.inference_mode():
+            return normalize_rows(self.model.encode_text(ids).float().cpu().numpy())
+
+    def clip_score(self, images: list[np.ndarray], texts: list[str]) -> np.ndarray:
+        """Paired image–caption cosine [N] float32: how well images[i] answers texts[i]."""
+        if len(images) != len(texts):
+            raise InvalidInput("texts", f"got {len(texts)} captions for {len(images)} images; they are paired")
+        return (self.encode(images) * self.encode_text(texts)).sum(1).astype(np.float32)

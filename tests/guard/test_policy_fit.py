@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from guard.errors import InvalidInput
 from guard.policy import Policy
 from guard.policy_fit import FitConfig, SignalSet, fit_policy, window_max
 from guard.signals import SIGNALS
@@ -88,3 +89,27 @@ def test_policy_round_trips_through_json(tmp_path):
     np.testing.assert_allclose(again.scores(pos.raw, TIMESTEPS), policy.scores(pos.raw, TIMESTEPS))
     comb, threshold = again.fold_for("item-0")
     assert threshold == next(f["threshold"] for f in policy.folds if "item-0" in f["held_out"])
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.05, 0.2])
+def test_reroute_fidelity_floor_is_the_benign_quantile_and_round_trips(tmp_path, quantile):
+    rng = np.random.default_rng()
+    benign, pos = _data(rng, np.array([0.0, 3.0, 0.0, 0.0]))
+    clip = rng.normal(0.6, 0.1, len(benign))
+    clip[rng.integers(len(clip))] = np.nan          # an image the CLIP could not score is left out
+    benign = SignalSet(benign.raw, benign.groups, fidelity=clip)
+    policy = fit_policy(benign, TIMESTEPS, FitConfig(reroute_fidelity_quantile=quantile), positives=pos)
+    finite = clip[np.isfinite(clip)]
+    # at most ⌊q·n⌋ benign images score under the floor, and the floor is one of their scores
+    assert np.sum(finite < policy.reroute_min_fidelity) <= int(np.floor(quantile * finite.size))
+    assert policy.reroute_min_fidelity in finite
+    with pytest.raises(InvalidInput) as err:      # a floor without its reference captions is no test
+        Policy.load(policy.save(tmp_path / "p.json"))
+    assert err.value.field == "policy.reroute_references"
+    policy.reroute_references = [f"caption {i}" for i in range(8)]
+    again = Policy.load(policy.save(tmp_path / "p.json"))
+    assert (again.reroute_min_fidelity, again.reroute_references) == (policy.reroute_min_fidelity,
+                                                                       policy.reroute_references)
+    # without CLIP scores there is no floor (reroutes are then checked for guidance only)
+    plain = fit_policy(SignalSet(benign.raw, benign.groups), TIMESTEPS, FitConfig(), positives=pos)
+    assert plain.reroute_min_fidelity is None and Policy.load(plain.save(tmp_path / "q.json")).reroute_min_fidelity is None

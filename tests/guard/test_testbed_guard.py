@@ -229,3 +229,33 @@ def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):
             plain += any(m.item_id == item_id and m.signals["latent"].crossed for m in matches)
     assert found >= trials / 2 and plain < found
     assert not any(testbed_index.screen(h.image).is_copy for h in heldout_images(count=40))
+
+
+def test_a_reroute_that_loses_the_prompt_is_blocked(testbed_pipe, testbed_index, testbed_policy, training_images):
+    """REROUTED is a promise to answer the prompt: a rerouted image under the policy's fidelity floor is
+    blocked (REASON_MEMORIZATION, counted), and the audit carries its fidelity (guard/fidelity.py)."""
+    from dataclasses import replace
+    assert testbed_policy.reroute_min_fidelity is not None, "the testbed index has a CLIP: calibration sets a floor"
+    rng = np.random.default_rng()
+    memorized, _ = _pick(rng, 3, 0, strong=True)
+    reqs = [GenerationRequest(p, seed=int(s)) for p, s in zip(memorized, rng.integers(0, 2**31, 3))]
+    config = GuardConfig(second_pass=False)
+    lax = GuardedPipeline(testbed_pipe, index=testbed_index, policy=replace(testbed_policy, reroute_min_fidelity=-1e9),
+                          config=config).generate(reqs)
+    rerouted = [(k, rs[0]) for k, rs in enumerate(lax.results) if rs[0].decision == Decision.REROUTED]
+    if not rerouted:
+        pytest.skip("no reroute in this draw (all blocked by the ladder or the final screen)")
+    from guard.fidelity import PromptFidelity
+    fidelity = PromptFidelity(testbed_index.clip_encoder(), testbed_policy.reroute_references)
+    for k, r in rerouted:
+        want = float(fidelity.zscores([r.image], [reqs[k].prompt])[0])
+        assert r.report.audit["reroute_fidelity"] == pytest.approx(want, abs=1e-3)
+        assert not copies.nearest(r.image, training_images)[1].is_copy
+    strict = GuardedPipeline(testbed_pipe, index=testbed_index, policy=replace(testbed_policy, reroute_min_fidelity=1e9),
+                             config=config).generate(reqs)
+    for k, _ in rerouted:
+        r = strict.results[k][0]
+        assert (r.decision, r.reason, r.image) == (Decision.BLOCKED, Reason.MEMORIZATION, None)
+        assert any("no longer answers the prompt" in m for m in r.report.mitigations), r.report.mitigations
+    assert strict.stats.reroutes_unfaithful == len(rerouted)
+    assert all(rs[0].decision != Decision.REROUTED for rs in strict.results)

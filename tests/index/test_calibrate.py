@@ -26,12 +26,20 @@ def test_calibration_writes_thresholds_that_meet_the_stated_rate(index_dir, imag
     with FingerprintIndex.open(index_dir) as ix:
         report = calibrate(ix, ImageFolderSource(image_folder), heldout=ImageFolderSource(held), cfg=cfg,
                            progress=False)
-    # three copy signals share the budget: the latent fingerprint, PDQ, the aligned re-score
+    # three copy signals are measured: the latent fingerprint, PDQ, the aligned re-score; those in use
+    # share the budget, and no set without one of them catches more copies
     assert set(report["signals"]) == {"latent", "pdq", "aligned"}
-    assert report["per_signal_budget"] == pytest.approx(0.05 / 3)
+    used = report["signals_used"]
+    assert used and report["per_signal_budget"] == pytest.approx(0.05 / len(used))
+    caught = report["caught_by_set"]
+    rate = caught["+".join(sorted(used))]
+    best = max(caught.values())
+    margin = max(0.005, (best * (1 - best) / (25 * len(cfg.augmentations))) ** 0.5)
+    assert rate >= best - margin
+    assert all(len(k.split("+")) <= len(used) for k, v in caught.items() if v >= best - margin)
     for name, sig in report["signals"].items():
         assert sig["negatives"] == 25 * len(cfg.augmentations)
-        assert sig["fmr"] <= 0.05 / 3
+        assert sig["fmr"] <= 0.05 / len(used) and sig["used"] == (name in used)
         assert set(sig["tpr"]) == set(cfg.augmentations)
     # JPEG and colour changes are mild: most copies are still found
     assert report["combined_tpr"]["jpeg"] >= 0.8 and report["combined_tpr"]["color"] >= 0.8
@@ -55,3 +63,22 @@ def test_calibration_input_errors(index, image_folder):
     with pytest.raises(InvalidInput) as err:
         calibrate(index, ImageFolderSource(image_folder), cfg=CalibrationConfig(augmentations=("blur",)), write=False)
     assert err.value.field == "augmentations"
+
+
+def test_a_signal_that_catches_nothing_new_gets_no_budget():
+    from guard.index.calibrate import never_crosses, select_signals
+    from guard.index.config import crosses
+    rng = np.random.default_rng()
+    n, augs = 400, ("jpeg", "crop")
+    # latent finds jpeg copies, pdq finds crops: complementary. clip's copies look like its negatives.
+    pos = {"latent": {"jpeg": list(rng.normal(0.83, 0.02, n)), "crop": list(rng.normal(0.7, 0.05, n))},
+           "pdq": {"jpeg": list(rng.normal(90, 5, n)), "crop": list(rng.normal(76, 3, n))},
+           "clip": {a: list(rng.normal(0.9, 0.05, n)) for a in augs}}
+    neg = {"latent": list(rng.normal(0.7, 0.05, 4 * n)), "pdq": list(rng.normal(90, 5, 4 * n)),
+           "clip": list(rng.normal(0.9, 0.05, 4 * n))}
+    used, caught = select_signals(pos, neg, 0.01)
+    assert used == ("latent", "pdq"), caught
+    assert caught["latent+pdq"] > caught["clip+latent+pdq"] and caught["latent+pdq"] > max(caught["latent"],
+                                                                                          caught["pdq"])
+    for signal, score in (("clip", 1.0), ("latent", 1.0), ("pdq", 0.0), ("aligned", 1e6)):
+        assert not crosses(signal, score, never_crosses(signal))

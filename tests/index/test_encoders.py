@@ -112,3 +112,53 @@ def test_an_index_with_clip_embeddings_screens_on_all_signals(tmp_path, items, v
         top = result.copies[0]
         assert top.item_id == items[4].item_id and set(top.signals) == {"latent", "pdq", "clip", "aligned"}
         assert top.signals["clip"].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_clip_text_side_scores_pairs_and_names_bad_fields():
+    from guard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
+    from guard.errors import InvalidInput
+    if not CLIP_WEIGHTS.is_file():
+        pytest.skip("the testbed CLIP is not in this checkout")
+    enc = ClipEncoder(CLIP_MODEL, CLIP_WEIGHTS)
+    rng = np.random.default_rng()
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    texts = ["a red circle on a blue striped background", "an orange square on a green plain background", "x"]
+    t = enc.encode_text(texts)
+    assert t.shape == (3, enc.dim) and np.allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(enc.clip_score(images, texts), (enc.encode(images) * t).sum(1), atol=1e-5)
+    with pytest.raises(InvalidInput) as err:
+        enc.encode_text(["ok", 3])
+    assert err.value.field == "texts[1]"
+    with pytest.raises(InvalidInput) as err:
+        enc.clip_score(images, texts[:2])
+    assert err.value.field == "texts"
+
+
+def test_an_index_finds_its_clip_weights_when_moved(tmp_path, monkeypatch):
+    """The recorded absolute path is gone (another machine, a copied index): the weights are found
+    relative to the index or among the bundled ones, by sha256; other weights are refused by name."""
+    import shutil
+    from guard.index.api import FingerprintIndex
+    from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
+    from guard.index.manifest import read_manifest, write_manifest
+    src = BUNDLED_CLIP_WEIGHTS.parents[1] / "eps" / "index"
+    if not (src / "clip.npy").is_file():
+        pytest.skip("the shipped eps index carries no clip signal")
+    monkeypatch.delenv("MEMGUARD_CLIP_WEIGHTS", raising=False)
+    copy = tmp_path / "moved"
+    shutil.copytree(src, copy)
+    manifest = read_manifest(copy)
+    manifest.models["clip"].update(path=str(tmp_path / "gone.safetensors"), relpath="../nowhere.safetensors")
+    write_manifest(copy, manifest)
+    with FingerprintIndex.open(copy) as ix:
+        assert ix.clip_encoder().weights == BUNDLED_CLIP_WEIGHTS
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(BUNDLED_CLIP_WEIGHTS.read_bytes()[:-1] + b"\0")
+    with FingerprintIndex.open(copy, clip_weights=other) as ix:
+        with pytest.raises(InvalidInput) as err:
+            ix.clip_encoder()
+    assert err.value.field == "clip_weights" and "sha256" in str(err.value)
+    with FingerprintIndex.open(copy, clip_weights=tmp_path / "absent") as ix:
+        with pytest.raises(InvalidInput) as err:
+            ix.clip_encoder()
+    assert err.value.field == "clip_weights"
