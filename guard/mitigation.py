@@ -4,9 +4,14 @@ The ladder (`MitigationConfig.rungs`), climbed one rung per failed re-verificati
 must keep the caller's prompt: guidance always comes back, and a sample that would leave the
 ladder without enough guided steps is blocked instead (`min_guided_fraction`, checked at the end),
 and so is a rerouted image whose prompt no longer stands out in CLIP (guard/fidelity.py).
-By default rung 1 is the push-away alone and rung 2 adds a fresh start while x_t is still almost
-pure noise; a sample still heading to an indexed item after that is blocked, or, at the end,
-generated once more (GuardConfig.second_pass). `attention`, `basin` and `embed_noise` are available
+By default there is one rung: the push-away with a fresh start from noise seeded by the request's
+seed and prompt (while x_t is still almost pure noise; later, the push alone); a sample still
+heading to an indexed item after that is blocked, or, at the end, generated once more
+(GuardConfig.second_pass). The fresh start keeps reroutes of different prompts apart: captions
+that the model cannot tell apart (unknown words) otherwise reroute to one image. Measured with
+`benchmarks/reroute_sweep.py` on the ε-testbed (2026-12-04): 80 web-style captions, one seed, max
+pairwise SSIM of reroutes 0.999 push-first vs 0.774 with the fresh start (29 rerouted, 51 blocked,
+vs 42 / 38); meaningful captions 15 of 16 rerouted to a non-copy at 0.93× novel CLIP (vs 13, 0.86×). `attention`, `basin` and `embed_noise` are available
 rungs but not defaults. On the ε-testbed's compositional captions (16 generations,
 `benchmarks/reroute_sweep.py`, 2026-12-03) every ladder with `attention` lost the prompt: rerouted
 images scored 0.31× the testbed-CLIP of unguarded novel prompts and were near-identical across
@@ -54,7 +59,7 @@ RUNG_NAMES = ("attention", "basin", "push", "embed_noise", "reseed")
 
 @dataclass(frozen=True)
 class MitigationConfig:
-    rungs: tuple[tuple[str, ...], ...] = (("push",), ("reseed",))
+    rungs: tuple[tuple[str, ...], ...] = (("push", "reseed"),)
     bos_scale: float = 1.25            # Ren et al.'s factor on the BOS logit
     mask_eos: bool = True              # also mask the end-of-text token (padding is always masked)
     basin_guidance: float = 0.0        # guidance scale inside the basin: 0 none, < 0 opposite

@@ -529,11 +529,14 @@ class GuardedPipeline:
             return False
         new = set(cfg.rungs[s.rung])
         if "reseed" in new and run.alpha_bars[min(step + 1, len(run.alpha_bars) - 1)] > cfg.reseed_max_alpha_bar:
-            return False   # too late for fresh noise to be a restart
+            # too late for fresh noise to be a restart: the rung's other mitigations, if it has any
+            new.discard("reseed")
+            if not new:
+                return False
         s.rung += 1
         s.rung_history.append((step + 1, s.rung))
         s.actions[step] = "reroute"
-        s.mitigations.append(f"step {step}: rung {s.rung}: {'+'.join(cfg.rungs[s.rung - 1])}")
+        s.mitigations.append(f"step {step}: rung {s.rung}: {'+'.join(m for m in cfg.rungs[s.rung - 1] if m in new)}")
         run.stats.reroutes += s.rung == 1
         run.stats.escalations += s.rung > 1
         if "basin" in new and step + 1 < self._basin_limit(len(run.timesteps)):

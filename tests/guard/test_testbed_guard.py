@@ -231,27 +231,40 @@ def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):
     assert not any(testbed_index.screen(h.image).is_copy for h in heldout_images(count=40))
 
 
-def test_a_reroute_that_loses_the_prompt_is_blocked(testbed_pipe, testbed_index, testbed_policy, training_images):
+def test_a_reroute_that_loses_the_prompt_is_blocked(tmp_path):
     """REROUTED is a promise to answer the prompt: a rerouted image under the policy's fidelity floor is
-    blocked (REASON_MEMORIZATION, counted), and the audit carries its fidelity (guard/fidelity.py)."""
+    blocked (REASON_MEMORIZATION, counted), and the audit carries its fidelity (guard/fidelity.py).
+    On the ε-testbed's meaningful memorized captions, which reroute to a non-copy (15 of 16 measured)."""
+    import shutil
     from dataclasses import replace
-    assert testbed_policy.reroute_min_fidelity is not None, "the testbed index has a CLIP: calibration sets a floor"
+
+    from guard.fidelity import PromptFidelity
+    from guard.index.api import FingerprintIndex
+    from guard.loading import load_pipeline
+    from guard.policy import Policy
+    from guard.testbed.dataset import caption_for
+    from guard.testbed.registry import EPS_COMBOS, get_testbed
+
+    tb = get_testbed("eps")
+    policy = Policy.load(tb.policy_path)
+    assert policy.reroute_min_fidelity is not None, "the testbed index has a CLIP: calibration sets a floor"
+    shutil.copytree(tb.index_dir, tmp_path / "index")
+    index = FingerprintIndex.open(tmp_path / "index", model_dir=tb.model_dir)
+    pipe = load_pipeline(tb.model_dir)
     rng = np.random.default_rng()
-    memorized, _ = _pick(rng, 3, 0, strong=True)
-    reqs = [GenerationRequest(p, seed=int(s)) for p, s in zip(memorized, rng.integers(0, 2**31, 3))]
+    reqs = [GenerationRequest(caption_for(*c), seed=int(s)) for c, s in zip(EPS_COMBOS, rng.integers(0, 2**31, 4))]
     config = GuardConfig(second_pass=False)
-    lax = GuardedPipeline(testbed_pipe, index=testbed_index, policy=replace(testbed_policy, reroute_min_fidelity=-1e9),
+    lax = GuardedPipeline(pipe, index=index, policy=replace(policy, reroute_min_fidelity=-1e9),
                           config=config).generate(reqs)
     rerouted = [(k, rs[0]) for k, rs in enumerate(lax.results) if rs[0].decision == Decision.REROUTED]
-    if not rerouted:
-        pytest.skip("no reroute in this draw (all blocked by the ladder or the final screen)")
-    from guard.fidelity import PromptFidelity
-    fidelity = PromptFidelity(testbed_index.clip_encoder(), testbed_policy.reroute_references)
+    assert rerouted, [rs[0].report.mitigations for rs in lax.results]
+    training = copies.References.of(np.stack([it.image for it in build_training_set(tb.data)]))
+    fidelity = PromptFidelity(index.clip_encoder(), policy.reroute_references)
     for k, r in rerouted:
         want = float(fidelity.zscores([r.image], [reqs[k].prompt])[0])
         assert r.report.audit["reroute_fidelity"] == pytest.approx(want, abs=1e-3)
-        assert not copies.nearest(r.image, training_images)[1].is_copy
-    strict = GuardedPipeline(testbed_pipe, index=testbed_index, policy=replace(testbed_policy, reroute_min_fidelity=1e9),
+        assert not copies.nearest(r.image, training)[1].is_copy
+    strict = GuardedPipeline(pipe, index=index, policy=replace(policy, reroute_min_fidelity=1e9),
                              config=config).generate(reqs)
     for k, _ in rerouted:
         r = strict.results[k][0]
@@ -259,3 +272,4 @@ def test_a_reroute_that_loses_the_prompt_is_blocked(testbed_pipe, testbed_index,
         assert any("no longer answers the prompt" in m for m in r.report.mitigations), r.report.mitigations
     assert strict.stats.reroutes_unfaithful == len(rerouted)
     assert all(rs[0].decision != Decision.REROUTED for rs in strict.results)
+    index.close()
