@@ -295,6 +295,7 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
     outputs, extra cost."""
     from skimage.metrics import structural_similarity
 
+    from guard.pipeline import UNFAITHFUL_REROUTE
     from guard.types import Decision
 
     rerouted = {name: [(m, e) for m, e in zip(monitor[name], recs) if e.result.decision == Decision.REROUTED]
@@ -315,7 +316,7 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
     for name, pairs in rerouted.items():
         # reroutes the guard blocked for losing the prompt (policy.reroute_min_fidelity, the index's CLIP:
         # on the testbeds the same weights as this judge, so the released ones' CLIP is not independent)
-        unfaithful = sum(any("no longer answers the prompt" in m for m in e.result.report.mitigations)
+        unfaithful = sum(any(UNFAITHFUL_REROUTE in m for m in e.result.report.mitigations)
                          for e in enforce[name])
         if not pairs:
             if unfaithful:

@@ -188,7 +188,7 @@ class CalibrationConfig:
     positive_seeds: int = 4            # ...each generated with this many seeds
     batch_size: int = 16
     height: int = 64
-    reroute_fidelity_quantile: float = 0.05  # rerouted images must answer their prompt (CLIP) as well as this share
+    reroute_fidelity_quantile: float = 0.05  # rerouted images must answer their prompt as well as this share of benign
 
     def fit_config(self) -> FitConfig:
         return FitConfig(target_fpr=self.target_fpr, final_fpr=self.final_fpr, detect_steps=self.detect_steps,
@@ -215,7 +215,7 @@ def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: Calibrat
     from guard.pipeline import nearest_pdq_distance
     from guard.types import GenerationRequest, GuardMode
 
-    out, timesteps, distances, copies, clip = [], [], [], [], []
+    out, timesteps, distances, copies, fidelity_z = [], [], [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         reqs = [GenerationRequest(p, seed=s, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                   height=cfg.height, width=cfg.height, mode=GuardMode.MONITOR)
@@ -230,12 +230,12 @@ def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: Calibrat
             matches = rs[0].report.audit.get("screen", {}).get("copies", [])
             copies.append(matches[0]["item_id"] if matches else "")
         images = [rs[0].image for rs in batch.results]
-        clip.extend(fidelity.zscores(images, [r.prompt for r in reqs]) if fidelity is not None
+        fidelity_z.extend(fidelity.zscores(images, [r.prompt for r in reqs]) if fidelity is not None
                     else [math.nan] * len(images))
         if progress:
             log.info("calibration: %d / %d generations", min(start + cfg.batch_size, len(prompts)), len(prompts))
     return Measured(np.asarray(out, dtype=np.float64), timesteps, np.asarray(distances, dtype=np.float64), copies,
-                    np.asarray(clip, dtype=np.float64))
+                    np.asarray(fidelity_z, dtype=np.float64))
 
 
 def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out: Path | None = None, *,
@@ -245,7 +245,7 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
     """Measure benign and likely-memorized prompts on `model_dir` with `index_dir`; write and return the policy."""
     from guard.index.api import FingerprintIndex
     from guard.loading import load_pipeline
-    from guard.fidelity import PromptFidelity, reference_prompts
+    from guard.fidelity import MIN_REFERENCES, PromptFidelity, reference_prompts
     from guard.pipeline import GuardConfig, GuardedPipeline
 
     model_dir = Path(model_dir) if model_dir else TESTBED_MODEL_DIR
@@ -273,13 +273,15 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         # reroutes will be checked against the benign prompts as reference captions (guard/fidelity.py)
         references = reference_prompts(base)
         encoder = index.clip_encoder()
-        fidelity = PromptFidelity(encoder, references) if encoder is not None and len(references) >= 8 else None
+        fidelity = (PromptFidelity(encoder, references) if encoder is not None and len(references) >= MIN_REFERENCES
+                    else None)
         if fidelity is None:
             log.warning("calibration: %s: reroutes will not be checked for prompt fidelity", "the index has no CLIP"
-                        if encoder is None else f"only {len(references)} distinct benign prompts (8 needed)")
+                        if encoder is None else f"only {len(references)} distinct benign prompts "
+                                                f"({MIN_REFERENCES} needed)")
         benign = collect_signals(guarded, prompts, seeds, cfg, fidelity=fidelity, progress=progress)
         pos_raw = collect_signals(guarded, pos_prompts, pos_seeds, cfg, progress=progress).raw if found else None
-    raw, timesteps, distances, clip = benign.raw, benign.timesteps, benign.pdq_distances, benign.fidelity
+    raw, timesteps, distances, fidelity_z = benign.raw, benign.timesteps, benign.pdq_distances, benign.fidelity
     # a "benign" generation the final screen finds in the training set is no negative (a prompt file
     # from real traffic holds memorized prompts too): it would widen the benign standard towards
     # memorization. It is left out, counted and named in the provenance. Not made a positive: on the
@@ -290,17 +292,17 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
         log.warning("calibration: %d of %d benign generations copy an indexed item (final screen): left out of "
                     "the negatives", int(copied.sum()), len(copied))
     screened_out = {"generations": int(copied.sum()), "prompts": sorted({p for p, c in zip(prompts, copied) if c})}
-    raw, distances, groups, clip = raw[~copied], distances[~copied], groups[~copied], clip[~copied]
+    raw, distances, groups, fidelity_z = raw[~copied], distances[~copied], groups[~copied], fidelity_z[~copied]
     kept_prompts = [p for p, c in zip(prompts, copied) if not c]
     kept_seeds = [x for x, c in zip(seeds, copied) if not c]
     if signals_out:   # the measured signals, for audits and re-fitting without re-generating
         np.savez_compressed(signals_out, raw=raw, timesteps=np.asarray(timesteps), groups=groups,
                             prompts=np.asarray(kept_prompts), seeds=np.asarray(kept_seeds), pdq_distances=distances,
-                            fidelity=clip,
+                            fidelity=fidelity_z,
                             positive_raw=pos_raw if pos_raw is not None else np.zeros((0,) + raw.shape[1:]),
                             positive_groups=pos_groups, positive_prompts=np.asarray(pos_prompts))
     positives = SignalSet(pos_raw, pos_groups) if found else None
-    policy = fit_policy(SignalSet(raw, groups, distances, clip), timesteps, cfg.fit_config(), positives=positives)
+    policy = fit_policy(SignalSet(raw, groups, distances, fidelity_z), timesteps, cfg.fit_config(), positives=positives)
     if policy.reroute_min_fidelity is not None:
         policy.reroute_references = references
     policy.provenance.update(

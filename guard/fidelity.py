@@ -10,7 +10,7 @@ lost their prompt). So the prompt competes with reference captions, the benign c
 the prompt's standing among other things the model is asked for (references equal to the prompt are
 left out). An image that answers its prompt scores its prompt above most references; a reroute of a
 caption that means nothing to the model but the memorized photo does not. Calibration stores the
-benign z's low quantile as `Policy.reroute_min_clip`, and the references in `Policy.reroute_references`.
+benign z's low quantile as `Policy.reroute_min_fidelity`, the references as `Policy.reroute_references`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 from guard.errors import InvalidInput
 
 MAX_REFERENCES = 256   # enough for a stable mean and std; a policy file stays small
+MIN_REFERENCES = 8     # fewer give no usable std
 
 
 def reference_prompts(prompts: list[str], limit: int = MAX_REFERENCES) -> list[str]:
@@ -30,8 +31,9 @@ class PromptFidelity:
     """An index CLIP encoder (image and text towers) with the reference captions' embeddings."""
 
     def __init__(self, encoder, references: list[str]):
-        if len(references) < 8:
-            raise InvalidInput("reroute_references", f"{len(references)} reference prompts; at least 8 are needed")
+        if len(references) < MIN_REFERENCES:
+            raise InvalidInput("reroute_references", f"{len(references)} reference prompts; at least "
+                                                     f"{MIN_REFERENCES} are needed")
         self.encoder, self.references = encoder, list(references)
         self._refs = encoder.encode_text(self.references)          # [R, D] unit rows
 

@@ -157,7 +157,7 @@ def _calibrate(args) -> int:
         print(f"policy written: rule {policy.combination.rule} (fitted on {fit.get('positives', 0)} likely-memorized "
               f"generations from {fit.get('clusters', 0)} duplicate clusters; held-out TPR {fit.get('heldout_tpr')}), "
               f"threshold {policy.threshold:.3f} over steps 1..{policy.detect_steps}, "
-              f"verify {policy.verify_threshold:.3f}; target FPR {policy.target_fpr}; reroute CLIP floor "
+              f"verify {policy.verify_threshold:.3f}; target FPR {policy.target_fpr}; reroute fidelity floor "
               f"{'none (the index has no CLIP)' if policy.reroute_min_fidelity is None else f'{policy.reroute_min_fidelity:.3f}'}")
         for k, v in rates.items():
             print(f"  {k}: {v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"  {k}: {v}")

@@ -11,8 +11,8 @@ heading to an indexed item after that is blocked, or, at the end, generated once
 that the model cannot tell apart (unknown words) otherwise reroute to one image. Measured with
 `benchmarks/reroute_sweep.py` on the ε-testbed (2026-12-04): 80 web-style captions, one seed, max
 pairwise SSIM of reroutes 0.999 push-first vs 0.774 with the fresh start (29 rerouted, 51 blocked,
-vs 42 / 38); meaningful captions 15 of 16 rerouted to a non-copy at 0.93× novel CLIP (vs 13, 0.86×). `attention`, `basin` and `embed_noise` are available
-rungs but not defaults. On the ε-testbed's compositional captions (16 generations,
+vs 42 / 38); meaningful captions 15 of 16 rerouted to a non-copy at 0.93× novel CLIP (vs 13, 0.86×).
+`attention`, `basin` and `embed_noise` are available rungs but not defaults. On the ε-testbed's compositional captions (16 generations,
 `benchmarks/reroute_sweep.py`, 2026-12-03) every ladder with `attention` lost the prompt: rerouted
 images scored 0.31× the testbed-CLIP of unguarded novel prompts and were near-identical across
 prompts (SSIM up to 0.95), because masking the padding/summary tokens leaves a small text encoder's

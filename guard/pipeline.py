@@ -61,6 +61,7 @@ COLUMNS = list(SIGNALS) + [f"z_{s}" for s in SIGNALS] + ["combined", "guidance"]
 COMBINED, GUIDANCE = 2 * S, 2 * S + 1
 
 
+UNFAITHFUL_REROUTE = "reroute no longer answers the prompt"   # the mitigation note of a fidelity block
 ALPHA_BAR_FLOOR = 2.0 ** -24   # ᾱ of a zero-terminal-SNR schedule's first step, for ε-space signals
 
 
@@ -112,7 +113,7 @@ class PipelineStats:
     steps_saved: dict[str, int] = field(default_factory=dict)  # blocked | cancelled → steps not computed
     decisions: dict[str, int] = field(default_factory=dict)
     second_passes: int = 0                       # samples generated again (GuardConfig.second_pass)
-    reroutes_unfaithful: int = 0                 # reroutes blocked for losing the prompt (guidance, CLIP)
+    reroutes_unfaithful: int = 0                 # reroutes blocked for losing the prompt (guidance, fidelity)
 
     def absorb(self, other: "PipelineStats") -> None:
         """Add a second pass's work to this call's (requests and samples are the caller's)."""
@@ -673,8 +674,7 @@ class GuardedPipeline:
         if score < floor:
             # a new image that does not answer the prompt either (for a caption that means nothing to
             # the model but the memorized photo, the usual case): blocking says so, REROUTED would not
-            report.mitigations.append("reroute no longer answers the prompt (CLIP fidelity under the benign floor): "
-                                      "blocked")
+            report.mitigations.append(UNFAITHFUL_REROUTE + " (CLIP fidelity under the benign floor): blocked")
             run.stats.reroutes_unfaithful += 1
             return False
         return True

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from guard.errors import CorruptData, InvalidInput, MissingResource
+from guard.fidelity import MIN_REFERENCES
 from guard.signals import SIGNALS
 from guard.types import Decision, FaceAction, GuardMode, Reason
 
@@ -177,8 +178,9 @@ class Policy:
         for key in INF_FIELDS:
             kw[key] = math.inf if data.get(key) is None else float(data[key])
         policy = cls(sigs, Combination(**data["combination"]), **kw).validate()
-        if policy.reroute_min_fidelity is not None and len(policy.reroute_references) < 8:
-            raise InvalidInput("policy.reroute_references", "a fidelity floor needs at least 8 reference prompts")
+        if policy.reroute_min_fidelity is not None and len(policy.reroute_references) < MIN_REFERENCES:
+            raise InvalidInput("policy.reroute_references",
+                               f"a fidelity floor needs at least {MIN_REFERENCES} reference prompts")
         return policy
 
     def save(self, path: str | os.PathLike) -> Path:

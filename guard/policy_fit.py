@@ -35,7 +35,7 @@ SIM = SIGNALS.index("similarity")
 class SignalSet:
     """Measured generations: raw signals [N, steps, S], a group per row (prompt id for benign rows,
     cluster key for positives), each image's PDQ distance to the nearest indexed item [N] and its
-    CLIP image–prompt cosine [N] (index CLIP; None or NaN without one)."""
+    prompt fidelity [N] (guard/fidelity.py; None or NaN without an index CLIP)."""
     raw: np.ndarray
     groups: np.ndarray
     pdq_distances: np.ndarray | None = None
@@ -220,9 +220,9 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
     distances = (np.full(len(benign), np.nan) if benign.pdq_distances is None
                  else np.asarray(benign.pdq_distances, np.float64))
     policy.final_pdq_distance = lower_quantile_threshold(distances, cfg.final_fpr)
-    clip = (np.full(len(benign), np.nan) if benign.fidelity is None
-            else np.asarray(benign.fidelity, np.float64))
-    policy.reroute_min_fidelity = lower_quantile_threshold(clip, cfg.reroute_fidelity_quantile)
+    fidelity = (np.full(len(benign), np.nan) if benign.fidelity is None
+                else np.asarray(benign.fidelity, np.float64))
+    policy.reroute_min_fidelity = lower_quantile_threshold(fidelity, cfg.reroute_fidelity_quantile)
     vs = verify_steps(u_b.shape[1], cfg)
     rates = {"flag_rate_in_sample": float(np.mean(window_max(scores, cfg.detect_steps) > policy.threshold)),
              "verify_fail_rate_in_sample": float(np.mean(
@@ -242,8 +242,8 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
     if policy.final_pdq_distance is not None:
         rates["final_reverify_fail_rate_in_sample"] = float(np.mean(distances < policy.final_pdq_distance))
     if policy.reroute_min_fidelity is not None:
-        finite = clip[np.isfinite(clip)]
-        rates["benign_clip_median"] = float(np.median(finite))
+        finite = fidelity[np.isfinite(fidelity)]
+        rates["benign_fidelity_median"] = float(np.median(finite))
         rates["benign_below_reroute_min_fidelity"] = float(np.mean(finite < policy.reroute_min_fidelity))
     policy.provenance["fit"] = fit_report
     policy.provenance["rates"] = rates

@@ -12,8 +12,7 @@ a signal is dropped when the others, re-thresholded without it, catch clearly mo
 copies (`select_signals`). On the ε-testbed its small CLIP caught 0-45 % of copies, 2 of 1,500
 that no other signal caught, and a fourth share cost PDQ 11 points of JPEG copies: all four
 signals caught 69.9 %, any three 67.5-72.1 %. Dropped signals never cross (their vectors are still
-searched and reported). Held-out images
-(never indexed), when given, are an independent check: their false-match rate is reported, not fitted.
+searched and reported). Held-out images (never indexed), when given, are an independent check: their false-match rate is reported, not fitted.
 Faces: positives are faces found in augmented indexed images scored against their own descriptors;
 negatives are faces of other people (skimage's LFW subset by default) scored against all indexed faces.
 """
@@ -118,8 +117,8 @@ def select_signals(pos: dict[str, dict[str, list[float]]], neg: dict[str, list[f
                    min_gain: float = 0.005) -> tuple[tuple[str, ...], dict[str, float]]:
     """The signals that earn a share of the budget. Every non-empty set is tried, each signal at
     fmr / k; the largest set that catches within one standard error (at least `min_gain`) of the
-    best set's share of augmented copies wins (then the higher share): a signal is dropped only when the others, re-thresholded
-    without it, catch clearly more. Returns the set and the caught share of every set ("a+b": rate)."""
+    best set's share of augmented copies wins (then the higher share): a signal is dropped only
+    when the others, re-thresholded without it, catch clearly more. Returns the set and the caught share of every set ("a+b": rate)."""
     names = sorted(pos)
     tried = {subset: _union_rate(pos, neg, subset, fmr)
              for k in range(1, len(names) + 1) for subset in itertools.combinations(names, k)}

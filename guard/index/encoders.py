@@ -157,9 +157,3 @@ class ClipEncoder:
         ids = self.tokenizer(list(texts)).to(self.device)
         with self._lock, torch.inference_mode():
             return normalize_rows(self.model.encode_text(ids).float().cpu().numpy())
-
-    def clip_score(self, images: list[np.ndarray], texts: list[str]) -> np.ndarray:
-        """Paired image–caption cosine [N] float32: how well images[i] answers texts[i]."""
-        if len(images) != len(texts):
-            raise InvalidInput("texts", f"got {len(texts)} captions for {len(images)} images; they are paired")
-        return (self.encode(images) * self.encode_text(texts)).sum(1).astype(np.float32)

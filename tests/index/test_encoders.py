@@ -114,24 +114,19 @@ def test_an_index_with_clip_embeddings_screens_on_all_signals(tmp_path, items, v
         assert top.signals["clip"].score == pytest.approx(1.0, abs=1e-4)
 
 
-def test_clip_text_side_scores_pairs_and_names_bad_fields():
+def test_clip_text_side_embeds_captions_and_names_bad_fields():
     from guard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
     from guard.errors import InvalidInput
     if not CLIP_WEIGHTS.is_file():
         pytest.skip("the testbed CLIP is not in this checkout")
     enc = ClipEncoder(CLIP_MODEL, CLIP_WEIGHTS)
     rng = np.random.default_rng()
-    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     texts = ["a red circle on a blue striped background", "an orange square on a green plain background", "x"]
     t = enc.encode_text(texts)
     assert t.shape == (3, enc.dim) and np.allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(enc.clip_score(images, texts), (enc.encode(images) * t).sum(1), atol=1e-5)
     with pytest.raises(InvalidInput) as err:
         enc.encode_text(["ok", 3])
     assert err.value.field == "texts[1]"
-    with pytest.raises(InvalidInput) as err:
-        enc.clip_score(images, texts[:2])
-    assert err.value.field == "texts"
 
 
 def test_an_index_finds_its_clip_weights_when_moved(tmp_path, monkeypatch):
