@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "clusters' captions the index finds)")
     c.add_argument("--rule", choices=("auto", "linear", "distance"), help="combination rule (default auto: "
                                                                           "held-out clusters decide)")
-    c.add_argument("--count", type=int, help="benign prompts to use (default 192)")
+    c.add_argument("--count", type=int, help="benign prompts to use (default 512)")
     c.add_argument("--seeds-per-prompt", type=int)
     c.add_argument("--steps", type=int)
     c.add_argument("--fpr", type=float, help="target false-positive rate (default 0.01)")

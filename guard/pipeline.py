@@ -328,7 +328,8 @@ class GuardedPipeline:
         latent_scale = [(1.0 / ab ** 0.5) if sigma_space else 1.0 for ab in alpha_bars]
         return _Run(samples, requests, sched, timesteps, alpha_bars, self.policy.tables(timesteps, self.device),
                     host_tables.mean[:, SIM].numpy(), host_tables.std[:, SIM].numpy(), trace, stats,
-                    any(s.mode != GuardMode.OFF for s in samples), latent_scale)
+                    any(s.mode != GuardMode.OFF for s in samples), latent_scale,
+                    float(self.index.thresholds.latent) if self.index is not None else 1.0)
 
     def _prepare_latents(self, samples, height: int, width: int, dtype, scheduler) -> torch.Tensor:
         """diffusers' own recipe: one CPU generator per sample, randn, × init_noise_sigma."""
@@ -400,8 +401,8 @@ class GuardedPipeline:
         entropy, bos = attention_signals(ctl.mean_mass()[B:])
         if step in self.config.retrieve_steps:
             self._retrieve(run, live, list(range(B)), x0_hat)
-        similarity, live.best_idx = track_similarity(x0_hat, live.candidates)
-        values = stack_signals(divergence, entropy, bos, similarity)
+        similarity, live.best_idx, stand = track_similarity(x0_hat, live.candidates, run.copy_cosine)
+        values = stack_signals(divergence, entropy, bos, similarity, stand)
         z = tables.zscores(values, step)
         score = tables.combined(z, step)
         row = torch.cat([values, z, score[:, None], w[:, None]], dim=1)
@@ -733,6 +734,7 @@ class _Run:
     stats: PipelineStats
     guarded: bool                        # any sample not OFF: signals are computed
     latent_scale: list[float]            # scheduler-space latent per DDPM-space x_t, per step
+    copy_cosine: float                   # fingerprint cosine of two copies of one image (the index's), for standout
 
 
 def second_pass_seed(seed: int, prompt: str) -> int:

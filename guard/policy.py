@@ -52,7 +52,7 @@ from guard.fidelity import MIN_REFERENCES
 from guard.signals import SIGNALS
 from guard.types import Decision, FaceAction, GuardMode, Reason
 
-POLICY_FORMAT = 2
+POLICY_FORMAT = 3   # 3: the standout signal (a format-2 policy has no statistics for it: re-calibrate)
 COMBINE_RULES = ("linear", "distance")
 INF_FIELDS = ("threshold", "verify_threshold")   # +inf (never) is null in JSON
 S = len(SIGNALS)
@@ -274,6 +274,22 @@ def upper_quantile_threshold(benign_scores: np.ndarray, fpr: float) -> float:
         raise InvalidInput("benign_scores", "empty")
     allowed = int(math.floor(fpr * scores.size))
     return float(scores[scores.size - 1 - allowed])
+
+
+def conformal_threshold(benign_scores: np.ndarray, alpha: float) -> tuple[float, bool]:
+    """τ such that a fresh benign score, exchangeable with these n, exceeds τ with probability ≤ alpha.
+
+    Split conformal: τ is the ⌈(n+1)(1−α)⌉-th smallest score (E[rate above τ] ≤ α exactly, where the
+    in-sample order statistic of `upper_quantile_threshold` lets (⌊αn⌋+1)/(n+1) > α through). Needs
+    n ≥ ⌈(1−α)/α⌉; with fewer scores, returns their maximum and False (no guarantee: the caller says so).
+    """
+    scores = np.sort(np.asarray(benign_scores, np.float64))
+    if scores.size == 0:
+        raise InvalidInput("benign_scores", "empty")
+    if not 0.0 < alpha < 1.0:
+        raise InvalidInput("alpha", f"must lie in (0, 1), got {alpha}")
+    k = math.ceil((scores.size + 1) * (1.0 - alpha) - 1e-9)
+    return float(scores[min(k, scores.size) - 1]), k <= scores.size
 
 
 @dataclass(frozen=True)

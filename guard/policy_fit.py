@@ -9,7 +9,11 @@ guard/policy.py has the formulas the fitted policy applies; here is how they are
      the two classes' covariances, scaled to unit benign variance. Signs and weights are learned;
    - distance: the Mahalanobis distance from the benign distribution (no positives needed; a
      signal moving either way raises it);
-3. threshold: the (1 − FPR) order statistic of the benign per-sample maximum over the window;
+3. thresholds: split-conformal quantiles of the benign per-sample maximum over the window, and of
+   the re-verification similarity. The two stages share the target: a benign generation is acted
+   on if either fires, so the window gets (1 − verify_share)·FPR and re-verification the rest, and
+   each bound holds for fresh benign generations in expectation (too few benign generations for
+   that: the sample maximum, and the policy says "no guarantee");
 4. validation by held-out clusters: positives are grouped by the duplicate cluster they came
    from, clusters are dealt into folds, and each fold is fitted without its clusters and scored on
    them. The rule with the better held-out TPR is kept (ties: linear); the folds' fits are stored,
@@ -18,14 +22,17 @@ guard/policy.py has the formulas the fitted policy applies; here is how they are
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from guard.errors import InvalidInput
-from guard.policy import Combination, Policy, SignalCalibration, upper_quantile_threshold
+from guard.policy import Combination, Policy, SignalCalibration, conformal_threshold
 from guard.signals import SIGNALS
+
+log = logging.getLogger(__name__)
 
 S = len(SIGNALS)
 SIM = SIGNALS.index("similarity")
@@ -68,6 +75,21 @@ class FitConfig:
     rule: str = "auto"               # "auto" (held-out TPR decides), "linear" or "distance"
     basin_exit_quantile: float = 0.5   # benign quantile of the per-step score below which a sample left the basin
     reroute_fidelity_quantile: float = 0.05  # a reroute must answer its prompt as well as this share of benign images
+    verify_share: float = 0.5        # share of target_fpr given to re-verification (the window gets the rest)
+
+    def __post_init__(self):
+        if not 0.0 < self.target_fpr < 1.0:
+            raise InvalidInput("target_fpr", f"must lie in (0, 1), got {self.target_fpr}")
+        if not 0.0 < self.verify_share < 1.0:
+            raise InvalidInput("verify_share", f"must lie in (0, 1), got {self.verify_share}")
+
+    @property
+    def window_fpr(self) -> float:
+        return self.target_fpr * (1.0 - self.verify_share)
+
+    @property
+    def verify_fpr(self) -> float:
+        return self.target_fpr * self.verify_share
 
 
 def standardization(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +158,7 @@ class _Fit:
 
 def _fit_rule(u_b: np.ndarray, u_p: np.ndarray | None, rule: str, enabled, cfg: FitConfig) -> _Fit:
     comb = fit_combination(u_b, u_p, rule, enabled, cfg.detect_steps, cfg.shrinkage)
-    return _Fit(comb, upper_quantile_threshold(window_max(comb.score(u_b), cfg.detect_steps), cfg.target_fpr))
+    return _Fit(comb, conformal_threshold(window_max(comb.score(u_b), cfg.detect_steps), cfg.window_fpr)[0])
 
 
 def _deal_folds(clusters: list, k: int) -> list[list]:
@@ -177,8 +199,8 @@ def _fit_all(benign: SignalSet, positives: SignalSet | None, timesteps, cfg: Fit
     if u_p is not None:   # which way similarity moves towards a copy, learned like the rest
         policy.verify_direction = 1 if float(u_p[:, verify_steps(u_p.shape[1], cfg), SIM].mean()) >= 0 else -1
     vs = verify_steps(u_b.shape[1], cfg)
-    policy.verify_threshold = upper_quantile_threshold((policy.verify_direction * u_b[:, vs, SIM]).max(axis=1),
-                                                       cfg.target_fpr)
+    policy.verify_threshold = conformal_threshold((policy.verify_direction * u_b[:, vs, SIM]).max(axis=1),
+                                                  cfg.verify_fpr)[0]
     return policy
 
 
@@ -216,6 +238,12 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
     policy.folds = folds.get(rule, [])
     u_b = policy.uscores(benign.raw, timesteps)
     scores = policy.combination.score(u_b)
+    guaranteed = all(conformal_threshold(np.zeros(len(benign)), a)[1] for a in (cfg.window_fpr, cfg.verify_fpr))
+    if not guaranteed:
+        need = max(math.ceil((1 - a) / a) for a in (cfg.window_fpr, cfg.verify_fpr))
+        log.warning("%d benign generations are too few to bound the false-positive rate at %.3g: the thresholds "
+                    "are the benign maxima, with no guarantee (calibrate with at least %d)",
+                    len(benign), cfg.target_fpr, need)
     policy.basin_exit_score = float(np.quantile(scores[:, :cfg.detect_steps], cfg.basin_exit_quantile))
     distances = (np.full(len(benign), np.nan) if benign.pdq_distances is None
                  else np.asarray(benign.pdq_distances, np.float64))
@@ -224,7 +252,9 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
                 else np.asarray(benign.fidelity, np.float64))
     policy.reroute_min_fidelity = lower_quantile_threshold(fidelity, cfg.reroute_fidelity_quantile)
     vs = verify_steps(u_b.shape[1], cfg)
-    rates = {"flag_rate_in_sample": float(np.mean(window_max(scores, cfg.detect_steps) > policy.threshold)),
+    rates = {"window_fpr_bound": cfg.window_fpr, "verify_fpr_bound": cfg.verify_fpr,
+             "fpr_bound_guaranteed": bool(guaranteed),
+             "flag_rate_in_sample": float(np.mean(window_max(scores, cfg.detect_steps) > policy.threshold)),
              "verify_fail_rate_in_sample": float(np.mean(
                  (policy.verify_direction * u_b[:, vs, SIM]).max(axis=1) > policy.verify_threshold))}
     half = _benign_halves(benign.groups)

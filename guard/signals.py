@@ -10,18 +10,28 @@ Per sample and step (all float32, [B]):
 * ``similarity``: cosine of the fingerprint of x̂0 to the sample's closest candidate training /
   protected item. Candidates come from the index once, at an early step (`retrieve`); after that
   `kernels.fingerprint_match` tracks them on the device, without decoding or embedding.
+* ``standout``: how far that closest candidate stands out, as Lowe's ratio test for a distinctive
+  match: log(d₂ / d₁), d = 1 − cosine, d₁ to the closest candidate, d₂ to the closest one that is
+  not a copy of it (fingerprint cosine to it under the index's copy threshold). A memorized
+  trajectory heads for one training image; a novel one lies among many alike. The ratio, not the
+  cosine gap, because a generation unlike everything indexed (a prompt the model cannot draw) can
+  have a large gap to a far-off best match, but not a small d₁. Near-duplicate variants of one
+  image (not folded at build) do not count as the runner-up, so the most duplicated images, the
+  likeliest memorized, still stand out.
 
 No direction is fixed here: `memguard calibrate` learns how the signals combine for each model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 import kernels
 
-SIGNALS: tuple[str, ...] = ("divergence", "entropy", "bos", "similarity")
+SIGNALS: tuple[str, ...] = ("divergence", "entropy", "bos", "similarity", "standout")
+MIN_DISTANCE = 1e-4   # floor of 1 − cosine in the standout ratio
 
 
 def attention_signals(mean_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,16 +87,43 @@ def retrieve(index, x0_hat: torch.Tensor, k: int) -> tuple[list[list[str]], torc
     return ids, scores, vectors
 
 
-def track_similarity(x0_hat: torch.Tensor, candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best cosine of fingerprint(x̂0) to each sample's candidates: best_sim [B], best_idx [B].
+def track_similarity(x0_hat: torch.Tensor, candidates: Candidates,
+                     copy_cosine: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best cosine of fingerprint(x̂0) to each sample's candidates, and how far it stands out.
 
-    A sample without any candidate gets similarity 0 (not −inf, which would poison statistics).
+    returns best_sim [B], best_idx [B] (−1: no candidate), standout [B] (all float32 but the index).
+    copy_cosine: fingerprint cosine at which two items are copies of one image (the index's latent
+    copy threshold). A sample without any candidate gets similarity and standout 0 (not −inf, which
+    would poison statistics); without a runner-up, the runner-up's cosine counts as 0.
     """
-    sim, idx, _fp = kernels.fingerprint_match(x0_hat, candidates.vectors, candidate_mask=candidates.mask)
-    return torch.where(torch.isfinite(sim), sim, torch.zeros_like(sim)), idx
+    sim, idx, fp = kernels.fingerprint_match(x0_hat, candidates.vectors, candidate_mask=candidates.mask)
+    sim = torch.where(torch.isfinite(sim), sim, torch.zeros_like(sim))
+    return sim, idx, standout(fp, candidates, idx, sim, copy_cosine)
+
+
+def standout(fingerprints: torch.Tensor, candidates: Candidates, best_idx: torch.Tensor, best_sim: torch.Tensor,
+             copy_cosine: float) -> torch.Tensor:
+    """log((1 − c₂) / (1 − best_sim)), c₂ the best cosine among candidates that are not copies of the
+    best one (0 if none). [B] float32; distances floored at MIN_DISTANCE (an exact match is finite).
+
+    fingerprints [B, F] (the kernel's, unit rows); candidates as tracked; best_idx [B], best_sim [B].
+    K ≤ 32 candidates of F ≤ 1024: two small batched products, no host sync.
+    """
+    vec, mask = candidates.vectors, candidates.mask
+    if vec.shape[1] < 2:   # no runner-up possible: c₂ = 0
+        ratio = -torch.log((1 - best_sim).clamp(min=MIN_DISTANCE))
+        return torch.where(mask.any(dim=1), ratio, torch.zeros_like(best_sim))
+    cos = torch.einsum("bf,bkf->bk", fingerprints.float(), vec)
+    best = vec[torch.arange(len(vec), device=vec.device), best_idx.clamp(min=0)]          # [B, F]
+    same_image = torch.einsum("bf,bkf->bk", best, vec) >= copy_cosine                   # the best itself too
+    runner_up = torch.where(mask & ~same_image, cos, torch.full_like(cos, -math.inf)).amax(dim=1)
+    runner_up = torch.where(torch.isfinite(runner_up), runner_up, torch.zeros_like(runner_up))
+    ratio = torch.log((1 - runner_up).clamp(min=MIN_DISTANCE) / (1 - best_sim).clamp(min=MIN_DISTANCE))
+    return torch.where(best_idx >= 0, ratio, torch.zeros_like(best_sim))
 
 
 def stack_signals(divergence: torch.Tensor, entropy: torch.Tensor, bos: torch.Tensor,
-                  similarity: torch.Tensor) -> torch.Tensor:
+                  similarity: torch.Tensor, standout_: torch.Tensor) -> torch.Tensor:
     """[B, S] float32 in SIGNALS order."""
-    return torch.stack([divergence.float(), entropy.float(), bos.float(), similarity.float()], dim=1)
+    return torch.stack([divergence.float(), entropy.float(), bos.float(), similarity.float(), standout_.float()],
+                       dim=1)

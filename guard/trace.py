@@ -1,8 +1,8 @@
 """A generated image's per-step trace: JSON export and a PNG plot of the signals against the step.
 
 The trace lives in `GuardReport.trace`, one dict of floats per computed step:
-``step``, ``timestep``, the raw signals (``divergence``, ``entropy``, ``bos``, ``similarity``), their
-oriented z-scores (``z_<signal>``), ``combined``, ``guidance`` (the scale applied), ``rung`` (the
+``step``, ``timestep``, the raw signals (``divergence``, ``entropy``, ``bos``, ``similarity``,
+``standout``), their oriented z-scores (``z_<signal>``), ``combined``, ``guidance`` (the scale applied), ``rung`` (the
 mitigation rung in force, 0 = none). Thresholds go in the export's header. Membership information
 (which training item matched) is not in the trace; it stays in `GuardReport.audit`.
 """

@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from guard.attention import install_stats_processors
 from guard.models import build_tiny_unet
+from guard.signals import SIGNALS
 from guard.trace import write_trace_json, write_trace_plot
 from guard.types import Decision, GuardReport, ImageResult, Reason
 
@@ -58,8 +59,8 @@ def test_masked_padding_gets_no_mass_and_only_that_row_changes():
 def test_trace_exports_json_and_png(tmp_path):
     rng = np.random.default_rng()
     trace = [{"step": float(s), "timestep": float(999 - 30 * s), "rung": 0.0,
-              **{k: float(v) for k, v in zip(["divergence", "entropy", "bos", "similarity"], rng.random(4))},
-              **{f"z_{k}": float(v) for k, v in zip(["divergence", "entropy", "bos", "similarity"], rng.normal(size=4))},
+              **{k: float(v) for k, v in zip(SIGNALS, rng.random(len(SIGNALS)))},
+              **{f"z_{k}": float(v) for k, v in zip(SIGNALS, rng.normal(size=len(SIGNALS)))},
               "combined": float(rng.normal()), "guidance": 7.5} for s in range(10)]
     result = ImageResult(0, 5, Decision.REROUTED, Reason.MEMORIZATION, None,
                          GuardReport({"combined": 9.0}, 1, 10, ["step 1: rung 1"], trace, {"matched": "photo-x"}))

@@ -30,9 +30,9 @@ def test_threshold_lets_at_most_the_target_share_of_benign_scores_above(scores, 
 
 
 def _benign_raw(n: int, steps: int, rng) -> np.ndarray:
-    base = np.array([5.0, 2.0, 0.8, 0.6])[None, None, :]
+    base = np.array([5.0, 2.0, 0.8, 0.6, 0.05])[None, None, :]
     drift = np.linspace(1.0, 0.3, steps)[None, :, None]
-    return base * drift + rng.normal(size=(n, steps, len(SIGNALS))) * np.array([0.5, 0.1, 0.05, 0.05])
+    return base * drift + rng.normal(size=(n, steps, len(SIGNALS))) * np.array([0.5, 0.1, 0.05, 0.05, 0.02])
 
 
 def test_fitted_policy_meets_its_target_and_round_trips(tmp_path):
@@ -62,7 +62,7 @@ def test_fitted_policy_meets_its_target_and_round_trips(tmp_path):
     path = policy.save(tmp_path / "p.json")
     again = Policy.load(path)
     assert again.to_json() == policy.to_json()
-    assert json.loads(path.read_text())["format"] == 2
+    assert json.loads(path.read_text())["format"] == 3
 
 
 def test_policy_files_fail_with_the_file_named(tmp_path):
@@ -167,3 +167,33 @@ def test_reseed_noise_comes_from_the_seed_and_the_prompt():
     assert torch.equal(noise(5, "a red fox"), noise(5, "a red fox"))          # reproducible
     assert not torch.equal(noise(5, "a red fox"), noise(5, "a blue fox"))
     assert not torch.equal(noise(5, "a red fox"), noise(6, "a red fox"))
+
+
+def test_conformal_threshold_bounds_the_fresh_rate_where_the_order_statistic_does_not():
+    """Uniform benign scores: a fresh score exceeds τ with probability exactly 1 − τ. Over many
+    calibrations of n = 250 at α = 1 %, the conformal τ keeps the mean fresh rate under α (exactly
+    2/251); the in-sample order statistic, which lets ⌊αn⌋ = 2 of 250 through, gives 3/251 > α."""
+    from guard.policy import conformal_threshold
+
+    rng = np.random.default_rng(11)
+    conformal, in_sample = [], []
+    for _ in range(3000):
+        scores = rng.uniform(size=250)
+        tau, guaranteed = conformal_threshold(scores, 0.01)
+        assert guaranteed and tau in scores
+        conformal.append(1.0 - tau)
+        in_sample.append(1.0 - upper_quantile_threshold(scores, 0.01))
+    se = 0.012 / math.sqrt(3000)   # the rates' sd is under 0.012 at n = 250
+    assert abs(np.mean(conformal) - 2 / 251) < 4 * se and np.mean(conformal) < 0.01
+    assert abs(np.mean(in_sample) - 3 / 251) < 4 * se and np.mean(in_sample) > 0.01
+
+
+def test_conformal_threshold_says_when_it_cannot_bound():
+    from guard.policy import conformal_threshold
+
+    tau, guaranteed = conformal_threshold(np.arange(198.0), 0.005)   # needs n ≥ 199 at 0.5 %
+    assert (tau, guaranteed) == (197.0, False)
+    assert conformal_threshold(np.arange(199.0), 0.005) == (198.0, True)
+    assert conformal_threshold(np.arange(400.0), 0.005) == (398.0, True)   # ⌈401·0.995⌉ = 399th smallest
+    with pytest.raises(InvalidInput, match="alpha"):
+        conformal_threshold(np.arange(10.0), 0.0)

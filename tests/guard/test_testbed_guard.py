@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from guard.pipeline import GuardConfig, GuardedPipeline
+from guard.signals import SIGNALS
 from guard.testbed import copies
 from guard.testbed.dataset import PHOTOS, build_training_set, heldout_prompts
 from guard.types import Decision, GenerationRequest, GuardMode, Reason
@@ -187,7 +188,7 @@ def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
     assert policy.calibrated and np.isfinite(policy.threshold) and policy.final_pdq_distance is not None
     assert len(policy.signals["divergence"].timesteps) == 4
     signals = np.load(tmp_path / "signals.npz")
-    assert signals["raw"].shape == (8, 4, 4)
+    assert signals["raw"].shape == (8, 4, len(SIGNALS))
 
 
 def test_a_benign_prompt_whose_image_copies_is_no_negative(tmp_path):
