@@ -115,7 +115,8 @@ def standout(fingerprints: torch.Tensor, candidates: Candidates, best_idx: torch
         return torch.where(mask.any(dim=1), ratio, torch.zeros_like(best_sim))
     cos = torch.einsum("bf,bkf->bk", fingerprints.float(), vec)
     best = vec[torch.arange(len(vec), device=vec.device), best_idx.clamp(min=0)]          # [B, F]
-    same_image = torch.einsum("bf,bkf->bk", best, vec) >= copy_cosine                   # the best itself too
+    same_image = torch.einsum("bf,bkf->bk", best, vec) >= copy_cosine
+    same_image.scatter_(1, best_idx.clamp(min=0)[:, None], True)          # the best itself, whatever rounding
     runner_up = torch.where(mask & ~same_image, cos, torch.full_like(cos, -math.inf)).amax(dim=1)
     runner_up = torch.where(torch.isfinite(runner_up), runner_up, torch.zeros_like(runner_up))
     ratio = torch.log((1 - runner_up).clamp(min=MIN_DISTANCE) / (1 - best_sim).clamp(min=MIN_DISTANCE))

@@ -22,7 +22,7 @@ def _reference(fp, vec, mask, copy_cosine):
             out.append(0.0)
             continue
         best = max(valid, key=lambda k: cos[k])
-        others = [cos[k] for k in valid if float(vec[b, best] @ vec[b, k]) < copy_cosine]
+        others = [cos[k] for k in valid if k != best and float(vec[b, best] @ vec[b, k]) < copy_cosine]
         runner_up = max(others) if others else 0.0
         out.append(math.log(max(1 - runner_up, 1e-4) / max(1 - cos[best], 1e-4)))
     return torch.tensor(out)
