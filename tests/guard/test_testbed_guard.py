@@ -235,7 +235,7 @@ def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):
 def test_a_reroute_that_loses_the_prompt_is_blocked(tmp_path):
     """REROUTED is a promise to answer the prompt: a rerouted image under the policy's fidelity floor is
     blocked (REASON_MEMORIZATION, counted), and the audit carries its fidelity (guard/fidelity.py).
-    On the ε-testbed's meaningful memorized captions, which reroute to a non-copy (15 of 16 measured)."""
+    On the ε-testbed's meaningful memorized captions, which reroute to a non-copy (13 of 16 measured)."""
     import shutil
     from dataclasses import replace
 
@@ -274,3 +274,27 @@ def test_a_reroute_that_loses_the_prompt_is_blocked(tmp_path):
     assert strict.stats.reroutes_unfaithful == len(rerouted)
     assert all(rs[0].decision != Decision.REROUTED for rs in strict.results)
     index.close()
+
+
+@pytest.mark.parametrize("name", ["vpred", "eps"])
+def test_standout_marks_memorized_photos_at_the_first_step(name):
+    """On both testbeds, from fresh seeds: at step 0 the nearest training image of a memorized photo's
+    generation stands out (Lowe's ratio, guard/signals.py) far more than any novel prompt's does.
+    Measured over 4 seeds (2026-12-04): photos' median 2.1 (eps) / 3.7 (vpred), novel max 1.28 / 0.37."""
+    from guard.index.api import FingerprintIndex
+    from guard.loading import load_pipeline
+    from guard.policy import Policy
+    from guard.testbed.dataset import prompt_set_members
+    from guard.testbed.registry import get_testbed
+
+    tb = get_testbed(name)
+    photos = [p for p, target in prompt_set_members(tb.data)["memorized"] if target.startswith("photo-")]
+    novel = tb.prompts("novel")[:16]
+    rng = np.random.default_rng()
+    reqs = [GenerationRequest(p, seed=int(s), mode=GuardMode.MONITOR)
+            for p, s in zip(photos + novel, rng.integers(0, 2**31, len(photos) + len(novel)))]
+    index = FingerprintIndex.open(tb.index_dir, model_dir=tb.model_dir)
+    guard = GuardedPipeline(load_pipeline(tb.model_dir), index=index, policy=Policy.load(tb.policy_path))
+    first = [rs[0].report.trace[0]["standout"] for rs in guard.generate(reqs).results]
+    photo_scores, novel_scores = first[:len(photos)], first[len(photos):]
+    assert len(photos) == 8 and np.median(photo_scores) > max(novel_scores), (photo_scores, novel_scores)
