@@ -289,6 +289,21 @@ def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
 NEAR_IDENTICAL_SSIM = 0.9   # issue 13's bar for two rerouted images of different prompts
 
 
+def _fidelity_judge():
+    """The CLIP that scores reroutes: the independent second judge (another seed) when it is built,
+    else the guard's own testbed CLIP, said so in the report (its floor already filtered the reroutes)."""
+    from guard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, load_judge
+
+    for directory, name in ((INDEPENDENT_JUDGE_DIR, "independent (clip-judge, seed 7)"),
+                            (JUDGE_DIR, "the guard's own testbed CLIP: not independent of its fidelity floor")):
+        try:
+            return load_judge(directory), name
+        except Exception as exc:   # noqa: BLE001 - the judge is optional outside the testbed
+            log.warning("no CLIP fidelity judge at %s (%s)", directory, exc)
+    log.warning("no CLIP fidelity judge: fidelity is not scored")
+    return None, "none"
+
+
 def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[Record]], steps: int,
                      judge=None) -> dict:
     """Rerouted images: copies released, CLIP score kept (testbed judge, loaded if not given), distinct
@@ -302,11 +317,7 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
                 for name, recs in enforce.items() if name in monitor}
     out: dict = {}
     if judge is None:
-        try:
-            from guard.testbed.clip_judge import load_judge
-            judge = load_judge()
-        except Exception as exc:   # noqa: BLE001 - the judge is optional outside the testbed
-            log.warning("no CLIP fidelity judge (%s): fidelity is not scored", exc)
+        judge, out["judge"] = _fidelity_judge()
     novel_clip = None
     if judge is not None and monitor.get("novel"):
         imgs = [r.result.image for r in monitor["novel"] if r.result.image is not None]
@@ -314,8 +325,8 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
                                                              is not None])))
         out["novel_unguarded_clip"] = novel_clip
     for name, pairs in rerouted.items():
-        # reroutes the guard blocked for losing the prompt (policy.reroute_min_fidelity, the index's CLIP:
-        # on the testbeds the same weights as this judge, so the released ones' CLIP is not independent)
+        # reroutes the guard blocked for losing the prompt (policy.reroute_min_fidelity, the index's CLIP;
+        # out["judge"] says whether this judge is another model)
         unfaithful = sum(any(UNFAITHFUL_REROUTE in m for m in e.result.report.mitigations)
                          for e in enforce[name])
         if not pairs:

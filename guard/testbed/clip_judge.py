@@ -41,6 +41,9 @@ from guard.errors import InvalidInput, MissingResource
 
 MODEL_NAME = "memguard-testbed-clip"
 JUDGE_DIR = Path(__file__).resolve().parent / "clip"
+# a second judge trained the same way from another seed (7): the quality benchmark scores reroutes
+# with it, since the guard's fidelity floor already uses JUDGE_DIR's weights (the testbed indexes' CLIP)
+INDEPENDENT_JUDGE_DIR = Path(__file__).resolve().parent / "clip-judge"
 CONFIG_FILE = f"{MODEL_NAME}.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 RECORD_FILE = "judge.json"
@@ -527,6 +530,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     t.add_argument("--max-seconds", type=float, default=720.0,
                    help="wall-clock cap on the training loop; the LR schedule anneals within it (0: none)")
     t.add_argument("--max-cpu-seconds", type=float, default=720.0, help="CPU-time cap on the training loop (0: none)")
+    t.add_argument("--seed", type=int, default=JudgeTrainConfig.seed,
+                   help="initialisation and data order (another seed: an independent judge)")
     c = sub.add_parser("check", help="top-1/top-5 caption retrieval on generations of held-out prompts; writes REPORT.md")
     c.add_argument("--dir", type=Path, default=JUDGE_DIR)
     c.add_argument("--count", type=int, default=100)
@@ -543,7 +548,7 @@ def run_cli(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     if args.judge_cmd == "train":
         cfg = JudgeTrainConfig(steps=args.steps, batch_size=args.batch_size, max_seconds=args.max_seconds,
-                               max_cpu_seconds=args.max_cpu_seconds)
+                               max_cpu_seconds=args.max_cpu_seconds, seed=args.seed)
         train_judge(args.out, cfg=cfg)
     else:
         result = check_judge(args.dir, count=args.count, seeds=args.seeds, steps=args.steps, images_npz=args.images)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from guard.errors import InvalidInput
-from guard.testbed.clip_judge import JUDGE_DIR, MODEL_NAME, WEIGHTS_FILE, load_judge
+from guard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, MODEL_NAME, WEIGHTS_FILE, load_judge
 from guard.testbed.dataset import COLORS, SHAPES, TestbedDataConfig, build_training_set, caption_for
 
 pytestmark = pytest.mark.skipif(not (JUDGE_DIR / WEIGHTS_FILE).is_file(), reason="the judge checkpoint is not built")
@@ -32,7 +32,11 @@ def _other(meta: dict, k: int) -> str:
     return caption_for(shape, color, pattern, bg)
 
 
-def test_own_caption_beats_another_shape_or_colour(judge, items):
+@pytest.mark.parametrize("directory", [JUDGE_DIR, INDEPENDENT_JUDGE_DIR], ids=["guard", "independent"])
+def test_own_caption_beats_another_shape_or_colour(directory, items):
+    """Both judges: the guard's CLIP (its fidelity floor, the indexes' `clip`) and the benchmark's own,
+    trained from another seed."""
+    judge = load_judge(directory)
     images = [it.image for it in items]
     own = judge.clip_score(images, [it.caption for it in items])
     other = judge.clip_score(images, [_other(it.meta, k) for k, it in enumerate(items)])
@@ -81,3 +85,20 @@ def test_index_clip_encoder_loads_the_judge(judge, items):
     assert enc.dim == judge.dim
     emb = enc.encode([it.image for it in items[:3]])
     np.testing.assert_allclose(emb, judge.image_embeddings([it.image for it in items[:3]]), atol=2e-3)
+
+
+def test_the_benchmark_judge_is_another_model_than_the_guards():
+    """The quality benchmark scores reroutes with the independent judge: other weights than the CLIP
+    the testbed indexes (and so the guard's fidelity floor) use, and other embeddings of one image."""
+    import hashlib
+    import json
+
+    from guard.testbed.registry import TESTBEDS
+
+    independent = hashlib.sha256((INDEPENDENT_JUDGE_DIR / WEIGHTS_FILE).read_bytes()).hexdigest()
+    for tb in TESTBEDS.values():
+        manifest = json.loads((tb.index_dir / "manifest.json").read_text())
+        assert manifest["models"]["clip"]["weights_sha256"] != independent
+    item = build_training_set(TestbedDataConfig())[0]
+    a, b = load_judge(JUDGE_DIR), load_judge(INDEPENDENT_JUDGE_DIR)
+    assert abs(float(a.image_embeddings([item.image])[0] @ b.image_embeddings([item.image])[0])) < 0.9
