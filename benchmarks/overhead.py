@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 K_CANDIDATES = 8
+COPY_COSINE = 0.98   # a typical calibrated latent copy threshold (the testbeds: 0.978): standout excludes copies of the best
 
 
 # ---- part 1: SD 1.5 UNet -------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def sd15_variants(args) -> dict[str, Callable[[int], None]]:
         ab = float(sched.alphas_cumprod[int(t)])
         eps, div, x0 = kernels.cfg_with_divergence(u, c, state["x"], w, ab)
         ent, bos = attention_signals(control.mean_mass()[1:])
-        sim, _, stand = track_similarity(x0, cands, 0.98)
+        sim, _, stand = track_similarity(x0, cands, COPY_COSINE)
         values = stack_signals(div, ent, bos, sim, stand)
         z = tables.zscores(values, k % len(ts))
         row = torch.cat([values, z, tables.combined(z, k % len(ts))[:, None], torch.full((1, 1), w)], dim=1)

@@ -286,10 +286,19 @@ def conformal_threshold(benign_scores: np.ndarray, alpha: float) -> tuple[float,
     scores = np.sort(np.asarray(benign_scores, np.float64))
     if scores.size == 0:
         raise InvalidInput("benign_scores", "empty")
+    k = _conformal_rank(scores.size, alpha)
+    return float(scores[min(k, scores.size) - 1]), k <= scores.size
+
+
+def conformal_bound_holds(n: int, alpha: float) -> bool:
+    """Whether n benign scores are enough for `conformal_threshold` to bound the rate at alpha."""
+    return _conformal_rank(n, alpha) <= n
+
+
+def _conformal_rank(n: int, alpha: float) -> int:
     if not 0.0 < alpha < 1.0:
         raise InvalidInput("alpha", f"must lie in (0, 1), got {alpha}")
-    k = math.ceil((scores.size + 1) * (1.0 - alpha) - 1e-9)
-    return float(scores[min(k, scores.size) - 1]), k <= scores.size
+    return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
 
 
 @dataclass(frozen=True)

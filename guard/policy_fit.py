@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from guard.errors import InvalidInput
-from guard.policy import Combination, Policy, SignalCalibration, conformal_threshold
+from guard.policy import Combination, Policy, SignalCalibration, conformal_bound_holds, conformal_threshold
 from guard.signals import SIGNALS
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def fit_policy(benign: SignalSet, timesteps: list[float], cfg: FitConfig = FitCo
     policy.folds = folds.get(rule, [])
     u_b = policy.uscores(benign.raw, timesteps)
     scores = policy.combination.score(u_b)
-    guaranteed = all(conformal_threshold(np.zeros(len(benign)), a)[1] for a in (cfg.window_fpr, cfg.verify_fpr))
+    guaranteed = all(conformal_bound_holds(len(benign), a) for a in (cfg.window_fpr, cfg.verify_fpr))
     if not guaranteed:
         need = max(math.ceil((1 - a) / a) for a in (cfg.window_fpr, cfg.verify_fpr))
         log.warning("%d benign generations are too few to bound the false-positive rate at %.3g: the thresholds "

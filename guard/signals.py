@@ -110,9 +110,6 @@ def standout(fingerprints: torch.Tensor, candidates: Candidates, best_idx: torch
     K ≤ 32 candidates of F ≤ 1024: two small batched products, no host sync.
     """
     vec, mask = candidates.vectors, candidates.mask
-    if vec.shape[1] < 2:   # no runner-up possible: c₂ = 0
-        ratio = -torch.log((1 - best_sim).clamp(min=MIN_DISTANCE))
-        return torch.where(mask.any(dim=1), ratio, torch.zeros_like(best_sim))
     cos = torch.einsum("bf,bkf->bk", fingerprints.float(), vec)
     best = vec[torch.arange(len(vec), device=vec.device), best_idx.clamp(min=0)]          # [B, F]
     same_image = torch.einsum("bf,bkf->bk", best, vec) >= copy_cosine
