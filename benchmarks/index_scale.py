@@ -10,7 +10,7 @@ path: staging, SQLite metadata, vector files, faiss train+add, manifest), bytes 
 resident faiss index), p50/p99 latency of `FingerprintIndex.search_latent` (k=10) for 1 and 64
 queries, recall@10 against exact search, and protect latency (durable SQLite commit + swap).
 
-    nice -n 19 python -m benchmarks.index_scale --sizes 100000 1000000 --threads 1 --backend faiss milvus
+    nice -n 19 python -m memguard.benchmarks.index_scale --sizes 100000 1000000 --threads 1 --backend faiss milvus
 
 faiss is limited to --threads OpenMP threads (default 1, to spare other work on the machine);
 the figures are single-thread figures when it is 1. Milvus is a milvus-lite server process started
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.index.backends.lite_server import wait_for_lite_indexes
-from guard.index.config import IndexConfig
+from memguard.index.backends.lite_server import wait_for_lite_indexes
+from memguard.index.config import IndexConfig
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def bench_size(n: int, dim: int, args, work: Path, backend: str, lite_dir: Path 
     """Build once at size n on `backend`, then measure each nprobe of the sweep (search parameters only)."""
     import torch
 
-    from guard.index.api import FingerprintIndex
-    from guard.index.sources import EmbeddingSource
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.sources import EmbeddingSource
 
     mix = Mixture.make(n, dim, seed=n + dim)
     db = mix.draw(n, seed=1)
@@ -183,7 +183,7 @@ def bench_size(n: int, dim: int, args, work: Path, backend: str, lite_dir: Path 
         index.close()
         for p in out.glob("registry.sqlite*"):   # next sweep point starts with an empty registry
             p.unlink()
-        from guard.index.store import Registry
+        from memguard.index.store import Registry
         Registry(out / "registry.sqlite", create=True).close()
     if backend != "faiss":
         from pymilvus import MilvusClient
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     results, server = [], None
     try:
         if "milvus" in args.backend and not args.milvus_uri:
-            from guard.index.backends.lite_server import start_lite_server
+            from memguard.index.backends.lite_server import start_lite_server
             # the server's faiss builds and searches get the threads ours get
             os.environ["OMP_NUM_THREADS"] = str(args.build_threads or args.threads)
             server = start_lite_server(work / "milvus")

@@ -1,6 +1,6 @@
 """Benchmark of the guard kernels against what they replace.
 
-    python -m benchmarks.kernels [--json PATH] [--repeats N] [--res 512 1024] [--bandwidth TBPS]
+    python -m memguard.benchmarks.kernels [--json PATH] [--repeats N] [--res 512 1024] [--bandwidth TBPS]
 
 On a GPU (CUDA tensors, float16, medians from triton.testing.do_bench):
   * cross-attention at Stable Diffusion 1.5's shapes: (a) our cross_attention_with_stats,
@@ -31,9 +31,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.cross_attention import _blocks as attn_blocks
-from kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
+from memguard import kernels
+from memguard.kernels.cross_attention import _blocks as attn_blocks
+from memguard.kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
 
 H100_SXM_TBPS = 3.35       # HBM3 bandwidth of an H100 SXM5, TB/s
 HALF = 2                   # bytes per float16 element
@@ -223,7 +223,7 @@ def format_table(rows: list[Row], gpu: bool, tbps: float) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m memguard.benchmarks.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--json", metavar="PATH", help="also write the rows and the environment as JSON")
     ap.add_argument("--res", type=int, nargs="+", choices=sorted(SD15_LEVELS), default=None,
                     help="resolutions to time (default: 512 and 1024 on a GPU, 512 on CPU)")

@@ -1,18 +1,18 @@
 """Load generator for `memguard serve`, reporting like ghz.
 
     # closed loop: 8 clients back to back for 60 s after 10 s of warm-up
-    python -m benchmarks.load --server 127.0.0.1:50051 --concurrency 8 --duration 60 --warmup 10
+    python -m memguard.benchmarks.load --server 127.0.0.1:50051 --concurrency 8 --duration 60 --warmup 10
     # open loop: Poisson arrivals at 2 requests/s (latency counted from the scheduled send time)
-    python -m benchmarks.load --server 127.0.0.1:50051 --rate 2 --duration 60
+    python -m memguard.benchmarks.load --server 127.0.0.1:50051 --rate 2 --duration 60
     # spawn servers with batch size 1 and 8 in turn, same load, one comparison table
-    python -m benchmarks.load --compare-batching 1,8 --spawn-args "--tiny-random" --concurrency 8
+    python -m memguard.benchmarks.load --compare-batching 1,8 --spawn-args "--tiny-random" --concurrency 8
     # soak (issue 14): measure capacity, then 2x capacity for 2 minutes; admitted p99 within 1.5x,
     # the excess refused with RESOURCE_EXHAUSTED, no admitted request lost
-    python -m benchmarks.load --soak --duration 120 --spawn-args "--engine guard.engine:PipelineEngine --tiny-random --no-index --max-queue 8"
+    python -m memguard.benchmarks.load --soak --duration 120 --spawn-args "--engine memguard.engine:PipelineEngine --tiny-random --no-index --max-queue 8"
     # several replicas behind gRPC's own round_robin policy (one channel over all addresses)
-    python -m benchmarks.load --server 127.0.0.1:50051,127.0.0.1:50052 --concurrency 8
+    python -m memguard.benchmarks.load --server 127.0.0.1:50051,127.0.0.1:50052 --concurrency 8
     # spawn 1, then 2 replicas sharing one index and one throwaway PostgreSQL registry; same load, one table
-    python -m benchmarks.load --compare-replicas 1,2 --pg --spawn-args "--tiny-random" --concurrency 8
+    python -m memguard.benchmarks.load --compare-replicas 1,2 --pg --spawn-args "--tiny-random" --concurrency 8
 
 Reports count, requests/s, latency histogram and p50/p90/p95/p99, status codes, decisions per
 prompt set, and goodput (OK replies within the SLO per second); writes JSON and markdown.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ class LoadConfig:
 # ----------------------------------------------------------------------------- traffic
 class PromptMix:
     def __init__(self, weights: dict[str, float], prompt_file: Path | None, seed: int):
-        from server.demo import load_prompt_sets
+        from memguard.server.demo import load_prompt_sets
 
         self.sets = {"file": [l.strip() for l in prompt_file.read_text().splitlines() if l.strip()]} \
             if prompt_file else load_prompt_sets()
@@ -277,14 +277,15 @@ class SpawnedServer:
 
     def __init__(self, args: list[str], log: Path | None = None):
         self.port, self.log = free_port(), log
-        cmd = [sys.executable, "-m", "guard.cli", "serve", "--port", str(self.port), "--metrics-port", "-1", *args]
-        # a log file, not a pipe nobody reads while the load runs (a full pipe would stall the server)
+        cmd = [sys.executable, "-m", "memguard.cli", "serve", "--port", str(self.port), "--metrics-port", "-1", *args]
+        # a log file, not a pipe nobody reads while the load runs (a full pipe would stall the server);
+        # PYTHONSAFEPATH: cwd is the repository root, whose kernels/ would hide the PyPI `kernels`
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, text=True,
                                      stderr=log.open("w") if log else subprocess.PIPE,
-                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                                     env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONSAFEPATH="1"))
 
     def __enter__(self) -> str:
-        from server.client import wait_until_serving
+        from memguard.server.client import wait_until_serving
 
         target = f"127.0.0.1:{self.port}"
         try:
@@ -306,7 +307,7 @@ class SpawnedServer:
 class SpawnedReplicas:
     """N `memguard serve` replicas with the same arguments (so one index, one registry), started
     together; the context gives "127.0.0.1:P1,127.0.0.1:P2,…" for channel_target. With pg=True a
-    throwaway PostgreSQL (guard.index.pg_local) is started and every replica gets --registry on it."""
+    throwaway PostgreSQL (memguard.index.pg_local) is started and every replica gets --registry on it."""
 
     def __init__(self, n: int, args: list[str], log_dir: Path, pg: bool = False):
         self.n, self.args, self.log_dir, self.pg, self.postgres, self.servers = n, list(args), log_dir, pg, None, []
@@ -316,7 +317,7 @@ class SpawnedReplicas:
 
         try:
             if self.pg:
-                from guard.index.pg_local import LocalPostgres
+                from memguard.index.pg_local import LocalPostgres
                 self.postgres = LocalPostgres.start()
                 self.args += ["--registry", self.postgres.create_database(f"load_{uuid.uuid4().hex[:8]}")]
             self.servers = [SpawnedServer(self.args, self.log_dir / f"replica-{self.n}-{i}.log") for i in range(self.n)]
@@ -375,7 +376,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m memguard.benchmarks.load", description=__doc__.splitlines()[0])
     p.add_argument("--server", help="HOST:PORT of a running server, or H1:P1,H2:P2,… of several replicas "
                                     "(one channel, gRPC round_robin); or use --spawn-args / --compare-batching")
     p.add_argument("--api-key", default=os.environ.get("MEMGUARD_API_KEY"))

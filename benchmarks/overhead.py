@@ -1,6 +1,6 @@
 """What guarding costs per denoising step, beside what the published detectors cost.
 
-    python -m benchmarks.overhead [--rounds 7] [--threads 2] [--json runs/overhead.json]
+    python -m memguard.benchmarks.overhead [--rounds 7] [--threads 2] [--json runs/overhead.json]
 
 Part 1, Stable Diffusion 1.5's UNet (its architecture, random weights; CPU, float32, 64×64
 latents = 512×512 images, CFG batch 2, 77 text tokens). One step of each variant, interleaved
@@ -78,11 +78,11 @@ def sd15_variants(args) -> dict[str, Callable[[int], None]]:
     """One callable per variant; each runs one full denoising step (UNet + CFG + scheduler)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    import kernels
-    from guard.attention import AttentionControl, StatsCrossAttnProcessor
-    from guard.models import build_scheduler, build_sd15_unet
-    from guard.policy import Policy
-    from guard.signals import Candidates, attention_signals, stack_signals, track_similarity
+    from memguard import kernels
+    from memguard.attention import AttentionControl, StatsCrossAttnProcessor
+    from memguard.models import build_scheduler, build_sd15_unet
+    from memguard.policy import Policy
+    from memguard.signals import Candidates, attention_signals, stack_signals, track_similarity
 
     torch.manual_seed(0)
     unet = build_sd15_unet().eval()
@@ -177,13 +177,13 @@ def ratio_table(times: dict[str, list[float]]) -> dict:
 
 # ---- part 2: testbed blocked-sample cost ---------------------------------------------------------
 def blocked_cost(args) -> dict | None:
-    from guard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.pipeline import GuardConfig, GuardedPipeline
-    from guard.policy import Policy
-    from guard.testbed.dataset import PHOTOS, heldout_prompts
-    from guard.types import GenerationRequest, GuardMode
+    from memguard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.pipeline import GuardConfig, GuardedPipeline
+    from memguard.policy import Policy
+    from memguard.testbed.dataset import PHOTOS, heldout_prompts
+    from memguard.types import GenerationRequest, GuardMode
 
     model = Path(args.testbed_model or TESTBED_MODEL_DIR)
     index_dir = Path(args.testbed_index or TESTBED_INDEX_DIR)

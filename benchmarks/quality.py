@@ -2,8 +2,8 @@
 
 Testbeds (CPU, ~10-15 min each on 2 cores):
 
-    python -m benchmarks.quality --testbed vpred --seeds 4 --out runs/quality-vpred
-    python -m benchmarks.quality --testbed eps --seeds 4 --out runs/quality-eps
+    python -m memguard.benchmarks.quality --testbed vpred --seeds 4 --out runs/quality-vpred
+    python -m memguard.benchmarks.quality --testbed eps --seeds 4 --out runs/quality-eps
 
 1. MONITOR pass over the memorized, paraphrased, novel and web-style prompt sets × seeds: every
    signal's u-score per step (the policy's benign standardization) and the combined score. ROC AUC
@@ -16,14 +16,14 @@ Testbeds (CPU, ~10-15 min each on 2 cores):
    scored *out of fold*, by the fit that held its cluster out (`Policy.folds`), as a margin over
    that fit's threshold; negatives are scored by every fold.
 2. ENFORCE pass over the same generations (the shipped policy): decisions. Every released image is
-   judged by an independent pixel-space measure (guard.testbed.copies), never by the guard's own
+   judged by an independent pixel-space measure (memguard.testbed.copies), never by the guard's own
    signals; web-style generations are labelled copy / resembles / clean from their unguarded image.
 Writes quality.json, quality.md (the tables) and roc.png.
 
 Real Stable Diffusion on a GPU host (Wen et al.'s 500 memorized prompts vs Ren et al.'s 500
 non-memorized ones; no training images there, so detection only):
 
-    python -m benchmarks.quality --model /models/stable-diffusion-v1-4 --device cuda --dtype float16 \\
+    python -m memguard.benchmarks.quality --model /models/stable-diffusion-v1-4 --device cuda --dtype float16 \\
         --memorized ../shared/data/sdv1_500_memorized.jsonl --novel ../shared/data/memattn_group_nomem500.txt \\
         --self-calibrate --no-enforce --seeds 1 --steps 50 --size 512 --out runs/quality-sd14
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("benchmarks.quality")
+log = logging.getLogger("memguard.benchmarks.quality")
 STEPS_REPORTED = ("1", "2", "5", "end")
 FPR = 0.01
 
@@ -79,8 +79,8 @@ class Record:
 
 
 def generate_set(guarded, name: str, members: list[tuple[str, str]], seeds: list[int], mode, args) -> list[Record]:
-    from guard.signals import SIGNALS
-    from guard.types import GenerationRequest
+    from memguard.signals import SIGNALS
+    from memguard.types import GenerationRequest
 
     pairs = [(p, t, s) for p, t in members for s in seeds]
     out = []
@@ -111,7 +111,7 @@ def _grey_standardized(image: np.ndarray) -> np.ndarray:
 def structural_similarity_to(image: np.ndarray, references: list[np.ndarray]) -> float:
     """Max SSIM of the grey, per-image standardized image to the (standardized) references.
 
-    A second, coarser measure beside guard.testbed.copies: structure only (grey, standardized), with
+    A second, coarser measure beside memguard.testbed.copies: structure only (grey, standardized), with
     no pixel-distance bound, so it also counts loose copies of a photo that the judge rejects.
     """
     from skimage.metrics import structural_similarity
@@ -122,8 +122,8 @@ def structural_similarity_to(image: np.ndarray, references: list[np.ndarray]) ->
 
 def judge(records: list[Record], train_images: np.ndarray, train_ids: list[str], memorized: set[str]) -> None:
     """Judge every released image against the whole training set; label web-style generations."""
-    from guard.testbed import copies
-    from guard.testbed.report import RESEMBLES_SSIM
+    from memguard.testbed import copies
+    from memguard.testbed.report import RESEMBLES_SSIM
 
     photos = [_grey_standardized(im) for im, i in zip(train_images, train_ids) if i in memorized]
     photo_only = [_grey_standardized(im) for im, i in zip(train_images, train_ids)
@@ -174,7 +174,7 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = FPR) -> float:
     """Share of positives strictly above the threshold that at most ⌊fpr·n⌋ negatives exceed."""
-    from guard.policy import upper_quantile_threshold
+    from memguard.policy import upper_quantile_threshold
 
     return float(np.mean(np.asarray(pos) > upper_quantile_threshold(np.asarray(neg), fpr)))
 
@@ -185,7 +185,7 @@ def step_index(label: str, steps: int) -> int:
 
 def scores_at(records: list[Record], signal: str, label: str) -> np.ndarray:
     """A signal's u-score at step k (unsigned: its direction is the model's, not ours)."""
-    from guard.signals import SIGNALS
+    from memguard.signals import SIGNALS
 
     k = step_index(label, len(records[0].combined))
     return np.array([r.z[k, SIGNALS.index(signal)] for r in records])
@@ -213,7 +213,7 @@ def combined_scores(policy, pos: list[Record], neg: list[Record], label: str) ->
 
 
 def detection_table(policy, pos: list[Record], neg: list[Record]) -> dict:
-    from guard.signals import SIGNALS
+    from memguard.signals import SIGNALS
 
     table = {}
     if not pos or not neg:
@@ -239,7 +239,7 @@ def share(records: list[Record], predicate) -> float:
 
 
 def enforce_outcomes(enforce: dict[str, list[Record]], steps: int) -> dict:
-    from guard.types import Decision, Reason
+    from memguard.types import Decision, Reason
 
     def rerouted(r):
         return r.result.decision in (Decision.REROUTED, Decision.FACE_OBFUSCATED) and bool(r.result.report.mitigations)
@@ -292,7 +292,7 @@ NEAR_IDENTICAL_SSIM = 0.9   # issue 13's bar for two rerouted images of differen
 def _fidelity_judge():
     """The CLIP that scores reroutes: the independent second judge (another seed) when it is built,
     else the guard's own testbed CLIP, said so in the report (its floor already filtered the reroutes)."""
-    from guard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, load_judge
+    from memguard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, load_judge
 
     for directory, name in ((INDEPENDENT_JUDGE_DIR, "independent (clip-judge, seed 7)"),
                             (JUDGE_DIR, "the guard's own testbed CLIP: not independent of its fidelity floor")):
@@ -310,8 +310,8 @@ def reroute_fidelity(monitor: dict[str, list[Record]], enforce: dict[str, list[R
     outputs, extra cost."""
     from skimage.metrics import structural_similarity
 
-    from guard.pipeline import UNFAITHFUL_REROUTE
-    from guard.types import Decision
+    from memguard.pipeline import UNFAITHFUL_REROUTE
+    from memguard.types import Decision
 
     rerouted = {name: [(m, e) for m, e in zip(monitor[name], recs) if e.result.decision == Decision.REROUTED]
                 for name, recs in enforce.items() if name in monitor}
@@ -422,7 +422,7 @@ def markdown(doc: dict) -> str:
                          f"{b['screen_copies']} | {b['flagged_share']:.3f} |")
         lines.append("")
     if doc.get("enforce"):
-        lines += ["## Enforce mode", "", "Near copies: the independent judge (guard.testbed.copies) against every "
+        lines += ["## Enforce mode", "", "Near copies: the independent judge (memguard.testbed.copies) against every "
                   "training image (in brackets: of a memorized photo); structural: colour-blind SSIM ≥ 0.45 to a "
                   "memorized photo. Rerouted to a non-copy: by the judge / by both measures. Blocked: in the loop / "
                   "at the final re-verification / at the final screen; cost: steps computed by samples blocked in "
@@ -458,7 +458,7 @@ def roc_plot(policy, monitor: dict[str, list[Record]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guard.signals import SIGNALS
+    from memguard.signals import SIGNALS
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, label in zip(axes, ("1", "2")):
@@ -512,11 +512,11 @@ def contact_sheet(monitor: list[Record], enforce: list[Record], path: Path, scal
 def build_guard(args):
     import torch
 
-    from guard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.pipeline import GuardConfig, GuardedPipeline
-    from guard.policy import Policy
+    from memguard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.pipeline import GuardConfig, GuardedPipeline
+    from memguard.policy import Policy
 
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     index_dir = args.index or default_index_dir(args.model)
@@ -528,13 +528,13 @@ def build_guard(args):
 
 def self_calibrate(guarded, benign: list[str], seeds: list[int], args) -> None:
     """Fit the policy on `benign` alone (disjoint from the evaluated negatives): the distance rule."""
-    from guard.calibrate import CalibrationConfig, collect_signals
-    from guard.policy_fit import SignalSet, fit_policy
+    from memguard.calibrate import CalibrationConfig, collect_signals
+    from memguard.policy_fit import SignalSet, fit_policy
 
     cfg = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch, height=args.size)
     prompts = [p for p in benign for _ in seeds]
     m = collect_signals(guarded, prompts, [s + 500_000 for p in benign for s in seeds], cfg)
-    from guard.signals import SIGNALS
+    from memguard.signals import SIGNALS
 
     enabled = np.array([guarded.index is not None or name != "similarity" for name in SIGNALS])
     guarded.policy = fit_policy(SignalSet(m.raw, np.repeat(np.arange(len(benign)), len(seeds)), m.pdq_distances), m.timesteps,
@@ -543,8 +543,8 @@ def self_calibrate(guarded, benign: list[str], seeds: list[int], args) -> None:
 
 def prompt_sets(args) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
     """Sets of (prompt, memorized target item) pairs, and the self-calibration prompts."""
-    from guard.testbed.dataset import prompt_set_members
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.dataset import prompt_set_members
+    from memguard.testbed.registry import get_testbed
 
     if args.memorized:   # a real model: prompt files, no training images
         sets = {"memorized": [(p, "") for p in read_prompts(args.memorized)],
@@ -575,7 +575,7 @@ def calibration_disjointness(policy, sets: dict[str, list[tuple[str, str]]]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from guard.testbed.registry import DEFAULT_TESTBED, TESTBEDS, get_testbed
+    from memguard.testbed.registry import DEFAULT_TESTBED, TESTBEDS, get_testbed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from guard.types import GuardMode
+    from memguard.types import GuardMode
 
     torch.set_num_threads(args.threads)
     testbed = None if args.memorized else get_testbed(args.testbed)
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         self_calibrate(guarded, calibration, seeds, args)
     train, memorized_items = None, set()
     if testbed is not None:   # judge against the testbed's training images
-        from guard.testbed.dataset import build_training_set, memorized_items as duplicated
+        from memguard.testbed.dataset import build_training_set, memorized_items as duplicated
         items = build_training_set(testbed.data)
         train = (np.stack([it.image for it in items]), [it.item_id for it in items])
         memorized_items = {it.item_id for it in duplicated(items)}

@@ -1,7 +1,7 @@
 """Reroute sweep: decisions, released copies, testbed-CLIP fidelity and cost of rerouted images, per
 mitigation variant, on one testbed's memorized prompts (issue 13's meaningful-caption items by default).
 
-    TB=eps SEEDS=2000,2001,2002,2003 python -m benchmarks.reroute_sweep \
+    TB=eps SEEDS=2000,2001,2002,2003 python -m memguard.benchmarks.reroute_sweep \
         'default={}' 'strong_push={"push_strength":3.0}' 'no_second_pass={"g_second_pass":False}'
 
 Each argument is NAME=dict of MitigationConfig fields (GuardConfig fields prefixed with g_).
@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from benchmarks.quality import build_guard, generate_set, judge, reroute_fidelity
-from guard.types import GuardMode, Decision
-from guard.testbed.registry import get_testbed, EPS_COMBOS
-from guard.testbed.dataset import prompt_set_members, build_training_set, memorized_items, caption_for
-from guard.testbed.clip_judge import load_judge
-from guard.mitigation import MitigationConfig
-from guard.pipeline import GuardConfig
+from memguard.benchmarks.quality import build_guard, generate_set, judge, reroute_fidelity
+from memguard.types import GuardMode, Decision
+from memguard.testbed.registry import get_testbed, EPS_COMBOS
+from memguard.testbed.dataset import prompt_set_members, build_training_set, memorized_items, caption_for
+from memguard.testbed.clip_judge import load_judge
+from memguard.mitigation import MitigationConfig
+from memguard.pipeline import GuardConfig
 
 
 def main() -> None:

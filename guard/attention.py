@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import kernels
+from memguard import kernels
 
 
 @dataclass

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from guard.errors import CorruptData
+from memguard.errors import CorruptData
 
 GENESIS = "0" * 64
 MAX_FIELD_CHARS = 256        # who / rpc / request_id / outcome are clipped to this
@@ -172,7 +172,7 @@ def register(subparsers) -> None:
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
-        from guard.errors import MissingResource
+        from memguard.errors import MissingResource
         raise MissingResource(f"audit log {path} does not exist")
 
 

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.digest import sha256_file
-from guard.errors import InvalidInput, MissingResource
-from guard.policy import Policy
-from guard.policy_fit import FitConfig, SignalSet, fit_policy
-from guard.signals import SIGNALS
-from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
-from guard.testbed.registry import TESTBEDS, Testbed, get_testbed
+from memguard.digest import sha256_file
+from memguard.errors import InvalidInput, MissingResource
+from memguard.policy import Policy
+from memguard.policy_fit import FitConfig, SignalSet, fit_policy
+from memguard.signals import SIGNALS
+from memguard.index.encoders import BUNDLED_CLIP_WEIGHTS
+from memguard.testbed.registry import TESTBEDS, Testbed, get_testbed
 
-CLIP_MODEL = "memguard-testbed-clip"   # guard.testbed.clip_judge's model, trained on both testbeds
+CLIP_MODEL = "memguard-testbed-clip"   # memguard.testbed.clip_judge's model, trained on both testbeds
 CLIP_WEIGHTS = BUNDLED_CLIP_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,13 @@ def model_hash(model_dir: Path) -> str:
 def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = None, progress: bool = True) -> dict:
     """Index a testbed's training set (every duplicate as its own record, as the model saw them;
     identical images fold into one item) with its own VAE, then calibrate the screen's thresholds."""
-    from guard.crypto import DataKey
-    from guard.index.api import FingerprintIndex
-    from guard.index.calibrate import CalibrationConfig, calibrate
-    from guard.index.sealed import demo_key
-    from guard.index.duplicates import DedupedSource
-    from guard.index.sources import ImageFolderSource
-    from guard.testbed.dataset import build_training_set, heldout_images, write_image_folder
+    from memguard.crypto import DataKey
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.calibrate import CalibrationConfig, calibrate
+    from memguard.index.sealed import demo_key
+    from memguard.index.duplicates import DedupedSource
+    from memguard.index.sources import ImageFolderSource
+    from memguard.testbed.dataset import build_training_set, heldout_images, write_image_folder
 
     tb = testbed or get_testbed()
     out, model_dir = Path(out or tb.index_dir), tb.model_dir
@@ -140,7 +140,7 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
 # ---- benign prompts ------------------------------------------------------------------------------
 def benign_testbed_prompts(count: int, seed: int = 0, testbed: Testbed | None = None) -> list[str]:
     """Training-distribution captions, never a memorized caption, a paraphrase, a novel or web-style prompt."""
-    from guard.testbed.dataset import all_combos, caption_for, is_heldout, prompt_set_members
+    from memguard.testbed.dataset import all_combos, caption_for, is_heldout, prompt_set_members
 
     cfg = (testbed or get_testbed()).data
     excluded = {p for members in prompt_set_members(cfg).values() for p, _ in members}
@@ -152,7 +152,7 @@ def benign_testbed_prompts(count: int, seed: int = 0, testbed: Testbed | None = 
 def positive_prompts(index, cfg: "CalibrationConfig") -> list[tuple[str, str]]:
     """(caption, cluster key) of the training set's largest duplicate clusters: likely memorized.
     The cluster key is its first item id, so a benchmark can tell which fit held it out."""
-    from guard.index.duplicates import find_clusters
+    from memguard.index.duplicates import find_clusters
 
     out = []
     for cluster in find_clusters(index, min_size=cfg.positive_min_size)[:cfg.positive_clusters]:
@@ -212,8 +212,8 @@ class Measured:
 def collect_signals(guarded, prompts: list[str], seeds: list[int], cfg: CalibrationConfig,
                     *, fidelity=None, progress: bool = True) -> Measured:
     """Measure every (prompt, seed) in MONITOR mode: nothing is changed, everything is recorded."""
-    from guard.pipeline import nearest_pdq_distance
-    from guard.types import GenerationRequest, GuardMode
+    from memguard.pipeline import nearest_pdq_distance
+    from memguard.types import GenerationRequest, GuardMode
 
     out, timesteps, distances, copies, fidelity_z = [], [], [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
@@ -243,10 +243,10 @@ def calibrate(model_dir: Path | None = None, index_dir: Path | None = None, out:
               positives_file: Path | None = None, device: str = "cpu", progress: bool = True,
               signals_out: Path | None = None) -> Policy:
     """Measure benign and likely-memorized prompts on `model_dir` with `index_dir`; write and return the policy."""
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.fidelity import MIN_REFERENCES, PromptFidelity, reference_prompts
-    from guard.pipeline import GuardConfig, GuardedPipeline
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.fidelity import MIN_REFERENCES, PromptFidelity, reference_prompts
+    from memguard.pipeline import GuardConfig, GuardedPipeline
 
     model_dir = Path(model_dir) if model_dir else TESTBED_MODEL_DIR
     index_dir = Path(index_dir) if index_dir else default_index_dir(model_dir)

@@ -13,17 +13,17 @@ import logging
 import os
 import sys
 
-from guard.errors import MemGuardError
+from memguard.errors import MemGuardError
 
 # module paths whose `register(subparsers)` adds commands
 COMMAND_GROUPS = (
-    "guard.testbed.cli",
-    "guard.audit",
+    "memguard.testbed.cli",
+    "memguard.audit",
 )
 OPTIONAL_GROUPS = (  # groups that land in later issues; absent modules are skipped
-    "guard.index.cli",
-    "guard.generate_cli",
-    "server.cli",
+    "memguard.index.cli",
+    "memguard.generate_cli",
+    "memguard.server.cli",
 )
 
 

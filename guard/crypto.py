@@ -4,7 +4,7 @@ The data key is 32 random bytes, given as base64 or hex text, from (first found)
   1. the `data_key=` argument (bytes or text),
   2. the environment variable MEMGUARD_DATA_KEY,
   3. the file named by MEMGUARD_DATA_KEY_FILE (keep it 0600, outside the index directory).
-`python -m guard.crypto FILE` writes a new one (0600). Two sub-keys are derived from it with HKDF-SHA256:
+`python -m memguard.crypto FILE` writes a new one (0600). Two sub-keys are derived from it with HKDF-SHA256:
 one encrypts (AES-GCM, a fresh 96-bit nonce per value, associated data binding each ciphertext to
 its row), one keys the HMAC that stands in for an identity name where a lookup needs one (the
 mutation log, unprotect by name), so the name cannot be recovered from the registry without the key.
@@ -23,7 +23,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
+from memguard.errors import CorruptData, InvalidInput, MissingResource
 
 ENV_KEY = "MEMGUARD_DATA_KEY"
 ENV_KEY_FILE = "MEMGUARD_DATA_KEY_FILE"
@@ -40,7 +40,7 @@ def _parse(text: str, where: str) -> bytes:
             continue
         if len(raw) == 32:
             return raw
-    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (see `python -m guard.crypto FILE`)")
+    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (see `python -m memguard.crypto FILE`)")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def require_key(key: DataKey | None, what: str) -> DataKey:
     if key is None:
         raise MissingResource(f"{ENV_KEY}: no data key is configured, so cannot {what}: face descriptors and "
                               f"identity names are stored only encrypted (set {ENV_KEY} or {ENV_KEY_FILE}; "
-                              "`python -m guard.crypto FILE` makes one)")
+                              "`python -m memguard.crypto FILE` makes one)")
     return key
 
 
@@ -127,5 +127,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m guard.crypto KEYFILE   (writes a new data key, 0600; then MEMGUARD_DATA_KEY_FILE=KEYFILE)")
+        sys.exit("usage: python -m memguard.crypto KEYFILE   (writes a new data key, 0600; then MEMGUARD_DATA_KEY_FILE=KEYFILE)")
     print(f"data key written to {write_key_file(Path(sys.argv[1]))}", file=sys.stderr)

@@ -25,12 +25,12 @@ from typing import Any, Callable, Hashable, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource, ScreeningUnavailable
-from guard.types import GenerationRequest, GuardMode, ImageResult, Reason, StepEvent
+from memguard.errors import InvalidInput, MissingResource, ScreeningUnavailable
+from memguard.types import GenerationRequest, GuardMode, ImageResult, Reason, StepEvent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENGINE = "guard.guarded_engine:GuardedEngine"
+DEFAULT_ENGINE = "memguard.guarded_engine:GuardedEngine"
 
 OnStep = Callable[[int, StepEvent], None]     # (request position in the batch, event)
 IsCancelled = Callable[[int], bool]           # request position in the batch → stop it?
@@ -143,7 +143,7 @@ def load_engine(spec: str, config: EngineConfig) -> GenerationEngine:
 
 # ----------------------------------------------------------------------------- the index gateway
 class IndexGateway:
-    """Duck-typed pass-through to a fingerprint index (guard.index.FingerprintIndex or alike).
+    """Duck-typed pass-through to a fingerprint index (memguard.index.FingerprintIndex or alike).
 
     With no index: screening raises ScreeningUnavailable (fail closed); admin calls raise
     MissingResource. The index must be thread-safe (FingerprintIndex is): screens run beside
@@ -160,7 +160,7 @@ class IndexGateway:
         if not Path(path).exists():
             raise MissingResource(f"index directory {path} does not exist")
         try:
-            from guard.index.api import FingerprintIndex
+            from memguard.index.api import FingerprintIndex
         except ImportError as exc:
             raise MissingResource(f"the index package is unavailable ({exc}); cannot open {path}") from exc
         kwargs = {"model_dir": Path(model_dir)} if model_dir else {}
@@ -225,7 +225,7 @@ def _face_matched(face: Any) -> bool:
 
 
 def to_screen_outcome(result: Any) -> ScreenOutcome:
-    """Adapt an index's screen result (e.g. guard.index.screen.ScreenResult); all of it is audit-only."""
+    """Adapt an index's screen result (e.g. memguard.index.screen.ScreenResult); all of it is audit-only."""
     if isinstance(result, ScreenOutcome):
         return result
     d = _as_dict(result)
@@ -253,7 +253,7 @@ def to_index_stats(result: Any) -> IndexStats:
 
 # ----------------------------------------------------------------------------- the baseline engine
 def load_pipeline(config: EngineConfig):
-    """The engine's pipeline: a local directory through guard.loading (never downloads), or the tiny random one."""
+    """The engine's pipeline: a local directory through memguard.loading (never downloads), or the tiny random one."""
     import torch
 
     if config.torch_threads:
@@ -262,9 +262,9 @@ def load_pipeline(config: EngineConfig):
     if not isinstance(dtype, torch.dtype):
         raise InvalidInput("dtype", f"{config.dtype!r} is not a torch dtype (float32, float16, bfloat16)")
     if not config.tiny_random:
-        from guard.loading import load_pipeline as load_local
+        from memguard.loading import load_pipeline as load_local
         return load_local(config.model, device=config.device, dtype=dtype)
-    from guard.models import build_tiny_pipeline
+    from memguard.models import build_tiny_pipeline
     pipe = build_tiny_pipeline()
     pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)   # built in float32
     pipe.set_progress_bar_config(disable=True)
@@ -326,7 +326,7 @@ class PipelineEngine(IndexedEngine):
     guarded = False
 
     def __init__(self, pipe, index: IndexGateway | None = None):
-        from guard.pipeline import GuardedPipeline
+        from memguard.pipeline import GuardedPipeline
 
         super().__init__(index)
         self.pipe = pipe
@@ -356,7 +356,7 @@ class PipelineEngine(IndexedEngine):
 
 def to_batch_stats(stats, results: list[ImageResult]) -> BatchStats:
     """A pipeline's PipelineStats in the server's BatchStats shape (signals: values over samples × steps)."""
-    from guard.signals import SIGNALS
+    from memguard.signals import SIGNALS
 
     signals: dict[str, list[float]] = {}
     for r in results:

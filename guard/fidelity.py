@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.errors import InvalidInput
+from memguard.errors import InvalidInput
 
 MAX_REFERENCES = 256   # enough for a stable mean and std; a policy file stays small
 MIN_REFERENCES = 8     # fewer give no usable std

@@ -14,8 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from guard.errors import InvalidInput
-from guard.types import FaceAction, GenerationRequest, GuardMode
+from memguard.errors import InvalidInput
+from memguard.types import FaceAction, GenerationRequest, GuardMode
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,12 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open_guard(args):
-    from guard.calibrate import (calibration_warnings, check_provenance, default_index_dir, default_policy_path,
+    from memguard.calibrate import (calibration_warnings, check_provenance, default_index_dir, default_policy_path,
                                  resolve_model_dir)
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.pipeline import GuardedPipeline
-    from guard.policy import Policy
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.pipeline import GuardedPipeline
+    from memguard.policy import Policy
 
     index_dir = args.index or default_index_dir(args.model)
     if index_dir is None:
@@ -79,7 +79,7 @@ def _open_guard(args):
 
 
 def _generate(args) -> int:
-    from guard.trace import trace_document, write_trace_json, write_trace_plot
+    from memguard.trace import trace_document, write_trace_json, write_trace_plot
 
     if args.num_images < 1:
         raise InvalidInput("num_images", f"{args.num_images} < 1")
@@ -127,11 +127,11 @@ def _generate(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from guard.calibrate import (CalibrationConfig, build_testbed_index, calibrate, is_testbed, policy_summary,
+    from memguard.calibrate import (CalibrationConfig, build_testbed_index, calibrate, is_testbed, policy_summary,
                                  with_overrides)
 
-    from guard.calibrate import testbed_of
-    from guard.testbed.registry import get_testbed
+    from memguard.calibrate import testbed_of
+    from memguard.testbed.registry import get_testbed
 
     cfg = with_overrides(CalibrationConfig(), prompts=args.count, seeds_per_prompt=args.seeds_per_prompt,
                          steps=args.steps, target_fpr=args.fpr, detect_steps=args.detect_steps, rule=args.rule)

@@ -1,6 +1,6 @@
 """`GuardedEngine`: the server's `GenerationEngine` on top of `GuardedPipeline`.
 
-Select it by config, no code change: `engine = "guard.guarded_engine:GuardedEngine"` in the
+Select it by config, no code change: `engine = "memguard.guarded_engine:GuardedEngine"` in the
 [engine] section (or `--engine`). It honours each request's mode (enforce / monitor / off) and
 face action, fails closed when screening fails, and reports per-step signals, guard time,
 first flagged steps and the steps saved by blocking in the same `BatchStats` the baseline engine
@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from guard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
-from guard.engine import EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep, load_pipeline, to_batch_stats
-from guard.pipeline import GuardConfig, GuardedPipeline
-from guard.policy import Policy
-from guard.types import GenerationRequest, GuardMode, ImageResult
+from memguard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
+from memguard.engine import EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep, load_pipeline, to_batch_stats
+from memguard.pipeline import GuardConfig, GuardedPipeline
+from memguard.policy import Policy
+from memguard.types import GenerationRequest, GuardMode, ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class GuardedEngine(IndexedEngine):
     guarded = True
 
     def __init__(self, pipe, index: IndexGateway, policy: Policy, config: GuardConfig = GuardConfig()):
-        from guard.calibrate import calibration_warnings
+        from memguard.calibrate import calibration_warnings
 
         super().__init__(index)
         self.pipeline = GuardedPipeline(pipe, index=index.index, policy=policy, config=config)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard.errors import MissingResource
+from memguard.errors import MissingResource
 
 TESTBED_MODEL_DIR = Path(__file__).resolve().parent / "testbed" / "model"
 

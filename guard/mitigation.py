@@ -19,7 +19,7 @@ prompts (SSIM up to 0.95), because masking the padding/summary tokens leaves a s
 conditioning almost empty (with `mask_eos=False` too: 0.31×; applied only at rung 2: 0.65×).
 Holding guidance off in the basin gave 0.23×. The push alone at strength 4 rerouted 14 of 16 to a
 non-copy at 0.88× (pairwise SSIM ≤ 0.15), 0 copies released; strength 1.5 rerouted 11, 3.0 13
-(the sweep's baseline: 24 novel prompts, one seed; against `benchmarks.quality`'s 192: 0.96×).
+(the sweep's baseline: 24 novel prompts, one seed; against `memguard.benchmarks.quality`'s 192: 0.96×).
 
 * ``attention``: scale the BOS token's cross-attention logit (×1.25) and mask the end-of-text and
   padding tokens ("summary" tokens), on the sample's conditional rows (Ren et al., ECCV 2024);
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.fingerprint import FINGERPRINT_GRID
+from memguard.kernels.fingerprint import FINGERPRINT_GRID
 
 RUNG_NAMES = ("attention", "basin", "push", "embed_noise", "reseed")
 

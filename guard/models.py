@@ -104,7 +104,7 @@ def build_tiny_pipeline(cfg: TinyPipelineConfig = TinyPipelineConfig(), tokenize
     """A StableDiffusionPipeline of the testbed's architecture with random weights."""
     from diffusers import StableDiffusionPipeline
 
-    from guard.testbed.tokenizer import load_clip_tokenizer
+    from memguard.testbed.tokenizer import load_clip_tokenizer
 
     return StableDiffusionPipeline(
         vae=build_vae(cfg), text_encoder=build_text_encoder(cfg), tokenizer=tokenizer or load_clip_tokenizer(),

@@ -39,15 +39,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-import kernels
-from guard.attention import AttentionControl, install_stats_processors
-from guard.errors import InvalidInput, MissingResource, ScreeningUnavailable
-from guard.fidelity import PromptFidelity
-from guard.mitigation import (MitigationConfig, active_mitigations, attention_rows, fresh_noise, noisy_embedding,
+from memguard import kernels
+from memguard.attention import AttentionControl, install_stats_processors
+from memguard.errors import InvalidInput, MissingResource, ScreeningUnavailable
+from memguard.fidelity import PromptFidelity
+from memguard.mitigation import (MitigationConfig, active_mitigations, attention_rows, fresh_noise, noisy_embedding,
                               obfuscate_faces, prompt_lengths, push_away)
-from guard.policy import Policy, PolicyTables, final_verdict
-from guard.signals import SIGNALS, Candidates, attention_signals, retrieve, stack_signals, track_similarity
-from guard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
+from memguard.policy import Policy, PolicyTables, final_verdict
+from memguard.signals import SIGNALS, Candidates, attention_signals, retrieve, stack_signals, track_similarity
+from memguard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
                          RequestLimits, StepEvent)
 
 log = logging.getLogger(__name__)
@@ -746,7 +746,7 @@ def second_pass_seed(seed: int, prompt: str) -> int:
 
 def nearest_pdq_distance(index, image: np.ndarray) -> float:
     """PDQ Hamming distance from `image` to the closest indexed or protected item (256: nothing)."""
-    from guard.index.pdq import pdq_hash
+    from memguard.index.pdq import pdq_hash
 
     hits = index.search_signal("pdq", pdq_hash(image)[0], 1)
     return float(min((h["score"] for h in hits), default=256.0))

@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
-from guard.fidelity import MIN_REFERENCES
-from guard.signals import SIGNALS
-from guard.types import Decision, FaceAction, GuardMode, Reason
+from memguard.errors import CorruptData, InvalidInput, MissingResource
+from memguard.fidelity import MIN_REFERENCES
+from memguard.signals import SIGNALS
+from memguard.types import Decision, FaceAction, GuardMode, Reason
 
 POLICY_FORMAT = 3   # 3: the standout signal (a format-2 policy has no statistics for it: re-calibrate)
 COMBINE_RULES = ("linear", "distance")

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from guard.errors import InvalidInput
-from guard.policy import Combination, Policy, SignalCalibration, conformal_bound_holds, conformal_threshold
-from guard.signals import SIGNALS
+from memguard.errors import InvalidInput
+from memguard.policy import Combination, Policy, SignalCalibration, conformal_bound_holds, conformal_threshold
+from memguard.signals import SIGNALS
 
 log = logging.getLogger(__name__)
 

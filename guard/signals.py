@@ -5,7 +5,7 @@ Per sample and step (all float32, [B]):
 * ``divergence``: ‖ε(x_t, c) − ε(x_t, ∅)‖₂ (Wen et al.), from `kernels.cfg_with_divergence`.
 * ``entropy``: entropy (nats) of the cross-attention mass over the prompt's tokens, averaged over
   the UNet's cross-attention layers (Ren et al.), from the mass `kernels.cross_attention_with_stats`
-  accumulates in `guard.attention.AttentionControl`.
+  accumulates in `memguard.attention.AttentionControl`.
 * ``bos``: the share of that mass on the BOS token (Ren et al.: memorized prompts pull mass off it).
 * ``similarity``: cosine of the fingerprint of x̂0 to the sample's closest candidate training /
   protected item. Candidates come from the index once, at an early step (`retrieve`); after that
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+from memguard import kernels
 
 SIGNALS: tuple[str, ...] = ("divergence", "entropy", "bos", "similarity", "standout")
 MIN_DISTANCE = 1e-4   # floor of 1 − cosine in the standout ratio

@@ -13,8 +13,8 @@ import math
 import os
 from pathlib import Path
 
-from guard.signals import SIGNALS
-from guard.types import ImageResult
+from memguard.signals import SIGNALS
+from memguard.types import ImageResult
 
 
 def trace_document(result: ImageResult, *, threshold: float | None = None,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from guard.errors import InvalidInput
+from memguard.errors import InvalidInput
 
 
 class GuardMode(str, enum.Enum):

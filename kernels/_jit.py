@@ -1,7 +1,7 @@
 """Small @triton.jit helpers shared by the kernels."""
 from __future__ import annotations
 
-from kernels.dispatch import HAVE_TRITON, tl, triton
+from memguard.kernels.dispatch import HAVE_TRITON, tl, triton
 
 if HAVE_TRITON:
 

@@ -1,6 +1,6 @@
 """Compile every GPU variant of the kernels ahead of time, without a GPU.
 
-    python -m kernels.aot_check [--arch 90] [--quick]
+    python -m memguard.kernels.aot_check [--arch 90] [--quick]
 
 Runs Triton's full CUDA pipeline (TTIR → TTGIR → LLVM → PTX → cubin with ptxas) for the block
 sizes the launch wrappers pick on a GPU, and prints each variant's shared memory. It catches what
@@ -21,11 +21,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import cfg_divergence as cd  # noqa: E402
-from kernels import cross_attention as ca  # noqa: E402
-from kernels import dispatch  # noqa: E402
-from kernels import fused_fingerprint as ff  # noqa: E402
-from kernels import similarity as sm  # noqa: E402
+from memguard.kernels import cfg_divergence as cd  # noqa: E402
+from memguard.kernels import cross_attention as ca  # noqa: E402
+from memguard.kernels import dispatch  # noqa: E402
+from memguard.kernels import fused_fingerprint as ff  # noqa: E402
+from memguard.kernels import similarity as sm  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -70,7 +70,7 @@ def variants(quick: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.aot_check", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m memguard.kernels.aot_check", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90 (default 90)")
     ap.add_argument("--quick", action="store_true", help="one variant per kernel and dtype family")
     args = ap.parse_args(argv)

@@ -15,11 +15,11 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from kernels import dispatch
-from kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
+from memguard.kernels import dispatch
+from memguard.kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
 
 if HAVE_TRITON:
-    from kernels._jit import cast_out
+    from memguard.kernels._jit import cast_out
 
 NAME = "cfg_divergence"
 Scalar = Union[float, torch.Tensor]
@@ -178,7 +178,7 @@ def cfg_with_divergence(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, x_t: t
     returns: eps [B, C, h, w] in the eps dtype, eps = eps_u + w·(eps_c − eps_u);
         divergence [B] float32, ‖eps_c − eps_u‖₂ over C·h·w;
         x0_hat [B, C, h, w] in x_t's dtype, (x_t − √(1−ᾱ)·eps) / √ᾱ, computed from the float32 eps.
-    CUDA tensors run the Triton kernel, CPU tensors the reference (see kernels.dispatch).
+    CUDA tensors run the Triton kernel, CPU tensors the reference (see memguard.kernels.dispatch).
     """
     inp = _check(eps_uncond, eps_cond, x_t, guidance_scale, alpha_bar)
     unsupported = dispatch.dtype_reason(dispatch.FLOAT_DTYPES, eps_cond=eps_cond, x_t=x_t)

@@ -21,11 +21,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import dispatch
-from kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
+from memguard.kernels import dispatch
+from memguard.kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
 
 if HAVE_TRITON:
-    from kernels._jit import cast_out
+    from memguard.kernels._jit import cast_out
 
 NAME = "cross_attention"
 MAX_HEAD_DIM = 256
@@ -320,7 +320,7 @@ def cross_attention_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     returns: out [B, H, N, D] in q's dtype; token_mass [B, H, T] float32,
         token_mass[b, h, t] = Σ_n P[b, h, n, t] (masked keys get 0; each row of P sums to 1, so
         Σ_t token_mass[b, h, t] = N).
-    CUDA tensors run the Triton kernel, CPU tensors the reference (see kernels.dispatch).
+    CUDA tensors run the Triton kernel, CPU tensors the reference (see memguard.kernels.dispatch).
     """
     inp = _check(q, k, v, scale, key_logit_scale, key_mask)
     unsupported = dispatch.dtype_reason(dispatch.FLOAT_DTYPES, q=q)

@@ -179,7 +179,7 @@ def run(name: str, device: torch.device, *, kernel: Any,
         raise TritonInterpreterRequired(
             f"{ENV_VAR}=triton with CPU tensors needs Triton's interpreter, but kernel {name!r} was "
             f"compiled for the GPU: set TRITON_INTERPRET=1 in the environment before "
-            f"kernels.{name} is first imported (e.g. export it before starting Python), "
+            f"memguard.kernels.{name} is first imported (e.g. export it before starting Python), "
             f"or use {ENV_VAR}=reference.")
     if reason is not None:
         _fallback(name, reason)

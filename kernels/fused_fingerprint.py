@@ -1,8 +1,8 @@
 """Fused "x0_hat → fingerprint → best match": one kernel from the step's latent to the score.
 
-The fingerprint is the one defined by :func:`kernels.fingerprint.latent_fingerprint` (adaptive
+The fingerprint is the one defined by :func:`memguard.kernels.fingerprint.latent_fingerprint` (adaptive
 average pooling to a FINGERPRINT_GRID × FINGERPRINT_GRID grid, per-channel mean removed, L2
-normalised over C·grid·grid), followed by :func:`kernels.similarity.fingerprint_similarity`'s
+normalised over C·grid·grid), followed by :func:`memguard.kernels.similarity.fingerprint_similarity`'s
 best cosine match. The reference is literally that composition.
 
 Triton kernel: grid (B, candidate chunks). Each program pools its sample's latent (C·h·w reads,
@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from kernels import dispatch, similarity
-from kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
-from kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
+from memguard.kernels import dispatch, similarity
+from memguard.kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
+from memguard.kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
 
 NAME = "fingerprint_match"
 

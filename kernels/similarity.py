@@ -1,7 +1,7 @@
 """Best cosine match of each query fingerprint among candidate fingerprints.
 
     sim[b, k]  = q_b · c_k / (max(‖q_b‖, 1e-12) · max(‖c_k‖, 1e-12))   (exact cosine; for unit
-                 vectors, as produced by kernels.fingerprint.latent_fingerprint, the dot product)
+                 vectors, as produced by memguard.kernels.fingerprint.latent_fingerprint, the dot product)
     best_sim[b] = max over unmasked k of sim[b, k];  best_idx[b] = the first k reaching it
 
 Candidates are per sample ([B, K, F]) or shared ([M, F]). Masked candidates never win, and
@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from kernels import dispatch
-from kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
+from memguard.kernels import dispatch
+from memguard.kernels.dispatch import HAVE_TRITON, next_pow2, tl, triton
 
 NAME = "similarity"
 EPS = 1e-12
@@ -224,7 +224,7 @@ def fingerprint_similarity(queries: torch.Tensor, candidates: torch.Tensor, *,
     candidate_mask: bool, [B, K] or [M]; False candidates never win.
     returns: best_sim [B] float32 (cosine similarity, -inf if no candidate is left),
         best_idx [B] int64 (index into K or M; the first on ties; -1 if no candidate is left).
-    CUDA tensors run the Triton kernel, CPU tensors the reference (see kernels.dispatch).
+    CUDA tensors run the Triton kernel, CPU tensors the reference (see memguard.kernels.dispatch).
     """
     shared, mask = _check(queries, candidates, candidate_mask)
     unsupported = dispatch.dtype_reason(dispatch.FLOAT_DTYPES, queries=queries, candidates=candidates)

@@ -1,1 +1,1 @@
-"""The public API's .proto files and their generated Python stubs (`proto.memguard.v1`)."""
+"""The public API's .proto files and their generated Python stubs (`memguard.proto.memguard.v1`)."""

@@ -14,5 +14,9 @@ fi
 bash "$root/scripts/pg.sh"
 # --- end registry ---
 cd "$root"
-export TRITON_INTERPRET="${TRITON_INTERPRET:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$root/.venv/bin/python" -m pytest "$@"
+# The repository root must not be on sys.path, where its folders (guard/, kernels/, server/, ...)
+# would shadow top-level names such as the PyPI `kernels` that transformers imports: pytest's own
+# script (not `python -m pytest`), and PYTHONSAFEPATH for every Python the tests start from here.
+# The suite imports what is installed: `memguard` and its subpackages.
+export TRITON_INTERPRET="${TRITON_INTERPRET:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONSAFEPATH=1
+exec "$root/.venv/bin/pytest" "$@"

@@ -20,21 +20,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guard.engine import GenerationEngine, load_engine
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2, memguard_pb2_grpc
-from guard.audit import AuditLog
-from guard.errors import MemGuardError
-from server.audit_trail import ServerAudit
-from server.auth import KeyRing
-from server.batcher import Batcher
-from server.config import ServerConfig
-from server.convert import RequestDefaults
-from server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
-from server.metrics import Metrics
-from server.registry_health import RegistryHealth
-from server.ratelimit import RateLimiter
-from server.service import IndexAdminService, MemGuardService, Shared
-from server.uploads import UploadPool
+from memguard.engine import GenerationEngine, load_engine
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2, memguard_pb2_grpc
+from memguard.audit import AuditLog
+from memguard.errors import MemGuardError
+from memguard.server.audit_trail import ServerAudit
+from memguard.server.auth import KeyRing
+from memguard.server.batcher import Batcher
+from memguard.server.config import ServerConfig
+from memguard.server.convert import RequestDefaults
+from memguard.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from memguard.server.metrics import Metrics
+from memguard.server.registry_health import RegistryHealth
+from memguard.server.ratelimit import RateLimiter
+from memguard.server.service import IndexAdminService, MemGuardService, Shared
+from memguard.server.uploads import UploadPool
 
 log = logging.getLogger(__name__)
 

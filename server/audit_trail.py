@@ -10,9 +10,9 @@ import hashlib
 import logging
 from typing import Any
 
-from guard.audit import AuditLog
-from guard.errors import ScreeningUnavailable
-from guard.types import Decision, ImageResult, Reason
+from memguard.audit import AuditLog
+from memguard.errors import ScreeningUnavailable
+from memguard.types import Decision, ImageResult, Reason
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
+from memguard.errors import CorruptData, InvalidInput, MissingResource
 
 SCOPES = ("generate", "screen", "admin", "audit", "guard_override")
 KEY_PREFIX = "mg_"

@@ -18,10 +18,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from guard.engine import EngineStats, GenerationEngine
-from guard.errors import MemGuardError
-from guard.types import Decision, GenerationRequest, GuardReport, ImageResult, Reason, StepEvent
-from server.config import BatchingConfig
+from memguard.engine import EngineStats, GenerationEngine
+from memguard.errors import MemGuardError
+from memguard.types import Decision, GenerationRequest, GuardReport, ImageResult, Reason, StepEvent
+from memguard.server.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class DeadlineExceeded(MemGuardError):
 
 
 class BatchObserver(Protocol):
-    """What the batcher reports (server.metrics.Metrics implements it)."""
+    """What the batcher reports (memguard.server.metrics.Metrics implements it)."""
 
     def queue_depth(self, depth: int) -> None: ...
 

@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from guard.errors import InvalidInput
-from guard.types import FaceAction, GenerationRequest, GuardMode
+from memguard.errors import InvalidInput
+from memguard.types import FaceAction, GenerationRequest, GuardMode
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TESTBED_INDEX_DIR = Path(__file__).resolve().parent.parent / "guard" / "testbed" / "index"
@@ -47,7 +47,7 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; -1 disables)")
     p.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
-    p.add_argument("--engine", help="engine factory module:attr (default guard.guarded_engine:GuardedEngine; guard.engine:PipelineEngine is the unguarded baseline)")
+    p.add_argument("--engine", help="engine factory module:attr (default memguard.guarded_engine:GuardedEngine; memguard.engine:PipelineEngine is the unguarded baseline)")
     p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
     p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")
     p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
@@ -76,7 +76,7 @@ def _register_serve(subparsers) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from server.config import load_config, override
+    from memguard.server.config import load_config, override
 
     config = load_config(args.config)
     index = args.index
@@ -97,12 +97,12 @@ def build_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import serve_until_signal
+    from memguard.server.app import serve_until_signal
 
     config = build_config(args)
     config.validate()
-    if args.registry:   # read by guard.index.registry when the engine opens its index
-        from guard.index.registry import ENV_REGISTRY
+    if args.registry:   # read by memguard.index.registry when the engine opens its index
+        from memguard.index.registry import ENV_REGISTRY
         os.environ[ENV_REGISTRY] = args.registry
     asyncio.run(serve_until_signal(config))
     return 0
@@ -204,7 +204,7 @@ def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
 
 
 def _conn(args):
-    from server.client import Connection
+    from memguard.server.client import Connection
 
     return Connection(args.server, api_key(args), args.tls_ca, args.timeout,
                       getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
@@ -246,8 +246,8 @@ def _add_server_to_generate(subparsers) -> None:
 
 
 def _client_generate(args) -> int:
-    from server.client import remote_generate
-    from server.convert import encode_png
+    from memguard.server.client import remote_generate
+    from memguard.server.convert import encode_png
 
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.size,
                                 width=args.size, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -274,7 +274,7 @@ def _client_generate(args) -> int:
 
 
 def _client_screen(args) -> int:
-    from server.client import remote_screen
+    from memguard.server.client import remote_screen
 
     o = remote_screen(_conn(args), args.image.read_bytes())
     payload = {"copy_detected": o.copy_detected, "faces_detected": o.faces_detected,
@@ -285,7 +285,7 @@ def _client_screen(args) -> int:
 
 
 def _client_protect(args) -> int:
-    from server.client import remote_protect_face, remote_protect_image
+    from memguard.server.client import remote_protect_face, remote_protect_image
 
     if bool(args.image) == bool(args.face_photo):
         raise InvalidInput("--image/--face-photo", "give exactly one of --image or --face-photo")
@@ -300,7 +300,7 @@ def _client_protect(args) -> int:
 
 
 def _client_unprotect(args) -> int:
-    from server.client import remote_unprotect
+    from memguard.server.client import remote_unprotect
 
     removed = remote_unprotect(_conn(args), args.id, args.reason)
     _print(args, {"removed": removed}, "removed" if removed else "not found")
@@ -308,7 +308,7 @@ def _client_unprotect(args) -> int:
 
 
 def _client_stats(args) -> int:
-    from server.client import remote_index_stats
+    from memguard.server.client import remote_index_stats
 
     s = remote_index_stats(_conn(args))
     _print(args, {"items": s.items, "protected_items": s.protected_items, "details": s.details},
@@ -317,7 +317,7 @@ def _client_stats(args) -> int:
 
 
 def _client_health(args) -> int:
-    from server.client import health_status
+    from memguard.server.client import health_status
 
     status = health_status(_conn(args))
     _print(args, {"status": status}, status)
@@ -325,16 +325,16 @@ def _client_health(args) -> int:
 
 
 def _client_demo(args) -> int:
-    from server.client import Connection
-    from server.demo import run_demo
+    from memguard.server.client import Connection
+    from memguard.server.demo import run_demo
 
     if args.per_set < 1:
         raise InvalidInput("per_set", f"{args.per_set} < 1")
     if args.server is not None:
         rows = run_demo(_conn(args), per_set=args.per_set, steps=args.steps)
         return _demo_output(rows, args.out)
-    from server.app import BackgroundServer
-    from server.config import ServerConfig, override
+    from memguard.server.app import BackgroundServer
+    from memguard.server.config import ServerConfig, override
 
     config = override(ServerConfig(port=0, metrics_port=-1), **{"engine.tiny_random": args.tiny_random or None,
                       "engine.index": str(TESTBED_INDEX_DIR) if TESTBED_INDEX_DIR.is_dir() else None})
@@ -350,7 +350,7 @@ def _client_demo(args) -> int:
 
 
 def _demo_output(rows, out: Path | None) -> int:
-    from server.demo import format_rows, write_images
+    from memguard.server.demo import format_rows, write_images
 
     print(format_rows(rows))
     if out is not None:
@@ -360,7 +360,7 @@ def _demo_output(rows, out: Path | None) -> int:
 
 
 def _apikey(args) -> int:
-    from server.auth import key_entry, new_key
+    from memguard.server.auth import key_entry, new_key
 
     key = new_key()
     entry = key_entry(args.name, key, [s.strip() for s in args.scopes.split(",") if s.strip()])

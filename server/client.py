@@ -16,11 +16,11 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.engine import IndexStats, ScreenOutcome
-from guard.errors import MemGuardError
-from guard.types import GenerationRequest, ImageResult, StepEvent
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server import convert
+from memguard.engine import IndexStats, ScreenOutcome
+from memguard.errors import MemGuardError
+from memguard.types import GenerationRequest, ImageResult, StepEvent
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server import convert
 
 MAX_MESSAGE_BYTES = 64 << 20
 

@@ -6,7 +6,7 @@
     metrics_port = 9464               max_queue = 64
     auth_file = "keys.toml"
     tls_cert = "…" / tls_key = "…"    [engine]
-    tls_client_ca = "…"   # mTLS      engine = "guard.guarded_engine:GuardedEngine"
+    tls_client_ca = "…"   # mTLS      engine = "memguard.guarded_engine:GuardedEngine"
     insecure = false                  model = "guard/testbed/model"
     drain_delay_s = 5.0               index = "…"
     grace_s = 30.0                    [limits]
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.engine import DEFAULT_ENGINE, EngineConfig
-from guard.errors import InvalidInput, MissingResource
-from guard.types import FaceAction, GuardMode, RequestLimits
+from memguard.engine import DEFAULT_ENGINE, EngineConfig
+from memguard.errors import InvalidInput, MissingResource
+from memguard.types import FaceAction, GuardMode, RequestLimits
 
 
 @dataclass(frozen=True)

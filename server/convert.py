@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf import json_format, struct_pb2
 
-from guard.engine import IndexStats, ScreenOutcome
-from guard.errors import InvalidInput
-from guard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
+from memguard.engine import IndexStats, ScreenOutcome
+from memguard.errors import InvalidInput
+from memguard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
                          RequestLimits, StepEvent)
-from proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
-from server.config import UploadConfig
+from memguard.proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
+from memguard.server.config import UploadConfig
 
 MAX_UPLOAD_PIXELS = UploadConfig().max_pixels   # decoded size cap for uploads: no decompression bombs
 MAX_REQUEST_ID_CHARS = 128

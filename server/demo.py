@@ -9,8 +9,8 @@ import concurrent.futures as cf
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.types import GenerationRequest, ImageResult
-from server.client import Connection, remote_generate
+from memguard.types import GenerationRequest, ImageResult
+from memguard.server.client import Connection, remote_generate
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "guard" / "testbed" / "prompts"
 PROMPT_SETS = ("memorized", "paraphrased", "novel")
@@ -25,7 +25,7 @@ def load_prompt_sets(directory: Path = PROMPT_DIR) -> dict[str, list[str]]:
             sets[name] = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(sets) == len(PROMPT_SETS):
         return sets
-    from guard.testbed.dataset import PHOTOS, TestbedDataConfig, heldout_prompts
+    from memguard.testbed.dataset import PHOTOS, TestbedDataConfig, heldout_prompts
     return {"memorized": [p.caption for p in PHOTOS],
             "paraphrased": [q for p in PHOTOS for q in p.paraphrases],
             "novel": heldout_prompts(TestbedDataConfig())}

@@ -16,12 +16,12 @@ from typing import Callable
 
 import grpc
 
-from guard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource, ScreeningUnavailable
-from server.audit_trail import ServerAudit
-from server.auth import METHOD_SCOPES, KeyRing, Principal, current_principal, key_from_metadata
-from server.batcher import DeadlineExceeded, NotServing, QueueFull
-from server.metrics import Metrics
-from server.ratelimit import RateLimited
+from memguard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource, ScreeningUnavailable
+from memguard.server.audit_trail import ServerAudit
+from memguard.server.auth import METHOD_SCOPES, KeyRing, Principal, current_principal, key_from_metadata
+from memguard.server.batcher import DeadlineExceeded, NotServing, QueueFull
+from memguard.server.metrics import Metrics
+from memguard.server.ratelimit import RateLimited
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from importlib import metadata
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                start_http_server)
 
-from guard.engine import EngineStats, IndexStats
-from guard.types import Decision, ImageResult, Reason
+from memguard.engine import EngineStats, IndexStats
+from memguard.types import Decision, ImageResult, Reason
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _version() -> str:
 
 
 class Metrics:
-    """All MemGuard series; implements server.batcher.BatchObserver."""
+    """All MemGuard series; implements memguard.server.batcher.BatchObserver."""
 
     def __init__(self, *, queue_capacity: int = 0):
         disable_created_metrics()   # *_created series double the scrape and no query here uses them

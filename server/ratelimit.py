@@ -11,8 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from guard.errors import MemGuardError
-from server.config import RateLimitConfig
+from memguard.errors import MemGuardError
+from memguard.server.config import RateLimitConfig
 
 MAX_BUCKETS = 10_000     # distinct (key, family) pairs kept; the oldest idle ones go first
 

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def registry_probe(engine: Any) -> Callable[[], bool] | None:
-    """The engine's index's `registry_available` (guard.index.api.FingerprintIndex), if it has one."""
+    """The engine's index's `registry_available` (memguard.index.api.FingerprintIndex), if it has one."""
     index = getattr(getattr(engine, "index", None), "index", None)
     return getattr(index, "registry_available", None)
 

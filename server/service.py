@@ -21,18 +21,18 @@ from functools import partial
 
 import grpc
 
-from guard.engine import GenerationEngine
-from guard.errors import InvalidInput, MemGuardError
-from guard.types import GenerationRequest, GuardMode, ImageResult, Reason, RequestLimits
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server import convert
-from server.audit_trail import ServerAudit, matched_ids
-from server.auth import ANONYMOUS_DEV, Principal, current_principal
-from server.batcher import Batcher, DeadlineExceeded, Job, NotServing
-from server.config import ServerConfig
-from server.metrics import Metrics
-from server.ratelimit import RateLimited, RateLimiter
-from server.uploads import UploadPool, UploadQueueFull
+from memguard.engine import GenerationEngine
+from memguard.errors import InvalidInput, MemGuardError
+from memguard.types import GenerationRequest, GuardMode, ImageResult, Reason, RequestLimits
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server import convert
+from memguard.server.audit_trail import ServerAudit, matched_ids
+from memguard.server.auth import ANONYMOUS_DEV, Principal, current_principal
+from memguard.server.batcher import Batcher, DeadlineExceeded, Job, NotServing
+from memguard.server.config import ServerConfig
+from memguard.server.metrics import Metrics
+from memguard.server.ratelimit import RateLimited, RateLimiter
+from memguard.server.uploads import UploadPool, UploadQueueFull
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from server.batcher import QueueFull
-from server.config import UploadConfig
+from memguard.server.batcher import QueueFull
+from memguard.server.config import UploadConfig
 
 T = TypeVar("T")
 

@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Pythons the tests start (often `-m memguard.…` from the repository root) must not put their cwd on
+# sys.path: the folder kernels/ would hide the PyPI `kernels` that transformers imports.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 # --- registry (issues 14, 15): a test data key (face protections are sealed with it) and one
 # throwaway PostgreSQL server per session, started on first use ---
@@ -13,8 +16,8 @@ os.environ.setdefault("MEMGUARD_DATA_KEY", "5a" * 32)
 
 @pytest.fixture(scope="session")
 def postgres():
-    from guard.errors import MissingResource
-    from guard.index.pg_local import LocalPostgres
+    from memguard.errors import MissingResource
+    from memguard.index.pg_local import LocalPostgres
 
     try:
         server = LocalPostgres.start()

@@ -8,7 +8,7 @@
 Reads never block on writes: protect/unprotect commit to the registry, then swap in a new immutable
 snapshot of the protected registry. Changes committed by another process (the CLI while a server
 runs, another replica) are picked up on the next call: SQLite's data_version costs one PRAGMA;
-PostgreSQL's watcher thread keeps the version in memory (guard.index.registry_pg). A registry that
+PostgreSQL's watcher thread keeps the version in memory (memguard.index.registry_pg). A registry that
 cannot be read raises RegistryUnavailable (fail closed), and the next call tries again.
 """
 from __future__ import annotations
@@ -21,22 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.crypto import DataKey
-from guard.index.sealed import key_for
-from guard.errors import CorruptData, InvalidInput, MissingResource, RegistryUnavailable
-from guard.digest import sha256_file
-from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
-from guard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
-from guard.index.config import IndexConfig, Thresholds
-from guard.index.faces import FaceEmbedder
-from guard.index.manifest import Manifest, check_files, read_manifest, write_manifest
-from guard.index.pdq import check_image, pdq_hash
-from guard.index.protected import ProtectedSnapshot
-from guard.index.signals import SignalIndex, best_first, exact_scores
-from guard.index.registry import open_registry
-from guard.index.registry_sql import content_digest
-from guard.index.store import ItemStore
-from guard.index.vectors import read_array
+from memguard.crypto import DataKey
+from memguard.index.sealed import key_for
+from memguard.errors import CorruptData, InvalidInput, MissingResource, RegistryUnavailable
+from memguard.digest import sha256_file
+from memguard.index.encoders import BUNDLED_CLIP_WEIGHTS
+from memguard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
+from memguard.index.config import IndexConfig, Thresholds
+from memguard.index.faces import FaceEmbedder
+from memguard.index.manifest import Manifest, check_files, read_manifest, write_manifest
+from memguard.index.pdq import check_image, pdq_hash
+from memguard.index.protected import ProtectedSnapshot
+from memguard.index.signals import SignalIndex, best_first, exact_scores
+from memguard.index.registry import open_registry
+from memguard.index.registry_sql import content_digest
+from memguard.index.store import ItemStore
+from memguard.index.vectors import read_array
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class FingerprintIndex:
         """Open an index directory. Sizes of all files are always checked, sha256 unless told not to;
         CorruptData names the first bad file (or Milvus collection). kwargs: model_dir, device,
         latent_encoder, clip_encoder, clip_weights (where the CLIP weights are, if not where they were at
-        build), overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see guard.index.registry; default
-        $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see guard.crypto),
+        build), overrides (IndexConfig fields for search, e.g. {"nprobe": 64}), registry (a URI, see memguard.index.registry; default
+        $MEMGUARD_REGISTRY, else registry.sqlite here), data_key (default $MEMGUARD_DATA_KEY, see memguard.crypto),
         backend (another URI of the Milvus that holds the vectors; default: the one recorded at build)."""
         manifest = read_manifest(Path(path))
         check_files(Path(path), manifest, checksums=verify_checksums)
@@ -97,9 +97,9 @@ class FingerprintIndex:
               clip_weights: Path | None = None, cfg: IndexConfig = IndexConfig(), device: str = "cpu",
               progress: bool = True, restart: bool = False, stop_after: int | None = None,
               data_key: bytes | str | DataKey | None = None) -> BuildReport:
-        """Build (or resume building) an index at `out` from a source (see guard.index.sources).
+        """Build (or resume building) an index at `out` from a source (see memguard.index.sources).
         Faces are sealed with data_key (default: the configured one; required when faces are indexed)."""
-        from guard.index.encoders import ClipEncoder, LatentEncoder
+        from memguard.index.encoders import ClipEncoder, LatentEncoder
         latent = LatentEncoder(model_dir, device) if model_dir else None
         clip = ClipEncoder(clip_model, clip_weights, device) if clip_weights else None
         if clip_weights and not clip_model:
@@ -140,7 +140,7 @@ class FingerprintIndex:
     def latent_encoder(self):
         with self._load_lock:
             if self._latent is None:
-                from guard.index.encoders import LatentEncoder
+                from memguard.index.encoders import LatentEncoder
                 info = self.manifest.models.get("latent")
                 if info is None and self._model_dir is None:
                     raise MissingResource(f"{self.path}: the index records no VAE; pass model_dir")
@@ -154,7 +154,7 @@ class FingerprintIndex:
     def clip_encoder(self):
         with self._load_lock:
             if self._clip is None and "clip" in self.manifest.models:
-                from guard.index.encoders import ClipEncoder
+                from memguard.index.encoders import ClipEncoder
                 info = self.manifest.models["clip"]
                 self._clip = ClipEncoder(info["model"], self._clip_weights(info), self.device)
             return self._clip
@@ -257,7 +257,7 @@ class FingerprintIndex:
     def protect_face(self, images: list[np.ndarray], identity: str, reason: str,
                      idempotency_key: str | None = None) -> ProtectionReceipt:
         """Protect a person: the largest face of each photo becomes a descriptor of `identity`.
-        Descriptors and the name are stored sealed with the data key (guard.crypto); unprotect
+        Descriptors and the name are stored sealed with the data key (memguard.crypto); unprotect
         erases them."""
         if not isinstance(identity, str) or not identity.strip():
             raise InvalidInput("identity", "must be a non-empty string")
@@ -387,16 +387,16 @@ class FingerprintIndex:
 
     def screen(self, image: np.ndarray):
         """Is `image` a copy of an indexed or protected item, and whose faces does it show? → ScreenResult."""
-        from guard.index.screen import screen_image
+        from memguard.index.screen import screen_image
         return screen_image(self, image)
 
     # ---- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict:
-        from guard.index.report import index_stats
+        from memguard.index.report import index_stats
         return index_stats(self)
 
     def verify(self) -> dict:
-        from guard.index.report import verify_index
+        from memguard.index.report import verify_index
         return verify_index(self)
 
     def set_thresholds(self, thresholds: Thresholds) -> None:

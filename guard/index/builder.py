@@ -18,20 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.crypto import DataKey
-from guard.errors import InvalidInput, MissingResource
-from guard.index import backends, sealed
-from guard.index.config import IndexConfig, Thresholds
-from guard.index.faces import FACE_DIM, FaceEmbedder
-from guard.index.manifest import MANIFEST, REGISTRY_DB, Manifest, SignalInfo, record_files, write_manifest
-from guard.index.pdq import PDQ_BYTES, check_image, pdq_hash
-from guard.index.sources import SourceRecord
-from guard.index.store import ITEMS_SCHEMA, Registry, connect
-from guard.index.vectors import PRIVATE, fsync_dir, normalize_rows, write_array
+from memguard.crypto import DataKey
+from memguard.errors import InvalidInput, MissingResource
+from memguard.index import backends, sealed
+from memguard.index.config import IndexConfig, Thresholds
+from memguard.index.faces import FACE_DIM, FaceEmbedder
+from memguard.index.manifest import MANIFEST, REGISTRY_DB, Manifest, SignalInfo, record_files, write_manifest
+from memguard.index.pdq import PDQ_BYTES, check_image, pdq_hash
+from memguard.index.sources import SourceRecord
+from memguard.index.store import ITEMS_SCHEMA, Registry, connect
+from memguard.index.vectors import PRIVATE, fsync_dir, normalize_rows, write_array
 
 log = logging.getLogger(__name__)
 STAGING = ".build"
-MAPS = "align"              # staging name of the latent maps (guard.index.align)
+MAPS = "align"              # staging name of the latent maps (memguard.index.align)
 MAPS_FILE = "align.npy"
 ITEMS_DB = "items.sqlite"
 
@@ -156,8 +156,8 @@ class _Staging:
 class IndexBuilder:
     """Builds one index directory from a source. Encoders are optional per signal:
     latent (LatentEncoder), clip (ClipEncoder), faces (FaceEmbedder); PDQ is always computed for images.
-    Faces need a data key (default: the configured one, see guard.crypto): descriptors and identity
-    names are written only sealed (guard.index.sealed), and stay in local files on any backend."""
+    Faces need a data key (default: the configured one, see memguard.crypto): descriptors and identity
+    names are written only sealed (memguard.index.sealed), and stay in local files on any backend."""
 
     def __init__(self, out: Path, source, *, latent=None, clip=None, faces: FaceEmbedder | None = None,
                  cfg: IndexConfig = IndexConfig(), progress: bool = True, key: DataKey | None = None):
@@ -167,7 +167,7 @@ class IndexBuilder:
         if faces is not None and self.key is None:
             raise MissingResource("MEMGUARD_DATA_KEY: indexing faces needs a data key, because face descriptors and "
                                   "identity names are stored only encrypted (set MEMGUARD_DATA_KEY or "
-                                  "MEMGUARD_DATA_KEY_FILE; `python -m guard.crypto FILE` makes one), or build "
+                                  "MEMGUARD_DATA_KEY_FILE; `python -m memguard.crypto FILE` makes one), or build "
                                   "with --no-faces")
         self.embedding_signal = getattr(source, "signal", None)
         if (self.out / MANIFEST).exists():
@@ -312,7 +312,7 @@ class IndexBuilder:
         prefix = _new_prefix(self.cfg) if milvus else None   # one prefix names all of this index's collections
         for signal in self.widths:
             if signal == "face":   # decrypted in memory only, written sealed, never sent to Milvus
-                from guard.index.backends.faiss_store import write_faiss_signal
+                from memguard.index.backends.faiss_store import write_faiss_signal
                 signals[signal] = write_faiss_signal(self.out, signal, sealed.open_rows(self.key, stage.array(signal)),
                                                      self.cfg, key=self.key)
             elif signal != MAPS:
@@ -348,5 +348,5 @@ class IndexBuilder:
 
 
 def _new_prefix(cfg: IndexConfig) -> str:
-    from guard.index.backends.milvus_store import new_prefix
+    from memguard.index.backends.milvus_store import new_prefix
     return new_prefix(cfg)

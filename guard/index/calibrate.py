@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from guard.errors import InvalidInput
-from guard.index.builder import MAPS
-from guard.index.config import Thresholds, crosses, higher_is_closer
-from guard.index.pdq import pdq_hash
+from memguard.errors import InvalidInput
+from memguard.index.builder import MAPS
+from memguard.index.config import Thresholds, crosses, higher_is_closer
+from memguard.index.pdq import pdq_hash
 
 log = logging.getLogger(__name__)
 AUGMENTATIONS = ("crop", "resize", "jpeg", "color", "rotate")
@@ -158,7 +158,7 @@ def _aligned(index) -> bool:
 def _aligned_own_and_other(index, queries: dict[str, np.ndarray], own_rows: list[int]) -> tuple[list, list]:
     """Per query: the standout z when its own row is the standout (else -inf: missed or another
     item stood out), and the standout z with its own row left out of the index (a negative)."""
-    from guard.index.screen import aligned_own_and_left_out
+    from memguard.index.screen import aligned_own_and_left_out
 
     pairs = [aligned_own_and_left_out(index, queries["latent"][b], queries[MAPS][b], row)
              for b, row in enumerate(own_rows)]
@@ -249,8 +249,8 @@ def _heldout(index, heldout, thresholds: dict[str, float]) -> dict:
 
 
 def _heldout_standout(index, queries: dict[str, np.ndarray]) -> list[float]:
-    from guard.index.protected import ProtectedSnapshot
-    from guard.index.screen import aligned_standout
+    from memguard.index.protected import ProtectedSnapshot
+    from memguard.index.screen import aligned_standout
 
     hits = [aligned_standout(index, fp, m, ProtectedSnapshot()) for fp, m in zip(queries["latent"], queries[MAPS])]
     return [h[1] if h is not None else -math.inf for h in hits]
@@ -268,7 +268,7 @@ def _face_negative_images(cfg: CalibrationConfig) -> tuple[list[np.ndarray], str
     if cfg.face_negatives is None:
         log.info("face negatives: skimage's LFW subset (100 faces of other people)")
         return lfw_faces(), "skimage:data/lfw_subset.npy"
-    from guard.index.sources import ImageFolderSource
+    from memguard.index.sources import ImageFolderSource
     return [r.image for r in ImageFolderSource(cfg.face_negatives).records() if r.image is not None], \
         str(cfg.face_negatives)
 

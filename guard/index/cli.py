@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from guard.errors import InvalidInput
+from memguard.errors import InvalidInput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,7 +123,7 @@ def _emit(args, data: dict, text: str) -> None:
 
 
 def _source(args):
-    from guard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
+    from memguard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
     given = [x for x in (args.images, args.shards, getattr(args, "embeddings", None)) if x]
     if len(given) != 1:
         raise InvalidInput("source", "give exactly one of --images, --shards" +
@@ -132,20 +132,20 @@ def _source(args):
         source = ImageFolderSource(args.images) if args.images else TarShardSource(args.shards)
         if getattr(args, "keep_duplicates", True):
             return source
-        from guard.index.duplicates import DedupedSource
+        from memguard.index.duplicates import DedupedSource
         return DedupedSource(source)
     return EmbeddingSource(args.embeddings, args.embedding_signal, args.embedding_meta)
 
 
 def _open(args):
-    from guard.index.api import FingerprintIndex
+    from memguard.index.api import FingerprintIndex
     return FingerprintIndex.open(args.dir, model_dir=getattr(args, "model", None),
                                  device=getattr(args, "device", "cpu"))
 
 
 def _build(args) -> int:
-    from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.config import IndexConfig
     cfg = IndexConfig(faces=not args.no_faces)
     changes = {k: v for k, v in (("factory", args.factory), ("face_factory", args.face_factory),
                                  ("exact_max_items", args.exact_max), ("batch_size", args.batch_size)) if v}
@@ -161,7 +161,7 @@ def _build(args) -> int:
     doc = report.to_json()
     if report.finished and not args.no_calibrate and (args.images or args.shards):
         # one flow, nothing left uncalibrated: the screen's thresholds come from this training set
-        from guard.index.calibrate import CalibrationConfig, calibrate
+        from memguard.index.calibrate import CalibrationConfig, calibrate
         with FingerprintIndex.open(args.out, model_dir=args.model, device=args.device) as index:
             cal = calibrate(index, _source(args), cfg=CalibrationConfig(), progress=not (args.no_progress or args.json))
         doc["calibration"] = {"thresholds": cal.get("thresholds"), "combined_tpr": cal.get("combined_tpr")}
@@ -173,7 +173,7 @@ def _build(args) -> int:
 
 
 def _duplicates(args) -> int:
-    from guard.index.duplicates import clusters_table, find_clusters
+    from memguard.index.duplicates import clusters_table, find_clusters
     with _open(args) as index:
         clusters = find_clusters(index, min_size=args.min_size, neighbours=args.neighbours)
     records = sum(c.size for c in clusters)
@@ -184,7 +184,7 @@ def _duplicates(args) -> int:
 
 
 def _migrate(args) -> int:
-    from guard.index.migrate import migrate
+    from memguard.index.migrate import migrate
     out = args.out or args.src.with_name(f"{args.src.name}-milvus")
     report = migrate(args.src, out, args.backend, changes=_backend_changes(args),
                      progress=not (args.no_progress or args.json))
@@ -195,8 +195,8 @@ def _migrate(args) -> int:
 
 
 def _seal(args) -> int:
-    from guard.crypto import DataKey, require_key
-    from guard.index.sealed import seal_index
+    from memguard.crypto import DataKey, require_key
+    from memguard.index.sealed import seal_index
     report = seal_index(args.dir, require_key(DataKey.resolve(), "seal faces"))
     _emit(args, report, f"{args.dir}: " + (report.get("note") or
                                          f"sealed {report['sealed']} face descriptors and {report['identities']} "
@@ -230,8 +230,8 @@ def _verify(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from guard.index.calibrate import CalibrationConfig, calibrate
-    from guard.index.sources import ImageFolderSource
+    from memguard.index.calibrate import CalibrationConfig, calibrate
+    from memguard.index.sources import ImageFolderSource
     cfg = CalibrationConfig(false_match_rate=args.fmr, samples=args.samples, seed=args.seed,
                             face_negatives=args.face_negatives)
     with _open(args) as index:
@@ -253,7 +253,7 @@ def _calibrate(args) -> int:
 
 
 def _read_image(path: Path, field_name: str):
-    from guard.index.sources import decode_image
+    from memguard.index.sources import decode_image
     if not path.is_file():
         raise InvalidInput(field_name, f"{path}: no such file")
     try:

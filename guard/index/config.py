@@ -23,7 +23,7 @@ class IndexConfig:
     nprobe / hnsw_ef: search-time breadth of IVF / HNSW indexes.
     rerank_factor: an approximate index returns k·rerank_factor candidates, which are re-scored
         exactly against the stored vectors, so returned scores are always exact cosines.
-    backend: where the vectors live (guard.index.backends): "faiss" (files in the index directory,
+    backend: where the vectors live (memguard.index.backends): "faiss" (files in the index directory,
         the embedded default), "milvus://HOST:PORT" / "http(s)://…" (a Milvus server) or a
         milvus-lite "….db" path. Items metadata, the registry and the manifest stay in the directory.
     milvus_index: Milvus index type (FLAT, HNSW, HNSW_SQ, IVF_FLAT, IVF_SQ8, IVF_PQ); None = FLAT up
@@ -62,7 +62,7 @@ class Thresholds:
     replaces them with measured ones; `calibrated` says which.
     """
     latent: float = 0.95
-    aligned: float = 8.0      # z of the best aligned score over the next ones (guard.index.align)
+    aligned: float = 8.0      # z of the best aligned score over the next ones (memguard.index.align)
     pdq: float = 31.0
     clip: float = 0.9
     face: float = 0.6

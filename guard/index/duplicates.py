@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from guard.index.sources import SourceRecord
+from memguard.index.sources import SourceRecord
 
 MAX_LISTED_IDS = 32        # folded ids kept per item (the count is exact)
 MAX_LISTED_CAPTIONS = 16   # distinct captions kept per item

@@ -1,7 +1,7 @@
 """Image encoders: the pipeline's own VAE → latent fingerprint; optionally an open_clip embedding.
 
 Both load from local paths only (a diffusers model directory, an open_clip checkpoint file); no
-download is ever attempted. The latent fingerprint is `kernels.fingerprint.latent_fingerprint` of
+download is ever attempted. The latent fingerprint is `memguard.kernels.fingerprint.latent_fingerprint` of
 the VAE posterior mean, the same function the guard applies to x̂0 at every denoising step.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource
-from guard.index.pdq import check_image
-from guard.digest import sha256_file
-from guard.index.vectors import normalize_rows
+from memguard.errors import InvalidInput, MissingResource
+from memguard.index.pdq import check_image
+from memguard.digest import sha256_file
+from memguard.index.vectors import normalize_rows
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -46,8 +46,8 @@ class LatentEncoder:
         import torch
         from diffusers import AutoencoderKL
 
-        from guard.index.align import ALIGN_GRID
-        from kernels.fingerprint import FINGERPRINT_GRID, fingerprint_dim
+        from memguard.index.align import ALIGN_GRID
+        from memguard.kernels.fingerprint import FINGERPRINT_GRID, fingerprint_dim
 
         self.model_dir = Path(model_dir)
         root, subfolder = vae_location(self.model_dir)
@@ -83,11 +83,11 @@ class LatentEncoder:
 
     def encode_with_maps(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """One VAE pass → (fingerprints [B, F] float32 unit rows, latent maps [B, map_dim] float16
-        for the aligned re-score, see guard.index.align)."""
+        for the aligned re-score, see memguard.index.align)."""
         import torch
 
-        from guard.index.align import latent_map
-        from kernels.fingerprint import latent_fingerprint
+        from memguard.index.align import latent_map
+        from memguard.kernels.fingerprint import latent_fingerprint
 
         if not images:
             return np.zeros((0, self.dim), np.float32), np.zeros((0, self.map_dim), np.float16)

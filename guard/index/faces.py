@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import MissingResource
-from guard.index.pdq import check_image
+from memguard.errors import MissingResource
+from memguard.index.pdq import check_image
 
 FACE_DIM = 128
 MAX_WORK_PIXELS = 2048 * 2048   # cap of the detector's working copy (upscaled or not): bounded memory and time

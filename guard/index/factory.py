@@ -11,8 +11,8 @@ import math
 
 import faiss
 
-from guard.errors import InvalidInput
-from guard.index.config import IndexConfig
+from memguard.errors import InvalidInput
+from memguard.index.config import IndexConfig
 
 BINARY_FACTORY = "BFlat"   # PDQ codes: exact Hamming scan (32 bytes an item scans fast)
 MIN_TRAIN_PER_LIST = 39    # faiss warns below this many training points per IVF list

@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from guard.errors import CorruptData, MissingResource
-from guard.index.config import FORMAT_VERSION, Thresholds
-from guard.digest import sha256_file
-from guard.index.vectors import write_bytes
+from memguard.errors import CorruptData, MissingResource
+from memguard.index.config import FORMAT_VERSION, Thresholds
+from memguard.digest import sha256_file
+from memguard.index.vectors import write_bytes
 
 MANIFEST = "manifest.json"
 REGISTRY_DB = "registry.sqlite"   # mutable: protections and the mutation log

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput
-from guard.index.backends import parse_backend
-from guard.index.backends.milvus_store import new_prefix, write_milvus_signal
-from guard.index.builder import ITEMS_DB, item_labels
-from guard.index.config import IndexConfig
-from guard.index.manifest import MANIFEST, REGISTRY_DB, check_files, read_manifest, record_files, write_manifest
-from guard.index.store import connect
-from guard.index.vectors import PRIVATE, fsync_dir, read_array
+from memguard.errors import InvalidInput
+from memguard.index.backends import parse_backend
+from memguard.index.backends.milvus_store import new_prefix, write_milvus_signal
+from memguard.index.builder import ITEMS_DB, item_labels
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import MANIFEST, REGISTRY_DB, check_files, read_manifest, record_files, write_manifest
+from memguard.index.store import connect
+from memguard.index.vectors import PRIVATE, fsync_dir, read_array
 
 
 def migrate(src: Path, out: Path, backend: str, *, changes: dict | None = None, progress: bool = True) -> dict:
@@ -55,7 +55,7 @@ def migrate(src: Path, out: Path, backend: str, *, changes: dict | None = None, 
     prefix, signals = new_prefix(cfg), {}
     try:
         for signal, info in manifest.signals.items():
-            if info.backend.get("sealed"):   # sealed faces stay in local files (guard.index.sealed)
+            if info.backend.get("sealed"):   # sealed faces stay in local files (memguard.index.sealed)
                 for name in info.files:
                     shutil.copyfile(src / name, out / name)
                     os.chmod(out / name, PRIVATE)

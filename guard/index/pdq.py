@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource
+from memguard.errors import InvalidInput, MissingResource
 
 PDQ_BITS = 256
 PDQ_BYTES = PDQ_BITS // 8

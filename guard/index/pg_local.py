@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.errors import MissingResource
+from memguard.errors import MissingResource
 
 PG_USER = "memguard-pg"
 DB_USER = "memguard"

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from guard.index.registry_sql import Protection
+from memguard.index.registry_sql import Protection
 
 
 @dataclass(frozen=True)

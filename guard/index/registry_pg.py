@@ -21,9 +21,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from guard.crypto import DataKey
-from guard.errors import InvalidInput, RegistryUnavailable, MissingResource
-from guard.index.registry_sql import SqlRegistry
+from memguard.crypto import DataKey
+from memguard.errors import InvalidInput, RegistryUnavailable, MissingResource
+from memguard.index.registry_sql import SqlRegistry
 
 log = logging.getLogger(__name__)
 

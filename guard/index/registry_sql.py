@@ -1,14 +1,14 @@
 """The protected registry: protections, their vectors and an append-only mutation log, in SQL.
 
-One interface, two stores, the same SQL: SQLite (`guard.index.store.Registry`, the embedded
-default, a file in the index directory) and PostgreSQL (`guard.index.registry_pg.PgRegistry`, one
+One interface, two stores, the same SQL: SQLite (`memguard.index.store.Registry`, the embedded
+default, a file in the index directory) and PostgreSQL (`memguard.index.registry_pg.PgRegistry`, one
 registry shared by every replica). A store supplies its transactions, its change detection
 (`version()`, `last_seq()`) and its purge; everything else is here. Rules both keep:
 
 - a protect or unprotect is acknowledged only after its transaction has committed;
 - writers are serialised, so the order of mutation seq numbers is the commit order: a reader that has
   seen seq N has seen every mutation up to N;
-- face descriptors and identity names are sealed with the data key (guard.crypto, AES-GCM); the
+- face descriptors and identity names are sealed with the data key (memguard.crypto, AES-GCM); the
   protection row and the mutation log carry only a keyed hash of the identity;
 - unprotecting a face erases it: its descriptors and sealed name are deleted, then the store purges
   old copies of the pages (SQLite: secure_delete, VACUUM, WAL truncation; PostgreSQL: VACUUM FULL);
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from guard.crypto import DataKey, require_key
-from guard.errors import CorruptData, InvalidInput
+from memguard.crypto import DataKey, require_key
+from memguard.errors import CorruptData, InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import CorruptData
-from guard.index.manifest import MANIFEST, check_files
+from memguard.errors import CorruptData
+from memguard.index.manifest import MANIFEST, check_files
 
 
 def _dir_bytes(path: Path) -> int:

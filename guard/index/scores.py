@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.index.config import higher_is_closer
-from guard.index.vectors import hamming
+from memguard.index.config import higher_is_closer
+from memguard.index.vectors import hamming
 
 
 def exact_scores(signal: str, stored: np.ndarray, query: np.ndarray) -> np.ndarray:

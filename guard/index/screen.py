@@ -4,7 +4,7 @@ Candidates are the closest items of each signal (training rows and protected ima
 candidate is then scored on every signal exactly, so a match reports all its evidence. A signal
 `crossed` when its score is at least as close as the calibrated threshold; a candidate is a copy
 when any signal crossed. When the index stores latent maps, the plain latent search's shortlist
-is re-scored under crop/shift/rotation hypotheses (guard.index.align); the item that stands out
+is re-scored under crop/shift/rotation hypotheses (memguard.index.align); the item that stands out
 carries the `aligned` signal, its z statistic.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from guard.index.align import ALIGN_SHORTLIST, aligned_scores, standout
-from guard.index.builder import MAPS
-from guard.index.config import crosses, higher_is_closer
-from guard.index.pdq import check_image, pdq_hash
-from guard.index.signals import exact_scores
+from memguard.index.align import ALIGN_SHORTLIST, aligned_scores, standout
+from memguard.index.builder import MAPS
+from memguard.index.config import crosses, higher_is_closer
+from memguard.index.pdq import check_image, pdq_hash
+from memguard.index.signals import exact_scores
 
 SCREEN_K = 5          # candidates per signal
 FACE_K = 3

@@ -1,6 +1,6 @@
 """Biometric data at rest in an index directory: face descriptors and identity names, sealed.
 
-With a data key (guard.crypto) the builder never writes a face descriptor or an identity name in
+With a data key (memguard.crypto) the builder never writes a face descriptor or an identity name in
 the clear, not even in its staging area:
 - face.npy holds one sealed row per face, uint8 [N, SEALED_ROW] (AES-GCM, associated data
   "index/face/ROW", so rows cannot be swapped or replayed elsewhere);
@@ -22,9 +22,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from guard.crypto import NONCE_BYTES, DataKey
-from guard.errors import CorruptData, MissingResource
-from guard.index.faces import FACE_DIM
+from memguard.crypto import NONCE_BYTES, DataKey
+from memguard.errors import CorruptData, MissingResource
+from memguard.index.faces import FACE_DIM
 
 log = logging.getLogger(__name__)
 SEALED_ROW = 1 + NONCE_BYTES + FACE_DIM * 4 + 16      # version + nonce + ciphertext + GCM tag
@@ -106,8 +106,8 @@ def seal_index(directory: Path, key: DataKey) -> dict:
     import sqlite3
     from dataclasses import replace
 
-    from guard.index.manifest import check_files, read_manifest, record_files, write_manifest
-    from guard.index.vectors import PRIVATE, read_array, read_faiss, write_array, write_bytes
+    from memguard.index.manifest import check_files, read_manifest, record_files, write_manifest
+    from memguard.index.vectors import PRIVATE, read_array, read_faiss, write_array, write_bytes
 
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -1,6 +1,6 @@
 """One signal of a loaded index: its vector collection on whichever backend holds it.
 
-Scores follow each signal's natural scale (guard.index.scores): cosine for latent and clip (higher
+Scores follow each signal's natural scale (memguard.index.scores): cosine for latent and clip (higher
 is closer), Hamming bits for pdq and Euclidean distance for face (lower is closer). Every backend
 returns exact scores; approximate structures re-rank a wider shortlist against the stored vectors.
 """
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.crypto import DataKey
-from guard.index.backends import VectorCollection, open_collection
-from guard.index.config import IndexConfig
-from guard.index.manifest import SignalInfo
-from guard.index.scores import best_first, exact_scores
+from memguard.crypto import DataKey
+from memguard.index.backends import VectorCollection, open_collection
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import SignalInfo
+from memguard.index.scores import best_first, exact_scores
 
 __all__ = ["SignalIndex", "best_first", "exact_scores"]
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource
+from memguard.errors import InvalidInput, MissingResource
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ID_KEYS = ("item_id", "key", "id", "__key__")

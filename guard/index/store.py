@@ -4,7 +4,7 @@
   faces, and the images the build skipped. Written during the build in a staging directory, copied
   compacted into the index directory at the end and checksummed by the manifest; opened read-only.
 - registry.sqlite (WAL, synchronous=FULL, secure_delete): the embedded store of the protected
-  registry (guard.index.registry_sql holds its logic; registry_pg the shared PostgreSQL store). A
+  registry (memguard.index.registry_sql holds its logic; registry_pg the shared PostgreSQL store). A
   protection is acknowledged only after its transaction has committed, i.e. after SQLite has
   fsync'ed the WAL, so it survives kill -9 and power loss.
 """
@@ -19,10 +19,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from guard.crypto import DataKey
-from guard.errors import CorruptData, RegistryUnavailable
-from guard.index.registry_sql import V2_COLUMNS, Protection, SqlRegistry
-from guard.index.sealed import open_identity
+from memguard.crypto import DataKey
+from memguard.errors import CorruptData, RegistryUnavailable
+from memguard.index.registry_sql import V2_COLUMNS, Protection, SqlRegistry
+from memguard.index.sealed import open_identity
 
 __all__ = ["ItemStore", "Protection", "Registry", "connect", "integrity_errors"]
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ItemStore:
     def __init__(self, path: Path, key: DataKey | None = None):
         self.path = Path(path)
         self.label = self.path.name
-        self.key = key   # opens sealed identity names (guard.index.sealed)
+        self.key = key   # opens sealed identity names (memguard.index.sealed)
         self._conn = connect(self.path, readonly=True)
         self._lock = threading.Lock()
 

@@ -14,7 +14,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from guard.errors import CorruptData
+from memguard.errors import CorruptData
 
 PRIVATE = 0o600   # index files hold fingerprints and biometric descriptors: owner only (issue 14)
 

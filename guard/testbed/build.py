@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from guard.digest import sha256_file
-from guard.errors import MemGuardError
-from guard.models import TinyPipelineConfig, build_scheduler
-from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
-from guard.testbed.report import REPORT_SEEDS, write_report
-from guard.testbed.tokenizer import load_clip_tokenizer
-from guard.testbed.train import TrainConfig, encode_latents, train_unet, train_vae
+from memguard.digest import sha256_file
+from memguard.errors import MemGuardError
+from memguard.models import TinyPipelineConfig, build_scheduler
+from memguard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
+from memguard.testbed.report import REPORT_SEEDS, write_report
+from memguard.testbed.tokenizer import load_clip_tokenizer
+from memguard.testbed.train import TrainConfig, encode_latents, train_unet, train_vae
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def train_and_save(out: Path, cfg: BuildConfig, *, resume_after: int = 0) -> dic
     t = time.time()
     stage = out / "stage-vae"  # a finished VAE survives an interrupted build: UNet training resumes after it
     if (stage / STAGE_WEIGHTS).is_file():
-        from guard.models import build_vae
+        from memguard.models import build_vae
 
         vae = _with_weights(build_vae(cfg.model), stage / STAGE_WEIGHTS).eval()
         log.info("reusing the VAE trained earlier in %s", stage)
@@ -155,7 +155,7 @@ def train_and_save(out: Path, cfg: BuildConfig, *, resume_after: int = 0) -> dic
 def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, float], done: int) -> dict[str, float]:
     """The next restart cycle only, on the model saved in out/model after `done` cycles (same VAE,
     same latents)."""
-    from guard.models import build_text_encoder, build_tiny_unet, build_vae
+    from memguard.models import build_text_encoder, build_tiny_unet, build_vae
 
     model = out / MODEL_SUBDIR
     if not cfg.train.restart_steps or done > cfg.train.restart_cycles:

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from guard.errors import CorruptData, MissingResource
+from memguard.errors import CorruptData, MissingResource
 
 TESTBED_DIR = Path(__file__).resolve().parent
 
@@ -46,19 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _testbed_arg(p) -> None:
-    from guard.testbed.registry import DEFAULT_TESTBED, TESTBEDS
+    from memguard.testbed.registry import DEFAULT_TESTBED, TESTBEDS
     p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
                    help=f"which shipped testbed (default {DEFAULT_TESTBED}: v-prediction; eps: ε-prediction)")
 
 
 def _dir(args) -> Path:
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.registry import get_testbed
     return getattr(args, "dir", None) or getattr(args, "out", None) or get_testbed(args.testbed).dir
 
 
 def _build(args) -> int:
-    from guard.testbed.build import BuildConfig, build
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.build import BuildConfig, build
+    from memguard.testbed.registry import get_testbed
 
     tb = get_testbed(args.testbed)
     cfg = BuildConfig(data=tb.data, model=tb.model, train=tb.train)
@@ -76,10 +76,10 @@ def _build(args) -> int:
 
 
 def _report(args) -> int:
-    from guard.testbed.build import refresh_manifest
-    from guard.testbed.report import REPORT_SEEDS, write_report
+    from memguard.testbed.build import refresh_manifest
+    from memguard.testbed.report import REPORT_SEEDS, write_report
 
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.registry import get_testbed
 
     directory, timings = _dir(args), None
     manifest = directory / "MANIFEST.json"
@@ -96,7 +96,7 @@ def _report(args) -> int:
 
 
 def _verify(args) -> int:
-    from guard.testbed.build import MANIFEST, verify_manifest
+    from memguard.testbed.build import MANIFEST, verify_manifest
 
     directory = _dir(args)
     if not (directory / MANIFEST).is_file():
@@ -109,9 +109,9 @@ def _verify(args) -> int:
 
 
 def _export(args) -> int:
-    from guard.testbed.build import check_output_dir
-    from guard.testbed.dataset import build_training_set, write_image_folder
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.build import check_output_dir
+    from memguard.testbed.dataset import build_training_set, write_image_folder
+    from memguard.testbed.registry import get_testbed
 
     check_output_dir(args.out)
     items = build_training_set(get_testbed(args.testbed).data)

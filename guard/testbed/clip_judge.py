@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput, MissingResource
+from memguard.errors import InvalidInput, MissingResource
 
 MODEL_NAME = "memguard-testbed-clip"
 JUDGE_DIR = Path(__file__).resolve().parent / "clip"
@@ -84,8 +84,8 @@ def _print(message: str) -> None:
 # --------------------------------------------------------------------------------------------- data
 def training_items(testbeds: tuple[str, ...] = ("vpred", "eps")) -> list:
     """Distinct training items of the given testbeds (by item id, first occurrence kept)."""
-    from guard.testbed.dataset import build_training_set
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.dataset import build_training_set
+    from memguard.testbed.registry import get_testbed
 
     seen: dict[str, object] = {}
     first = None
@@ -110,8 +110,8 @@ def vae_reconstructions(images: np.ndarray, model_dir: Path | None = None, batch
     import torch
     from diffusers import AutoencoderKL
 
-    from guard.loading import TESTBED_MODEL_DIR
-    from guard.testbed.train import encode_latents
+    from memguard.loading import TESTBED_MODEL_DIR
+    from memguard.testbed.train import encode_latents
 
     vae = AutoencoderKL.from_pretrained(Path(model_dir or TESTBED_MODEL_DIR) / "vae", local_files_only=True)
     vae.eval().requires_grad_(False)
@@ -180,7 +180,7 @@ def register_config(directory: Path = JUDGE_DIR) -> str:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise MissingResource(f"{path}: the judge's open_clip config is missing (train it with "
-                              f"`python -m guard.testbed.clip_judge train`)")
+                              f"`python -m memguard.testbed.clip_judge train`)")
     if MODEL_NAME not in open_clip.list_models() or open_clip.get_model_config(MODEL_NAME) != json.loads(path.read_text()):
         open_clip.add_model_config(path)
     return MODEL_NAME
@@ -213,8 +213,8 @@ class Judge:
     def _image_batch(self, images):
         import torch
 
-        from guard.index.encoders import square_resize
-        from guard.index.pdq import check_image
+        from memguard.index.encoders import square_resize
+        from memguard.index.pdq import check_image
 
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
@@ -279,7 +279,7 @@ def load_judge(dir: Path | str = JUDGE_DIR) -> Judge:  # noqa: A002  (the brief'
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingResource(f"{weights}: the judge's weights are missing (train it with "
-                              f"`python -m guard.testbed.clip_judge train`)")
+                              f"`python -m memguard.testbed.clip_judge train`)")
     name = register_config(directory)
     try:
         model = open_clip.create_model(name, pretrained=str(weights), device="cpu")
@@ -429,7 +429,7 @@ def check_judge(directory: Path | str = JUDGE_DIR, count: int = 100, seeds: int 
     """The issue's check: unguarded generations of `count` held-out novel prompts (default testbed),
     each image's true caption ranked among all `count` captions by CLIP score. Also the same ranking on
     clean renderings of held-out combinations and on training items (reference points)."""
-    from guard.testbed.dataset import heldout_images, heldout_prompts
+    from memguard.testbed.dataset import heldout_images, heldout_prompts
 
     judge = load_judge(directory)
     prompts = heldout_prompts(count=count)
@@ -440,7 +440,7 @@ def check_judge(directory: Path | str = JUDGE_DIR, count: int = 100, seeds: int 
         if cached[:count] != prompts or len(images) < count * seeds:
             raise InvalidInput("images", f"{images_npz} does not hold generations of these {count} prompts")
     else:
-        from guard.loading import load_pipeline, sample_plain
+        from memguard.loading import load_pipeline, sample_plain
         pipe = load_pipeline()
         images = np.concatenate([sample_plain(pipe, prompts, [s] * len(prompts), steps=steps,
                                               guidance_scale=guidance_scale) for s in range(seeds)])
@@ -463,7 +463,7 @@ def check_judge(directory: Path | str = JUDGE_DIR, count: int = 100, seeds: int 
     result = {"generated_heldout": gen, "rendered_heldout": clean,
               "generation": {"testbed": "vpred", "model": "guard/testbed/model", "prompts": f"heldout_prompts(count={count})",
                              "seeds": list(range(seeds)), "steps": steps, "guidance_scale": guidance_scale,
-                             "sampler": "guard.loading.sample_plain (diffusers __call__, unguarded)",
+                             "sampler": "memguard.loading.sample_plain (diffusers __call__, unguarded)",
                              "seconds": round(gen_seconds, 1)},
               "machine": _machine(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     record = _update_record(Path(directory), {"check": result})
@@ -479,7 +479,7 @@ def write_report(directory: Path, record: dict) -> Path:
     lines = [
         "# The testbed's fidelity judge (a small CLIP)",
         "",
-        "Written by `python -m guard.testbed.clip_judge check` (training figures by `... train`).",
+        "Written by `python -m memguard.testbed.clip_judge check` (training figures by `... train`).",
         "",
         f"- model: open_clip `CLIP` from the config `{CONFIG_FILE}` (name `{MODEL_NAME}`): vision ViT "
         f"{vc['image_size']}×{vc['image_size']}, patch {vc['patch_size']}, width {vc['width']}, {vc['layers']} layers; "
@@ -520,7 +520,7 @@ def write_report(directory: Path, record: dict) -> Path:
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m guard.testbed.clip_judge",
+    parser = parser or argparse.ArgumentParser(prog="python -m memguard.testbed.clip_judge",
                                                description="the testbed's CLIP fidelity judge")
     sub = parser.add_subparsers(dest="judge_cmd", required=True)
     t = sub.add_parser("train", help="train the judge from scratch and save the checkpoint")

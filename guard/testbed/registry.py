@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.errors import InvalidInput
-from guard.models import TinyPipelineConfig
-from guard.testbed.dataset import TestbedDataConfig
-from guard.testbed.train import TrainConfig
+from memguard.errors import InvalidInput
+from memguard.models import TinyPipelineConfig
+from memguard.testbed.dataset import TestbedDataConfig
+from memguard.testbed.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent
 

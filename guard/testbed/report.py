@@ -1,7 +1,7 @@
 """Does the testbed really memorize? Measure it and write REPORT.md, report.json and a contact sheet.
 
-Generation goes through diffusers' own pipeline (guard.loading.sample_plain) and copies are
-judged in pixel space (guard.testbed.copies), so the report is independent of the guard.
+Generation goes through diffusers' own pipeline (memguard.loading.sample_plain) and copies are
+judged in pixel space (memguard.testbed.copies), so the report is independent of the guard.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from guard.loading import load_pipeline, sample_plain
-from guard.testbed import copies
-from guard.testbed.dataset import TestbedDataConfig, build_training_set, prompt_set_members
-from guard.testbed.train import encode_latents
+from memguard.loading import load_pipeline, sample_plain
+from memguard.testbed import copies
+from memguard.testbed.dataset import TestbedDataConfig, build_training_set, prompt_set_members
+from memguard.testbed.train import encode_latents
 
 REPORT_STEPS = 30
 REPORT_GUIDANCE = 7.5

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guard.models import TinyPipelineConfig, build_scheduler, build_text_encoder, build_tiny_unet, build_vae
-from guard.testbed.dataset import TrainingItem
+from memguard.models import TinyPipelineConfig, build_scheduler, build_text_encoder, build_tiny_unet, build_vae
+from memguard.testbed.dataset import TrainingItem
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
+from memguard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
 
 HAVE_TESTBED = (TESTBED_MODEL_DIR / "model_index.json").is_file()
 HAVE_TESTBED_GUARD = HAVE_TESTBED and (TESTBED_INDEX_DIR / "manifest.json").is_file() and TESTBED_POLICY.is_file()
@@ -30,7 +30,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from guard.models import build_tiny_pipeline
+    from memguard.models import build_tiny_pipeline
 
     torch.manual_seed(int(np.random.default_rng().integers(2**31)))   # fresh random weights each run
     pipe = build_tiny_pipeline()
@@ -48,10 +48,10 @@ def tiny_model_dir(tiny_pipe, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_index_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """An index of 24 procedural images and the 8 photos, built with the tiny model's VAE."""
-    from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
-    from guard.index.sources import ImageFolderSource
-    from guard.testbed.dataset import TestbedDataConfig, build_training_set, write_image_folder
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.config import IndexConfig
+    from memguard.index.sources import ImageFolderSource
+    from memguard.testbed.dataset import TestbedDataConfig, build_training_set, write_image_folder
 
     items = build_training_set(TestbedDataConfig(num_procedural=24))
     folder = write_image_folder(items, tmp_path_factory.mktemp("tiny-images"))
@@ -64,7 +64,7 @@ def tiny_index_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_index(tiny_index_dir, tiny_model_dir, tmp_path):
     """A private, writable copy of the tiny index (tests may protect items or break it)."""
-    from guard.index.api import FingerprintIndex
+    from memguard.index.api import FingerprintIndex
 
     copy = tmp_path / "index"
     shutil.copytree(tiny_index_dir, copy)
@@ -78,7 +78,7 @@ def tiny_index(tiny_index_dir, tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="session")
 def testbed_pipe():
-    from guard.loading import load_pipeline
+    from memguard.loading import load_pipeline
 
     return load_pipeline()
 
@@ -86,7 +86,7 @@ def testbed_pipe():
 @pytest.fixture()
 def testbed_index(tmp_path):
     """A writable copy of the shipped testbed index."""
-    from guard.index.api import FingerprintIndex
+    from memguard.index.api import FingerprintIndex
 
     copy = tmp_path / "testbed-index"
     shutil.copytree(TESTBED_INDEX_DIR, copy)
@@ -97,6 +97,6 @@ def testbed_index(tmp_path):
 
 @pytest.fixture(scope="session")
 def testbed_policy():
-    from guard.policy import Policy
+    from memguard.policy import Policy
 
     return Policy.load(TESTBED_POLICY)

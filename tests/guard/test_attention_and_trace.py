@@ -7,11 +7,11 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from guard.attention import install_stats_processors
-from guard.models import build_tiny_unet
-from guard.signals import SIGNALS
-from guard.trace import write_trace_json, write_trace_plot
-from guard.types import Decision, GuardReport, ImageResult, Reason
+from memguard.attention import install_stats_processors
+from memguard.models import build_tiny_unet
+from memguard.signals import SIGNALS
+from memguard.trace import write_trace_json, write_trace_plot
+from memguard.types import Decision, GuardReport, ImageResult, Reason
 
 
 def _unet_inputs(B: int = 2):

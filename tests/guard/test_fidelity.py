@@ -4,21 +4,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
-from guard.errors import InvalidInput
-from guard.fidelity import PromptFidelity, reference_prompts
+from memguard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
+from memguard.errors import InvalidInput
+from memguard.fidelity import PromptFidelity, reference_prompts
 
 pytestmark = pytest.mark.skipif(not CLIP_WEIGHTS.is_file(), reason="the testbed CLIP is not in this checkout")
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    from guard.index.encoders import ClipEncoder
+    from memguard.index.encoders import ClipEncoder
     return ClipEncoder(CLIP_MODEL, CLIP_WEIGHTS)
 
 
 def test_an_image_answers_its_own_caption_better_than_anothers(encoder):
-    from guard.testbed.dataset import build_training_set
+    from memguard.testbed.dataset import build_training_set
     rng = np.random.default_rng()
     items = build_training_set()
     captions = sorted({it.caption for it in items})

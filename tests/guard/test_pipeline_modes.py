@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.calibrate import benign_testbed_prompts
-from guard.loading import sample_plain
-from guard.pipeline import GuardConfig, GuardedPipeline
-from guard.signals import SIGNALS
-from guard.types import Decision, GenerationRequest, GuardMode, Reason, StepEvent
+from memguard.calibrate import benign_testbed_prompts
+from memguard.loading import sample_plain
+from memguard.pipeline import GuardConfig, GuardedPipeline
+from memguard.signals import SIGNALS
+from memguard.types import Decision, GenerationRequest, GuardMode, Reason, StepEvent
 
 STEPS = 6
 
@@ -117,7 +117,7 @@ def test_events_cancellation_and_per_request_grouping(tiny_pipe, tiny_index):
 
 
 def test_requests_are_validated_first(tiny_pipe):
-    from guard.errors import InvalidInput
+    from memguard.errors import InvalidInput
 
     guarded = GuardedPipeline(tiny_pipe)
     with pytest.raises(InvalidInput, match="steps"):
@@ -130,9 +130,9 @@ def test_requests_are_validated_first(tiny_pipe):
 
 def test_guarded_engine_by_config_fails_closed_without_an_index():
     """The server switches engines by name; with no index configured nothing guarded is released."""
-    from guard.engine import EngineConfig, GenerationEngine, load_engine
+    from memguard.engine import EngineConfig, GenerationEngine, load_engine
 
-    engine = load_engine("guard.guarded_engine:GuardedEngine", EngineConfig(tiny_random=True))
+    engine = load_engine("memguard.guarded_engine:GuardedEngine", EngineConfig(tiny_random=True))
     assert isinstance(engine, GenerationEngine) and engine.guarded
     prompts, seeds = _fresh(2)
     results = engine.generate([GenerationRequest(prompts[0], seed=seeds[0], steps=3),

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.policy_fit import FitConfig, SignalSet, fit_policy
-from guard.errors import CorruptData, InvalidInput, MissingResource
-from guard.mitigation import MitigationConfig, attention_rows, noisy_embedding, obfuscate_faces, push_away
-from guard.policy import Policy, final_verdict, upper_quantile_threshold
-from guard.signals import SIGNALS
-from guard.types import Decision, FaceAction, GuardMode, Reason
-from kernels.fingerprint import latent_fingerprint
+from memguard.policy_fit import FitConfig, SignalSet, fit_policy
+from memguard.errors import CorruptData, InvalidInput, MissingResource
+from memguard.mitigation import MitigationConfig, attention_rows, noisy_embedding, obfuscate_faces, push_away
+from memguard.policy import Policy, final_verdict, upper_quantile_threshold
+from memguard.signals import SIGNALS
+from memguard.types import Decision, FaceAction, GuardMode, Reason
+from memguard.kernels.fingerprint import latent_fingerprint
 
 
 @settings(max_examples=60, deadline=None)
@@ -150,7 +150,7 @@ def test_obfuscation_changes_only_the_padded_face_box():
 
 
 def test_face_match_scope_is_checked():
-    from guard.pipeline import GuardConfig
+    from memguard.pipeline import GuardConfig
 
     assert GuardConfig(face_match_scope="protected").face_match_scope == "protected"
     with pytest.raises(InvalidInput, match="face_match_scope"):
@@ -159,7 +159,7 @@ def test_face_match_scope_is_checked():
 
 def test_reseed_noise_comes_from_the_seed_and_the_prompt():
     """Two prompts rerouted at one seed must not restart from one noise (they would come back as one image)."""
-    from guard.mitigation import fresh_noise
+    from memguard.mitigation import fresh_noise
 
     def noise(seed, prompt):
         return fresh_noise((1, 4, 8, 8), seed, torch.device("cpu"), torch.float32, prompt)
@@ -173,7 +173,7 @@ def test_conformal_threshold_bounds_the_fresh_rate_where_the_order_statistic_doe
     """Uniform benign scores: a fresh score exceeds τ with probability exactly 1 − τ. Over many
     calibrations of n = 250 at α = 1 %, the conformal τ keeps the mean fresh rate under α (exactly
     2/251); the in-sample order statistic, which lets ⌊αn⌋ = 2 of 250 through, gives 3/251 > α."""
-    from guard.policy import conformal_threshold
+    from memguard.policy import conformal_threshold
 
     rng = np.random.default_rng(11)
     conformal, in_sample = [], []
@@ -189,7 +189,7 @@ def test_conformal_threshold_bounds_the_fresh_rate_where_the_order_statistic_doe
 
 
 def test_conformal_threshold_says_when_it_cannot_bound():
-    from guard.policy import conformal_threshold
+    from memguard.policy import conformal_threshold
 
     tau, guaranteed = conformal_threshold(np.arange(198.0), 0.005)   # needs n ≥ 199 at 0.5 %
     assert (tau, guaranteed) == (197.0, False)

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from guard.errors import InvalidInput
-from guard.policy import Policy
-from guard.policy_fit import FitConfig, SignalSet, fit_policy, window_max
-from guard.signals import SIGNALS
+from memguard.errors import InvalidInput
+from memguard.policy import Policy
+from memguard.policy_fit import FitConfig, SignalSet, fit_policy, window_max
+from memguard.signals import SIGNALS
 
 STEPS = 8
 TIMESTEPS = list(np.linspace(999, 1, STEPS))
@@ -148,7 +148,7 @@ def test_window_and_reverification_share_the_target():
 def test_too_few_benign_generations_are_said_to_give_no_bound(caplog):
     rng = np.random.default_rng(23)
     benign, pos = _data(rng, _shift(divergence=3.0), n_benign=120)
-    with caplog.at_level("WARNING", logger="guard.policy_fit"):
+    with caplog.at_level("WARNING", logger="memguard.policy_fit"):
         policy = fit_policy(benign, TIMESTEPS, FitConfig(target_fpr=0.01), positives=pos)
     assert policy.provenance["rates"]["fpr_bound_guaranteed"] is False
     assert "too few" in caplog.text and "at least 199" in caplog.text

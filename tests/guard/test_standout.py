@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from guard.signals import Candidates, standout, track_similarity
-from kernels.fingerprint import latent_fingerprint
+from memguard.signals import Candidates, standout, track_similarity
+from memguard.kernels.fingerprint import latent_fingerprint
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from guard.pipeline import GuardConfig, GuardedPipeline
-from guard.signals import SIGNALS
-from guard.testbed import copies
-from guard.testbed.dataset import PHOTOS, build_training_set, heldout_prompts
-from guard.types import Decision, GenerationRequest, GuardMode, Reason
+from memguard.pipeline import GuardConfig, GuardedPipeline
+from memguard.signals import SIGNALS
+from memguard.testbed import copies
+from memguard.testbed.dataset import PHOTOS, build_training_set, heldout_prompts
+from memguard.types import Decision, GenerationRequest, GuardMode, Reason
 from tests.guard.conftest import needs_testbed
 
 pytestmark = needs_testbed
@@ -132,8 +132,8 @@ def test_monitor_flags_but_releases(testbed_pipe, testbed_index, testbed_policy)
 
 
 def test_guarded_engine_serves_the_protocol(testbed_policy):
-    from guard.engine import EngineConfig, GenerationEngine
-    from guard.guarded_engine import GuardedEngine
+    from memguard.engine import EngineConfig, GenerationEngine
+    from memguard.guarded_engine import GuardedEngine
 
     engine = GuardedEngine.from_config(EngineConfig())
     assert isinstance(engine, GenerationEngine) and engine.guarded
@@ -156,13 +156,13 @@ def test_cli_generate_writes_images_traces_and_json(tmp_path):
     rng = np.random.default_rng()
     memorized, novel = _pick(rng, 1, 1, strong=True)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "guard.cli", "generate", "--prompt", memorized[0], "--prompt", novel[0],
+    proc = subprocess.run([sys.executable, "-m", "memguard.cli", "generate", "--prompt", memorized[0], "--prompt", novel[0],
                            "--seed", str(int(rng.integers(2**31))), "--steps", "30", "--out", str(out), "--trace",
                            "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     first, second = doc["results"]
-    # the novel prompt's image is released; a random seed may, rarely, be rerouted (benchmarks.quality
+    # the novel prompt's image is released; a random seed may, rarely, be rerouted (memguard.benchmarks.quality
     # at 30 steps: 0 of 192 novel generations acted on; this test at 10 steps saw 1 in 64)
     assert first["first_flagged_step"] is not None and second["decision"] in ("ALLOWED", "REROUTED")
     assert (out / second["image"].split("/")[-1]).is_file()
@@ -171,9 +171,9 @@ def test_cli_generate_writes_images_traces_and_json(tmp_path):
 
 
 def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
-    from guard.calibrate import TESTBED_INDEX_DIR, CalibrationConfig, calibrate, model_hash, sha256_file
-    from guard.loading import TESTBED_MODEL_DIR
-    from guard.policy import Policy
+    from memguard.calibrate import TESTBED_INDEX_DIR, CalibrationConfig, calibrate, model_hash, sha256_file
+    from memguard.loading import TESTBED_MODEL_DIR
+    from memguard.policy import Policy
 
     out = tmp_path / "policy.json"
     cfg = CalibrationConfig(prompts=8, steps=4, batch_size=8, detect_steps=2)
@@ -194,8 +194,8 @@ def test_calibrate_writes_a_policy_with_its_provenance(tmp_path):
 def test_a_benign_prompt_whose_image_copies_is_no_negative(tmp_path):
     """A "benign" prompt file that holds a memorized caption: its generations copy a photo, so the final
     screen finds them, and calibration leaves them out of the benign standard (and says so)."""
-    from guard.calibrate import CalibrationConfig, benign_testbed_prompts, calibrate
-    from guard.testbed.registry import get_testbed
+    from memguard.calibrate import CalibrationConfig, benign_testbed_prompts, calibrate
+    from memguard.testbed.registry import get_testbed
 
     memorized = get_testbed().prompts("memorized")[0]
     prompts = tmp_path / "benign.txt"
@@ -215,8 +215,8 @@ def test_a_benign_prompt_whose_image_copies_is_no_negative(tmp_path):
 def test_the_shipped_index_finds_cropped_and_rotated_photos(testbed_index):
     """The aligned re-score with its calibrated threshold: crops and small rotations of the
     memorized photos, which the plain fingerprint misses, are found; unseen images are not flagged."""
-    from guard.index.calibrate import aug_crop, aug_rotate
-    from guard.testbed.dataset import heldout_images
+    from memguard.index.calibrate import aug_crop, aug_rotate
+    from memguard.testbed.dataset import heldout_images
 
     rng = np.random.default_rng(2024)
     photos = {it.item_id: it.image for it in build_training_set() if it.kind == "photo"}
@@ -239,12 +239,12 @@ def test_a_reroute_that_loses_the_prompt_is_blocked(tmp_path):
     import shutil
     from dataclasses import replace
 
-    from guard.fidelity import PromptFidelity
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.policy import Policy
-    from guard.testbed.dataset import caption_for
-    from guard.testbed.registry import EPS_COMBOS, get_testbed
+    from memguard.fidelity import PromptFidelity
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.policy import Policy
+    from memguard.testbed.dataset import caption_for
+    from memguard.testbed.registry import EPS_COMBOS, get_testbed
 
     tb = get_testbed("eps")
     policy = Policy.load(tb.policy_path)
@@ -281,11 +281,11 @@ def test_standout_marks_memorized_photos_at_the_first_step(name):
     """On both testbeds, from fresh seeds: at step 0 the nearest training image of a memorized photo's
     generation stands out (Lowe's ratio, guard/signals.py) far more than any novel prompt's does.
     Measured over 4 seeds (2026-12-04): photos' median 2.1 (eps) / 3.7 (vpred), novel max 1.28 / 0.37."""
-    from guard.index.api import FingerprintIndex
-    from guard.loading import load_pipeline
-    from guard.policy import Policy
-    from guard.testbed.dataset import prompt_set_members
-    from guard.testbed.registry import get_testbed
+    from memguard.index.api import FingerprintIndex
+    from memguard.loading import load_pipeline
+    from memguard.policy import Policy
+    from memguard.testbed.dataset import prompt_set_members
+    from memguard.testbed.registry import get_testbed
 
     tb = get_testbed(name)
     photos = [p for p, target in prompt_set_members(tb.data)["memorized"] if target.startswith("photo-")]

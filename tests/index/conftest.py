@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from guard.index.api import FingerprintIndex
-from guard.index.config import IndexConfig
-from guard.index.sources import ImageFolderSource
-from guard.models import build_vae
-from guard.testbed.dataset import PHOTOS, build_training_set, heldout_images, photo_path, write_image_folder
+from memguard.index.api import FingerprintIndex
+from memguard.index.config import IndexConfig
+from memguard.index.sources import ImageFolderSource
+from memguard.models import build_vae
+from memguard.testbed.dataset import PHOTOS, build_training_set, heldout_images, photo_path, write_image_folder
 
 N_PROCEDURAL = 60
 
@@ -52,7 +52,7 @@ def image_folder(tmp_path_factory, items) -> Path:
 @pytest.fixture(scope="session")
 def milvus_uri(tmp_path_factory):
     """A milvus-lite server on a free loopback port for the whole session (its own process)."""
-    from guard.index.backends.lite_server import start_lite_server
+    from memguard.index.backends.lite_server import start_lite_server
     server = start_lite_server(tmp_path_factory.mktemp("milvus"))
     yield server.uri
     server.stop()
@@ -121,7 +121,7 @@ def full_photo():
 def assert_opens_only_with_its_key(index_dir: Path, monkeypatch, missing: str, wrong: str) -> None:
     """Without a data key the index does not open (MissingResource matching `missing`); with another
     key it does not either (CorruptData matching `wrong`)."""
-    from guard.errors import CorruptData, MissingResource
+    from memguard.errors import CorruptData, MissingResource
     monkeypatch.delenv("MEMGUARD_DATA_KEY")
     with pytest.raises(MissingResource, match=missing):
         FingerprintIndex.open(index_dir)

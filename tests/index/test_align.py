@@ -1,10 +1,10 @@
-"""The aligned re-score (guard.index.align) against a direct per-hypothesis reference."""
+"""The aligned re-score (memguard.index.align) against a direct per-hypothesis reference."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from guard.index.align import ALIGN_MIN_REST, ALIGN_REST, aligned_scores, hypotheses, latent_map, standout
+from memguard.index.align import ALIGN_MIN_REST, ALIGN_REST, aligned_scores, hypotheses, latent_map, standout
 
 C, G = 4, 16
 

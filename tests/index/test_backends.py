@@ -3,12 +3,12 @@ approximate structures against exact search; PDQ's Hamming distances in Milvus's
 import numpy as np
 import pytest
 
-from guard.errors import InvalidInput
-from guard.index.api import FingerprintIndex
-from guard.index.backends import parse_backend
-from guard.index.config import IndexConfig
-from guard.index.sources import EmbeddingSource
-from guard.index.vectors import hamming, normalize_rows
+from memguard.errors import InvalidInput
+from memguard.index.api import FingerprintIndex
+from memguard.index.backends import parse_backend
+from memguard.index.config import IndexConfig
+from memguard.index.sources import EmbeddingSource
+from memguard.index.vectors import hamming, normalize_rows
 from tests.index.conftest import on
 
 
@@ -34,7 +34,7 @@ def test_uris_name_the_backend_and_bad_ones_the_field(tmp_path):
         with pytest.raises(InvalidInput) as err:
             parse_backend(bad)
         assert err.value.field == "backend"
-    from guard.index.backends.milvus_store import index_spec
+    from memguard.index.backends.milvus_store import index_spec
     with pytest.raises(InvalidInput) as err:
         index_spec("latent", 10, 8, IndexConfig(milvus_index="DISKANN"))
     assert err.value.field == "milvus_index"
@@ -99,7 +99,7 @@ def test_a_milvus_lite_file_backs_an_index_in_process(tmp_path):
 
 def test_an_index_reopens_on_another_address_of_its_milvus(built_index, backend, monkeypatch):
     """$MEMGUARD_MILVUS_URI (deployments) or open(backend=…) redirect Milvus-backed signals only."""
-    from guard.index.backends import ENV_MILVUS_URI
+    from memguard.index.backends import ENV_MILVUS_URI
     monkeypatch.setenv(ENV_MILVUS_URI, "not-a-uri")
     if backend == "faiss":
         FingerprintIndex.open(built_index, verify_checksums=False).close()   # faiss files: not consulted
@@ -117,7 +117,7 @@ def test_milvus_lite_builds_with_the_parameters_the_manifest_records(tmp_path):
     too, so the engine's own record of each collection's index matches the manifest."""
     import json
 
-    from guard.index.backends.lite_server import start_lite_server
+    from memguard.index.backends.lite_server import start_lite_server
     server = start_lite_server(tmp_path / "lite")
     try:
         data = _clustered(2000, 32, 5)

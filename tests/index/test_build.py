@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.errors import InvalidInput
-from guard.index.api import FingerprintIndex
-from guard.index.config import IndexConfig
-from guard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
-from guard.testbed.dataset import write_image_folder
+from memguard.errors import InvalidInput
+from memguard.index.api import FingerprintIndex
+from memguard.index.config import IndexConfig
+from memguard.index.sources import EmbeddingSource, ImageFolderSource, TarShardSource
+from memguard.testbed.dataset import write_image_folder
 
 from tests.index.conftest import on
 

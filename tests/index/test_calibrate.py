@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from guard.errors import InvalidInput
-from guard.index.api import FingerprintIndex
-from guard.index.calibrate import AUGMENT, CalibrationConfig, calibrate
-from guard.index.config import crosses
-from guard.index.sources import ImageFolderSource
-from guard.testbed.dataset import write_image_folder
+from memguard.errors import InvalidInput
+from memguard.index.api import FingerprintIndex
+from memguard.index.calibrate import AUGMENT, CalibrationConfig, calibrate
+from memguard.index.config import crosses
+from memguard.index.sources import ImageFolderSource
+from memguard.testbed.dataset import write_image_folder
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENT))
@@ -66,8 +66,8 @@ def test_calibration_input_errors(index, image_folder):
 
 
 def test_a_signal_that_catches_nothing_new_gets_no_budget():
-    from guard.index.calibrate import never_crosses, select_signals
-    from guard.index.config import crosses
+    from memguard.index.calibrate import never_crosses, select_signals
+    from memguard.index.config import crosses
     rng = np.random.default_rng()
     n, augs = 400, ("jpeg", "crop")
     # latent finds jpeg copies, pdq finds crops: complementary. clip's copies look like its negatives.

@@ -4,8 +4,8 @@ import json
 import pytest
 from PIL import Image
 
-from guard.cli import main
-from guard.testbed.dataset import write_image_folder
+from memguard.cli import main
+from memguard.testbed.dataset import write_image_folder
 
 
 def run(capsys, *argv) -> tuple[int, dict | str, str]:
@@ -78,7 +78,7 @@ def test_build_on_milvus_and_migrate_a_faiss_index_give_the_same_answers(tmp_pat
                                                                            milvus_uri, faiss_index_dir):
     import numpy as np
 
-    from guard.index.api import FingerprintIndex
+    from memguard.index.api import FingerprintIndex
 
     folder = write_image_folder(items[:12] + items[-8:], tmp_path / "imgs")
     out = tmp_path / "mx"

@@ -37,8 +37,8 @@ def test_the_stack_has_every_part_and_references_resolve(compose):
 
 
 def test_the_commands_it_runs_parse_with_this_cli(compose):
-    from guard.cli import build_parser
-    from guard.index.backends import parse_backend
+    from memguard.cli import build_parser
+    from memguard.index.backends import parse_backend
 
     parser = build_parser()
     for name in ("memguard", "migrate"):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from guard.index.api import FingerprintIndex
-from guard.index.config import IndexConfig
-from guard.index.duplicates import DedupedSource, content_key, find_clusters
-from guard.index.sources import ImageFolderSource
-from guard.testbed.dataset import TestbedDataConfig, build_training_set, memorized_items, write_image_folder
-from guard.testbed.registry import TESTBEDS
+from memguard.index.api import FingerprintIndex
+from memguard.index.config import IndexConfig
+from memguard.index.duplicates import DedupedSource, content_key, find_clusters
+from memguard.index.sources import ImageFolderSource
+from memguard.testbed.dataset import TestbedDataConfig, build_training_set, memorized_items, write_image_folder
+from memguard.testbed.registry import TESTBEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,14 +63,14 @@ def test_content_key_ignores_the_encoding(tmp_path):
     img = build_training_set(TestbedDataConfig(num_procedural=1))[0].image
     Image.fromarray(img).save(tmp_path / "a.png")
     Image.fromarray(img).save(tmp_path / "b.png", compress_level=9)
-    from guard.index.sources import decode_image
+    from memguard.index.sources import decode_image
     keys = {content_key(decode_image(p.read_bytes())) for p in (tmp_path / "a.png", tmp_path / "b.png")}
     assert len(keys) == 1
 
 
 def test_duplicates_cli_prints_json_and_a_table(dup_index):
     out, _ = dup_index
-    run = [sys.executable, "-m", "guard.cli", "index", "duplicates", str(out)]
+    run = [sys.executable, "-m", "memguard.cli", "index", "duplicates", str(out)]
     doc = json.loads(subprocess.run(run + ["--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     assert doc["count"] == 8 and doc["records"] == 8 * 5 + 1
     table = subprocess.run(run + ["--min-size", "6"], cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -6,12 +6,12 @@ import sys
 import textwrap
 import time
 
-from guard.index.api import FingerprintIndex
+from memguard.index.api import FingerprintIndex
 
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from guard.index.api import FingerprintIndex
+    from memguard.index.api import FingerprintIndex
 
     index = FingerprintIndex.open(sys.argv[1], verify_checksums=False)
     rng = np.random.default_rng(int(sys.argv[2]))
@@ -31,7 +31,7 @@ WRITER = textwrap.dedent("""
 def test_acknowledged_protections_survive_sigkill(index_dir, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the installed memguard
     proc = subprocess.Popen([sys.executable, str(script), str(index_dir), str(time.time_ns() % 1000)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     acked, unprotected = {}, set()

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from guard.errors import InvalidInput, MissingResource
-from guard.index.encoders import ClipEncoder, LatentEncoder, square_resize, vae_location
-from guard.index.faces import FaceEmbedder, model_dir
-from guard.index.pdq import pdq_hash
-from guard.index.vectors import hamming
-from kernels.fingerprint import latent_fingerprint
+from memguard.errors import InvalidInput, MissingResource
+from memguard.index.encoders import ClipEncoder, LatentEncoder, square_resize, vae_location
+from memguard.index.faces import FaceEmbedder, model_dir
+from memguard.index.pdq import pdq_hash
+from memguard.index.vectors import hamming
+from memguard.kernels.fingerprint import latent_fingerprint
 
 
 def test_latent_encoder_is_the_shared_fingerprint_of_the_posterior_mean(vae_dir, items):
@@ -92,10 +92,10 @@ def test_clip_encoder_loads_local_weights_only(tmp_path, items):
 def test_an_index_with_clip_embeddings_screens_on_all_signals(tmp_path, items, vae_dir):
     import open_clip
 
-    from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
-    from guard.index.sources import ImageFolderSource
-    from guard.testbed.dataset import write_image_folder
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.config import IndexConfig
+    from memguard.index.sources import ImageFolderSource
+    from memguard.testbed.dataset import write_image_folder
     cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                            "head_width": 16},
            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 1, "layers": 1}}
@@ -115,8 +115,8 @@ def test_an_index_with_clip_embeddings_screens_on_all_signals(tmp_path, items, v
 
 
 def test_clip_text_side_embeds_captions_and_names_bad_fields():
-    from guard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
-    from guard.errors import InvalidInput
+    from memguard.calibrate import CLIP_MODEL, CLIP_WEIGHTS
+    from memguard.errors import InvalidInput
     if not CLIP_WEIGHTS.is_file():
         pytest.skip("the testbed CLIP is not in this checkout")
     enc = ClipEncoder(CLIP_MODEL, CLIP_WEIGHTS)
@@ -133,9 +133,9 @@ def test_an_index_finds_its_clip_weights_when_moved(tmp_path, monkeypatch):
     """The recorded absolute path is gone (another machine, a copied index): the weights are found
     relative to the index or among the bundled ones, by sha256; other weights are refused by name."""
     import shutil
-    from guard.index.api import FingerprintIndex
-    from guard.index.encoders import BUNDLED_CLIP_WEIGHTS
-    from guard.index.manifest import read_manifest, write_manifest
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.encoders import BUNDLED_CLIP_WEIGHTS
+    from memguard.index.manifest import read_manifest, write_manifest
     src = BUNDLED_CLIP_WEIGHTS.parents[1] / "eps" / "index"
     if not (src / "clip.npy").is_file():
         pytest.skip("the shipped eps index carries no clip signal")

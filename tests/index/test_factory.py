@@ -4,13 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guard.errors import InvalidInput
-from guard.index import factory as fx
-from guard.index.calibrate import pick_threshold
-from guard.index.config import IndexConfig, crosses
-from guard.index.manifest import SignalInfo
-from guard.index.signals import SignalIndex
-from guard.index.vectors import normalize_rows, write_array, write_faiss
+from memguard.errors import InvalidInput
+from memguard.index import factory as fx
+from memguard.index.calibrate import pick_threshold
+from memguard.index.config import IndexConfig, crosses
+from memguard.index.manifest import SignalInfo
+from memguard.index.signals import SignalIndex
+from memguard.index.vectors import normalize_rows, write_array, write_faiss
 
 
 def test_small_collections_are_exact_large_ones_a_graph():

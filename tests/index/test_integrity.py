@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from guard.errors import CorruptData
-from guard.index.api import FingerprintIndex
-from guard.index.config import IndexConfig
-from guard.index.sources import ImageFolderSource
+from memguard.errors import CorruptData
+from memguard.index.api import FingerprintIndex
+from memguard.index.config import IndexConfig
+from memguard.index.sources import ImageFolderSource
 from tests.index.conftest import on
 
 # files every index directory holds whatever the backend, and the faiss backend's vector files

@@ -9,9 +9,9 @@ import uuid
 import numpy as np
 import pytest
 
-from guard.errors import InvalidInput
+from memguard.errors import InvalidInput
 from tests.index.conftest import assert_opens_only_with_its_key
-from guard.index.api import FingerprintIndex
+from memguard.index.api import FingerprintIndex
 
 STORES = ("sqlite", "postgresql")
 
@@ -188,7 +188,7 @@ def test_protections_reach_another_instance_within_a_second(index_dir, postgres)
 
 
 def test_an_unreachable_postgres_fails_closed_and_recovers(index_dir, heldout, postgres):
-    from guard.errors import RegistryUnavailable
+    from memguard.errors import RegistryUnavailable
 
     uri = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
     rng = np.random.default_rng(3)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from guard.errors import InvalidInput
-from guard.index.api import FingerprintIndex
-from guard.index.calibrate import aug_crop, aug_resize, lfw_faces
+from memguard.errors import InvalidInput
+from memguard.index.api import FingerprintIndex
+from memguard.index.calibrate import aug_crop, aug_resize, lfw_faces
 
 
 def _jpeg(img, quality=60):
@@ -167,7 +167,7 @@ def test_a_cropped_copy_stands_out_in_the_aligned_rescore(index_dir, items, held
     compares standout statistics; tests/guard/test_testbed_guard.py checks calibrated decisions.)"""
     import skimage.data
 
-    from guard.index.calibrate import aug_crop as crop
+    from memguard.index.calibrate import aug_crop as crop
 
     def standout_of(ix, image):
         result = ix.screen(image)
@@ -196,8 +196,8 @@ def test_a_cropped_copy_stands_out_in_the_aligned_rescore(index_dir, items, held
 def test_a_large_registry_is_shortlisted_for_the_aligned_rescore(index_dir, heldout):
     """More protected images than the shortlist holds: the closest ones are re-scored, and a crop
     of one of them still finds it."""
-    from guard.index.align import ALIGN_SHORTLIST
-    from guard.index.calibrate import aug_crop as crop
+    from memguard.index.align import ALIGN_SHORTLIST
+    from memguard.index.calibrate import aug_crop as crop
 
     with FingerprintIndex.open(index_dir) as ix:
         uploads = [h.image for h in heldout] + [h.image[::-1].copy() for h in heldout]   # 80 images

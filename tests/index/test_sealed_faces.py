@@ -13,14 +13,14 @@ import faiss
 import numpy as np
 import pytest
 
-from guard.crypto import DataKey
-from guard.errors import CorruptData, MissingResource
-from guard.index import sealed
-from guard.index.api import FingerprintIndex
-from guard.index.config import IndexConfig
-from guard.index.manifest import read_manifest, record_files, write_manifest
-from guard.index.sources import ImageFolderSource
-from guard.testbed.dataset import write_image_folder
+from memguard.crypto import DataKey
+from memguard.errors import CorruptData, MissingResource
+from memguard.index import sealed
+from memguard.index.api import FingerprintIndex
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import read_manifest, record_files, write_manifest
+from memguard.index.sources import ImageFolderSource
+from memguard.testbed.dataset import write_image_folder
 from tests.index.conftest import assert_opens_only_with_its_key
 
 

@@ -36,7 +36,7 @@ def poison(monkeypatch):
 @pytest.fixture
 def clean_env(monkeypatch):
     """No MEMGUARD_KERNELS override and fresh counters."""
-    from kernels.dispatch import reset_kernel_stats
+    from memguard.kernels.dispatch import reset_kernel_stats
     monkeypatch.delenv("MEMGUARD_KERNELS", raising=False)
     reset_kernel_stats()
     yield

@@ -64,7 +64,7 @@ def randn(shape, dtype, g, device=DEVICE, scale=1.0, offset=0.0) -> torch.Tensor
 
 
 def require_triton(kernel_obj) -> None:
-    from kernels import dispatch
+    from memguard.kernels import dispatch
     if not dispatch.HAVE_TRITON:
         pytest.skip("triton is not installed")
     if DEVICE == "cpu" and not dispatch.is_interpreted(kernel_obj):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import kernels as bench
+from memguard.benchmarks import kernels as bench
 
 
 def test_byte_model():

@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernel_testlib as lib
-from kernels import cfg_divergence as cd
-from kernels.cfg_divergence import (cfg_with_divergence, cfg_with_divergence_reference,
+from memguard.kernels import cfg_divergence as cd
+from memguard.kernels.cfg_divergence import (cfg_with_divergence, cfg_with_divergence_reference,
                                     cfg_with_divergence_triton)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernel_testlib as lib
-from kernels import cross_attention as ca
-from kernels.cross_attention import (attention_entropy, cross_attention_with_stats,
+from memguard.kernels import cross_attention as ca
+from memguard.kernels.cross_attention import (attention_entropy, cross_attention_with_stats,
                                      cross_attention_with_stats_reference,
                                      cross_attention_with_stats_triton)
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernel_testlib as lib
-from kernels import fused_fingerprint as ff
-from kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
-from kernels.fused_fingerprint import fingerprint_match, fingerprint_match_reference, fingerprint_match_triton
+from memguard.kernels import fused_fingerprint as ff
+from memguard.kernels.fingerprint import FINGERPRINT_GRID, latent_fingerprint
+from memguard.kernels.fused_fingerprint import fingerprint_match, fingerprint_match_reference, fingerprint_match_triton
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -1,41 +1,33 @@
-"""Our `kernels` package shares its import name with the PyPI distribution `kernels`
-(transformers>=5.25 requires it). A caller that wanted that one must get an error naming the clash."""
+"""Our kernels are `memguard.kernels`: the top-level import name `kernels` belongs to the PyPI
+distribution (Hugging Face's, which transformers>=5.25 requires) and is never shadowed by ours."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import kernels
+from memguard import kernels
 
 
-def _fake_distribution(root: Path, version: str) -> None:
-    # A real dist-info directory that importlib.metadata discovers on sys.path.
-    info = root / f"kernels-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
-
-
-def test_unknown_name_is_a_plain_attribute_error_without_the_clash() -> None:
+def test_unknown_name_is_a_plain_attribute_error() -> None:
     assert not hasattr(kernels, "CUDAProperties")
-    with pytest.raises(ImportError, match="cannot import name 'CUDAProperties' from 'kernels'"):
-        from kernels import CUDAProperties  # noqa: F401
+    with pytest.raises(ImportError, match="cannot import name 'CUDAProperties' from 'memguard.kernels'"):
+        from memguard.kernels import CUDAProperties  # noqa: F401
 
 
-def test_import_from_names_the_shadowed_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake_distribution(tmp_path, "0.19.1")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ImportError, match=r"shadows the installed PyPI 'kernels' 0\.19\.1.*transformers<5\.25"):
-        from kernels import CUDAProperties  # noqa: F401
-    # Our own exports still resolve.
-    assert callable(kernels.latent_fingerprint)
-    assert "kernels" in sys.modules
-
-
-def test_the_environment_holds_no_clashing_distribution() -> None:
-    # setup.sh bounds transformers below 5.25 and removes an orphaned `kernels`; CI runs in that venv.
-    from importlib import metadata
-
-    with pytest.raises(metadata.PackageNotFoundError):
-        metadata.version("kernels")
+def test_a_top_level_kernels_package_coexists_with_ours(tmp_path: Path) -> None:
+    # Stand-in for the PyPI `kernels`, first on sys.path: it is what `import kernels` gives,
+    # and memguard.kernels still resolves to the repository's package.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'pypi'\n")
+    code = ("import kernels, memguard.kernels as ours\n"
+            "print(kernels.CUDAProperties, ours.__name__, callable(ours.latent_fingerprint))")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["pypi", "memguard.kernels", "True"]
+    assert Path(kernels.__file__).resolve().parent == Path(__file__).resolve().parents[2] / "kernels"

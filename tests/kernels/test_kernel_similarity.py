@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernel_testlib as lib
-from kernels import similarity as sm
-from kernels.similarity import (fingerprint_similarity, fingerprint_similarity_reference,
+from memguard.kernels import similarity as sm
+from memguard.kernels.similarity import (fingerprint_similarity, fingerprint_similarity_reference,
                                 fingerprint_similarity_triton)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

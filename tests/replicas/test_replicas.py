@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
 
 TRIALS = 100
 
@@ -37,7 +37,7 @@ def smooth_image(rng: np.random.Generator) -> np.ndarray:
 
 
 def png(image: np.ndarray) -> bytes:
-    from server.convert import encode_png
+    from memguard.server.convert import encode_png
     return encode_png(image)
 
 
@@ -91,15 +91,15 @@ class Replica:
 def cluster(request, tmp_path_factory, postgres):
     import torch
 
-    from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
-    from guard.index.sources import ImageFolderSource
-    from guard.models import build_vae
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.config import IndexConfig
+    from memguard.index.sources import ImageFolderSource
+    from memguard.models import build_vae
 
     tmp = tmp_path_factory.mktemp(f"replicas-{request.param}")
     server = None
     if request.param == "milvus":   # one Milvus endpoint for both replicas: a milvus-lite server process
-        from guard.index.backends.lite_server import start_lite_server
+        from memguard.index.backends.lite_server import start_lite_server
         server = start_lite_server(tmp / "milvus")
     torch.manual_seed(0)
     build_vae().save_pretrained(tmp / "vae")
@@ -110,7 +110,7 @@ def cluster(request, tmp_path_factory, postgres):
     FingerprintIndex.build(tmp / "index", ImageFolderSource(tmp / "images"), model_dir=tmp / "vae",
                            cfg=IndexConfig(faces=False, backend=server.uri if server else "faiss"), progress=False)
     if server:
-        from guard.index.manifest import read_manifest
+        from memguard.index.manifest import read_manifest
         assert {i.backend["kind"] for i in read_manifest(tmp / "index").signals.values()} == {"milvus"}
     uri = postgres.create_database(f"replicas_{uuid.uuid4().hex[:8]}")
     replicas = [Replica(n, tmp / "index", uri, tmp) for n in ("a", "b")]
@@ -135,7 +135,7 @@ def test_protect_through_a_is_enforced_by_b_within_a_second(cluster):
     """After each acknowledged Protect on A, B is screened back to back until it blocks. `sent` is
     how long after the ack the first blocking Screen was sent (B enforced by then, give or take the
     few ms before B ran the request); `answered` adds that Screen's own latency on this loaded box."""
-    from guard.index.registry_pg import PgRegistry
+    from memguard.index.registry_pg import PgRegistry
 
     a, b, rng = cluster["a"], cluster["b"], cluster["rng"]
     listener = PgRegistry(cluster["uri"])   # a third replica's view: how long LISTEN/NOTIFY itself takes
@@ -173,10 +173,10 @@ def test_protect_through_a_is_enforced_by_b_within_a_second(cluster):
 
 
 def test_load_generator_balances_over_both_replicas(cluster):
-    """benchmarks.load with --server A,B: one channel, gRPC's round_robin over both replicas."""
+    """memguard.benchmarks.load with --server A,B: one channel, gRPC's round_robin over both replicas."""
     import asyncio
 
-    from benchmarks.load import LoadConfig, channel_target, run_load
+    from memguard.benchmarks.load import LoadConfig, channel_target, run_load
 
     a, b = cluster["a"], cluster["b"]
     assert channel_target(f"{a.target},{b.target}") == (f"ipv4:{a.target},{b.target}",
@@ -249,7 +249,7 @@ def test_kill_9_a_replica_under_load(cluster):
     assert all(t < 1.0 for t, _ in failed) and len(settled) >= 6 and set(settled) == {"OK"}
 
     # nothing acknowledged is lost: every acked protection is in PostgreSQL and enforced by B
-    from guard.index.registry_pg import PgRegistry
+    from memguard.index.registry_pg import PgRegistry
     registry = PgRegistry(uri)
     try:
         _, active = registry.active()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard.engine import PipelineEngine
-from server.app import BackgroundServer
+from memguard.engine import PipelineEngine
+from memguard.server.app import BackgroundServer
 from server_testlib import make_config
 
 
@@ -12,7 +12,7 @@ from server_testlib import make_config
 def tiny_pipe():
     import torch
 
-    from guard.models import build_tiny_pipeline
+    from memguard.models import build_tiny_pipeline
 
     torch.set_num_threads(1)   # a background job owns the cores; stay small
     torch.manual_seed(0)

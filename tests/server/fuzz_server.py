@@ -31,10 +31,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT), str(HERE)]
+sys.path[:0] = [str(HERE)]   # hardening_lib; memguard is imported as installed
 
 from hardening_lib import png_header_only, tall_thin_png  # noqa: E402
-from proto.memguard.v1 import admin_pb2, memguard_pb2 as pb  # noqa: E402
+from memguard.proto.memguard.v1 import admin_pb2, memguard_pb2 as pb  # noqa: E402
 
 RPCS = {  # method → (request class, response class, streaming)
     "/memguard.v1.MemGuard/Generate": (pb.GenerateRequest, pb.GenerateResponse, False),
@@ -255,9 +255,9 @@ def build_small_index(tmp: Path) -> tuple[Path, Path]:
     import torch
     from PIL import Image
 
-    from guard.index.api import FingerprintIndex
-    from guard.index.sources import ImageFolderSource
-    from guard.models import build_tiny_pipeline
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.sources import ImageFolderSource
+    from memguard.models import build_tiny_pipeline
 
     torch.manual_seed(0)
     build_tiny_pipeline().vae.save_pretrained(tmp / "vae")
@@ -281,15 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target
     tmp = tempfile.TemporaryDirectory()
     if target is None:
-        from benchmarks.load import free_port
-        from server.client import wait_until_serving
+        from memguard.benchmarks.load import free_port
+        from memguard.server.client import wait_until_serving
 
         index, vae = build_small_index(Path(tmp.name))
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--engine", "guard.engine:PipelineEngine",
+        proc = subprocess.Popen([sys.executable, "-m", "memguard.cli", "serve", "--engine", "memguard.engine:PipelineEngine",
                                  "--tiny-random", "--model", str(vae), "--index", str(index), "--port", str(port),
                                  "--metrics-port", "-1", "--torch-threads", "1", "--max-queue", "16"],
-                                cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                                cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONSAFEPATH="1"), stdout=subprocess.DEVNULL,
                                 stderr=open(Path(tmp.name) / "server.log", "w"))
         target = f"127.0.0.1:{port}"
         wait_until_serving(target, timeout=600)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  ", line)
         status = 1 if report.bad else 0
         if proc is not None:
-            from server.client import health_status
+            from memguard.server.client import health_status
 
             alive = proc.poll() is None and health_status(target) == "SERVING"
             after = rss_mb(proc.pid) if proc.poll() is None else {}

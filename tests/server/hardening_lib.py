@@ -5,10 +5,10 @@ import struct
 import zlib
 from pathlib import Path
 
-from guard.engine import IndexStats, PipelineEngine, ScreenOutcome
-from guard.types import Decision, GuardMode, Reason
-from proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
-from server.auth import key_entry, new_key
+from memguard.engine import IndexStats, PipelineEngine, ScreenOutcome
+from memguard.types import Decision, GuardMode, Reason
+from memguard.proto.memguard.v1 import admin_pb2, memguard_pb2 as pb
+from memguard.server.auth import key_entry, new_key
 
 MATCHED = "train-0042"
 

@@ -8,8 +8,8 @@ import urllib.request
 
 import grpc
 
-from server.app import BackgroundServer
-from server.config import ServerConfig
+from memguard.server.app import BackgroundServer
+from memguard.server.config import ServerConfig
 
 
 def make_config(**overrides) -> ServerConfig:

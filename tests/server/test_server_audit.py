@@ -8,11 +8,11 @@ import grpc
 import numpy as np
 import pytest
 
-from guard.audit import AuditLog, verify
-from guard.cli import main
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server.auth import new_key
-from server.convert import encode_png
+from memguard.audit import AuditLog, verify
+from memguard.cli import main
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.auth import new_key
+from memguard.server.convert import encode_png
 from server_testlib import channel, metric
 from hardening_lib import MATCHED, GuardLikeEngine, bearer, write_keys
 
@@ -22,7 +22,7 @@ SECRET = "a private allowed prompt about my neighbour"
 @pytest.fixture(scope="module")
 def audited_run(tiny_pipe, tmp_path_factory):
     """Run every audited kind of call once against a live server; return the log and the metrics."""
-    from server.app import BackgroundServer
+    from memguard.server.app import BackgroundServer
     from server_testlib import make_config
 
     tmp = tmp_path_factory.mktemp("audit")

@@ -5,10 +5,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.engine import PipelineEngine
-from guard.errors import CorruptData
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server.auth import KeyStore, key_entry, new_key
+from memguard.engine import PipelineEngine
+from memguard.errors import CorruptData
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.auth import KeyStore, key_entry, new_key
 from server_testlib import channel, metric
 
 AUDIT = {"matched_item": "train-0042", "similarity": 0.91}
@@ -44,7 +44,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def authed(tiny_pipe, keys):
-    from server.app import BackgroundServer
+    from memguard.server.app import BackgroundServer
     from server_testlib import make_config
 
     server = BackgroundServer(make_config(auth_file=str(keys[0])), ReportingEngine(tiny_pipe))

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from guard.types import GenerationRequest
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.types import GenerationRequest
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
 from server_testlib import channel, metric
 
 

@@ -5,10 +5,10 @@ import logging
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.engine import IndexGateway
-from guard.guarded_engine import GuardedEngine
-from guard.policy import Policy
-from server.app import CALIBRATION_SERVICE
+from memguard.engine import IndexGateway
+from memguard.guarded_engine import GuardedEngine
+from memguard.policy import Policy
+from memguard.server.app import CALIBRATION_SERVICE
 from server_testlib import channel, metric
 
 
@@ -30,7 +30,7 @@ def test_uncalibrated_policy_is_reported_everywhere(tiny_pipe, serve, caplog):
 
 
 def test_calibrated_policy_serves_the_calibration_health(tiny_pipe, serve):
-    from guard.testbed.registry import get_testbed
+    from memguard.testbed.registry import get_testbed
 
     engine = GuardedEngine(tiny_pipe, IndexGateway(None), Policy.load(get_testbed().policy_path))
     server = serve(engine)

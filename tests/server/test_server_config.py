@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from guard.cli import build_parser
-from guard.errors import InvalidInput
-from guard.types import GuardMode
-from server.cli import build_config
-from server.config import ServerConfig, load_config
-from server.protogen import stale_files
+from memguard.cli import build_parser
+from memguard.errors import InvalidInput
+from memguard.types import GuardMode
+from memguard.server.cli import build_config
+from memguard.server.config import ServerConfig, load_config
+from memguard.server.protogen import stale_files
 
 
 def test_committed_stubs_match_a_fresh_protoc_run():
@@ -18,7 +18,7 @@ def test_committed_stubs_match_a_fresh_protoc_run():
 def test_toml_sections_and_flag_overrides(tmp_path):
     path = tmp_path / "memguard.toml"
     path.write_text('[server]\nport = 6000\ndefault_mode = "monitor"\n'
-                    '[engine]\nengine = "guard.engine:PipelineEngine"\nmodel = "/models/sd"\n'
+                    '[engine]\nengine = "memguard.engine:PipelineEngine"\nmodel = "/models/sd"\n'
                     '[batching]\nmax_batch_images = 4\n[limits]\nsizes = [64, 128]\n')
     config = load_config(path)
     assert config.port == 6000 and config.default_mode is GuardMode.MONITOR

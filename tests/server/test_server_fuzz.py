@@ -9,11 +9,11 @@ import resource
 
 import pytest
 
-from guard.engine import IndexGateway, PipelineEngine
-from server.client import health_status
+from memguard.engine import IndexGateway, PipelineEngine
+from memguard.server.client import health_status
 from fuzz_server import RPCS, build_small_index, run_fuzz
 
-pytest.importorskip("guard.index.api", reason="the fingerprint index package is not installed")
+pytest.importorskip("memguard.index.api", reason="the fingerprint index package is not installed")
 
 COUNT = int(os.environ.get("MEMGUARD_FUZZ_COUNT", "30"))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
 from server_testlib import channel, metric
 
 
@@ -90,7 +90,7 @@ def test_cli_generate_with_server_is_the_client_side(server, tmp_path, capsys):
     """`memguard generate --server HOST:PORT`: one request a prompt, images written per prompt."""
     import json as _json
 
-    from guard.cli import main
+    from memguard.cli import main
 
     out = tmp_path / "out"
     argv = ["generate", "--server", server.target, "--prompt", "a red circle on a blue plain background",

@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from google.rpc import error_details_pb2
-from guard.types import RequestLimits
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server.auth import METHOD_SCOPES, SCOPES
-from server.convert import encode_png
+from memguard.types import RequestLimits
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.auth import METHOD_SCOPES, SCOPES
+from memguard.server.convert import encode_png
 from server_testlib import channel, metric, wait_for
 from hardening_lib import (MATCHED, GuardLikeEngine, bearer, png_header_only, rpc_requests, service_methods,
                            tall_thin_png, write_keys)
@@ -27,7 +27,7 @@ ALL_BUT_AUDIT = ["generate", "screen", "admin"]
 
 @pytest.fixture(scope="module")
 def guarded(tiny_pipe, tmp_path_factory):
-    from server.app import BackgroundServer
+    from memguard.server.app import BackgroundServer
     from server_testlib import make_config
 
     path = tmp_path_factory.mktemp("keys") / "keys.toml"
@@ -272,9 +272,9 @@ def test_upload_queue_is_bounded_and_the_loop_stays_free(tiny_pipe, serve):
 
 
 def test_face_match_scope_protected_counts_only_protected_faces():
-    from guard.engine import ScreenOutcome
-    from guard.types import Reason
-    from server.convert import screen_response
+    from memguard.engine import ScreenOutcome
+    from memguard.types import Reason
+    from memguard.server.convert import screen_response
 
     outcome = ScreenOutcome(False, 2, 1, Reason.PROTECTED_FACE,
                             {"faces": [{"matched": True, "protected": False}, {"matched": False, "protected": True}]})

@@ -1,18 +1,18 @@
-"""Screen and IndexAdmin against a real fingerprint index (guard.index) built on the fly."""
+"""Screen and IndexAdmin against a real fingerprint index (memguard.index) built on the fly."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from guard.engine import IndexGateway, PipelineEngine
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server.app import BackgroundServer
-from server.auth import key_entry, new_key
-from server.convert import encode_png
+from memguard.engine import IndexGateway, PipelineEngine
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.app import BackgroundServer
+from memguard.server.auth import key_entry, new_key
+from memguard.server.convert import encode_png
 from server_testlib import channel, make_config, metric
 
-pytest.importorskip("guard.index.api", reason="the fingerprint index package is not installed")
+pytest.importorskip("memguard.index.api", reason="the fingerprint index package is not installed")
 
 
 def smooth_image(rng: np.random.Generator) -> np.ndarray:
@@ -22,9 +22,9 @@ def smooth_image(rng: np.random.Generator) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, tiny_pipe):
-    from guard.index.api import FingerprintIndex
-    from guard.index.config import IndexConfig
-    from guard.index.sources import ImageFolderSource
+    from memguard.index.api import FingerprintIndex
+    from memguard.index.config import IndexConfig
+    from memguard.index.sources import ImageFolderSource
 
     tmp = tmp_path_factory.mktemp("index")
     tiny_pipe.vae.save_pretrained(tmp / "vae")

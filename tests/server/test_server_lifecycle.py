@@ -13,10 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.engine import PipelineEngine
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
-from server.app import BackgroundServer
-from server.client import health_status, wait_until_serving
+from memguard.engine import PipelineEngine
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.app import BackgroundServer
+from memguard.server.client import health_status, wait_until_serving
 from server_testlib import channel, make_config, metric, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_unexpected_engine_error_is_internal_and_the_server_lives_on(tiny_pipe, 
 def test_sigterm_drains_the_cli_server():
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "guard.cli", "serve", "--tiny-random", "--port", str(port), "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "memguard.cli", "serve", "--tiny-random", "--port", str(port), "--metrics-port", "-1",
            "--torch-threads", "1", "--no-index", "--grace", "300"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

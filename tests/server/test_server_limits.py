@@ -4,8 +4,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
-from server.convert import encode_png
+from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.convert import encode_png
 from server_testlib import channel, metric, wait_for
 
 LONG = 150   # steps: long enough to be interrupted

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from benchmarks.load import LoadConfig, format_report, run_load
+from memguard.benchmarks.load import LoadConfig, format_report, run_load
 from server_testlib import metric
 
 
@@ -25,8 +25,8 @@ def test_closed_and_open_loop_reports(server):
 
 
 def test_soak_refuses_the_excess_and_loses_no_admitted_request(engine, serve):
-    """A short soak (CI); the 2-minute acceptance run is `python -m benchmarks.load --soak --duration 120`."""
-    from benchmarks.load import format_soak, soak
+    """A short soak (CI); the 2-minute acceptance run is `python -m memguard.benchmarks.load --soak --duration 120`."""
+    from memguard.benchmarks.load import format_soak, soak
 
     server = serve(engine, batching={"max_batch_images": 2, "max_queue": 2, "max_queue_delay_ms": 5})
     cfg = LoadConfig(server.target, duration=4.0, warmup=0.0, steps=2)

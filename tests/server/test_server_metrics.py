@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
 from server_testlib import channel, scrape_text
 
 ROOT = Path(__file__).resolve().parents[2]

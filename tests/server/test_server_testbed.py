@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.engine import EngineConfig, load_engine
-from guard.loading import TESTBED_MODEL_DIR
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
-from server.app import BackgroundServer
-from server.demo import load_prompt_sets
+from memguard.engine import EngineConfig, load_engine
+from memguard.loading import TESTBED_MODEL_DIR
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.app import BackgroundServer
+from memguard.server.demo import load_prompt_sets
 from server_testlib import channel, make_config
 
-GUARDED = "guard.guarded_engine:GuardedEngine"
+GUARDED = "memguard.guarded_engine:GuardedEngine"
 
 pytestmark = [
     pytest.mark.skipif(not (TESTBED_MODEL_DIR / "model_index.json").is_file(),
                        reason=f"testbed model not built at {TESTBED_MODEL_DIR} (memguard testbed build)"),
-    pytest.mark.skipif(importlib.util.find_spec("guard.guarded_engine") is None,
+    pytest.mark.skipif(importlib.util.find_spec("memguard.guarded_engine") is None,
                        reason="the guarded engine (issue 5) is not in this tree"),
 ]
 
@@ -66,7 +66,7 @@ def test_main_job_demo_writes_the_released_images(tmp_path):
     import sys
 
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "guard.cli", "demo", "--per-set", "1", "--steps", "8", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "memguard.cli", "demo", "--per-set", "1", "--steps", "8", "--out", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "guarded=True" in r.stdout

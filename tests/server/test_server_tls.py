@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from guard.types import Decision, GenerationRequest
-from server.client import Connection, RemoteError, health_status, remote_generate
+from memguard.types import Decision, GenerationRequest
+from memguard.server.client import Connection, RemoteError, health_status, remote_generate
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a test certificate")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from guard.errors import InvalidInput
-from guard.types import Decision, GenerationRequest
-from proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
-from server.cli import _apikey, api_key
-from server.client import Connection, RemoteError, health_status, remote_generate, wait_until_serving
-from server.config import ServerConfig
+from memguard.errors import InvalidInput
+from memguard.types import Decision, GenerationRequest
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.cli import _apikey, api_key
+from memguard.server.client import Connection, RemoteError, health_status, remote_generate, wait_until_serving
+from memguard.server.config import ServerConfig
 from server_testlib import wait_for
 from hardening_lib import bearer, write_keys
 
@@ -108,8 +108,8 @@ def test_mtls_requires_a_client_certificate_and_reload_swaps_the_server_certific
 def test_sighup_reloads_the_key_file_of_the_cli_server(tmp_path):
     keys_file = tmp_path / "keys.toml"
     old = write_keys(keys_file, {"old": ["generate"]})
-    port = __import__("benchmarks.load", fromlist=["free_port"]).free_port()
-    cmd = [sys.executable, "-m", "guard.cli", "serve", "--engine", "guard.engine:PipelineEngine", "--tiny-random",
+    port = __import__("memguard.benchmarks.load", fromlist=["free_port"]).free_port()
+    cmd = [sys.executable, "-m", "memguard.cli", "serve", "--engine", "memguard.engine:PipelineEngine", "--tiny-random",
            "--no-index", "--port", str(port), "--metrics-port", "-1", "--torch-threads", "1",
            "--auth-file", str(keys_file)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,

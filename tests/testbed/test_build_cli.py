@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from guard.cli import main
+from memguard.cli import main
 
 
 def _memguard(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "memguard.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)
 
 
@@ -48,7 +48,7 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
 
 
 def test_missing_package_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from guard.testbed import dataset
+    from memguard.testbed import dataset
 
     broken = (dataclasses.replace(dataset.PHOTOS[0], relpath="data/removed.png"),) + dataset.PHOTOS[1:]
     monkeypatch.setattr(dataset, "PHOTOS", broken)
@@ -64,9 +64,9 @@ def test_an_interrupted_build_resumes_from_its_trained_vae(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from guard.models import build_vae
-    from guard.testbed.build import STAGE_WEIGHTS, BuildConfig, build
-    from guard.testbed.train import TrainConfig
+    from memguard.models import build_vae
+    from memguard.testbed.build import STAGE_WEIGHTS, BuildConfig, build
+    from memguard.testbed.train import TrainConfig
 
     out = tmp_path / "tb"
     torch.manual_seed(int(torch.randint(2**31, ()).item()))
@@ -89,8 +89,8 @@ def test_resume_runs_only_the_restart_cycle_on_the_built_model(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from guard.testbed.build import STAGE_WEIGHTS, BuildConfig, BuildError, build
-    from guard.testbed.train import TrainConfig
+    from memguard.testbed.build import STAGE_WEIGHTS, BuildConfig, BuildError, build
+    from memguard.testbed.train import TrainConfig
 
     out = tmp_path / "tb"
     first = TrainConfig(vae_steps=2, unet_steps=2, warmup=1, vae_batch=4, unet_batch=4, restart_steps=0)

@@ -3,9 +3,9 @@ caption over one with another shape or colour, returns unit embeddings and rejec
 import numpy as np
 import pytest
 
-from guard.errors import InvalidInput
-from guard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, MODEL_NAME, WEIGHTS_FILE, load_judge
-from guard.testbed.dataset import COLORS, SHAPES, TestbedDataConfig, build_training_set, caption_for
+from memguard.errors import InvalidInput
+from memguard.testbed.clip_judge import INDEPENDENT_JUDGE_DIR, JUDGE_DIR, MODEL_NAME, WEIGHTS_FILE, load_judge
+from memguard.testbed.dataset import COLORS, SHAPES, TestbedDataConfig, build_training_set, caption_for
 
 pytestmark = pytest.mark.skipif(not (JUDGE_DIR / WEIGHTS_FILE).is_file(), reason="the judge checkpoint is not built")
 
@@ -80,7 +80,7 @@ def test_bad_captions_name_the_field(judge, items):
 
 
 def test_index_clip_encoder_loads_the_judge(judge, items):
-    from guard.index.encoders import ClipEncoder
+    from memguard.index.encoders import ClipEncoder
     enc = ClipEncoder(MODEL_NAME, JUDGE_DIR / WEIGHTS_FILE)
     assert enc.dim == judge.dim
     emb = enc.encode([it.image for it in items[:3]])
@@ -93,7 +93,7 @@ def test_the_benchmark_judge_is_another_model_than_the_guards():
     import hashlib
     import json
 
-    from guard.testbed.registry import TESTBEDS
+    from memguard.testbed.registry import TESTBEDS
 
     independent = hashlib.sha256((INDEPENDENT_JUDGE_DIR / WEIGHTS_FILE).read_bytes()).hexdigest()
     for tb in TESTBEDS.values():

@@ -4,9 +4,9 @@ import numpy as np
 import open_clip
 import pytest
 
-from guard.testbed.dataset import (PHOTOS, TestbedDataConfig, all_combos, build_training_set, caption_for,
+from memguard.testbed.dataset import (PHOTOS, TestbedDataConfig, all_combos, build_training_set, caption_for,
                                    heldout_prompts, is_heldout, load_photo)
-from guard.testbed.tokenizer import load_clip_tokenizer
+from memguard.testbed.tokenizer import load_clip_tokenizer
 
 SMALL = TestbedDataConfig(num_procedural=60)
 
@@ -45,7 +45,7 @@ def test_heldout_combinations_never_appear_in_training():
 
 
 def test_missing_photo_is_a_clear_error():
-    from guard.testbed.dataset import TestbedDataError
+    from memguard.testbed.dataset import TestbedDataError
 
     bogus = dataclasses.replace(PHOTOS[0], relpath="data/not-there.png")
     with pytest.raises(TestbedDataError, match="not-there.png"):

@@ -1,6 +1,6 @@
 import torch
 
-from guard.models import TinyPipelineConfig, build_sd15_unet, build_tiny_pipeline
+from memguard.models import TinyPipelineConfig, build_sd15_unet, build_tiny_pipeline
 
 
 def test_tiny_pipeline_generates_from_random_weights():

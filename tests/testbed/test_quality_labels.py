@@ -1,9 +1,9 @@
-"""benchmarks.quality's web-style labels: a tinted copy of a memorized photo is not "clean"."""
+"""memguard.benchmarks.quality's web-style labels: a tinted copy of a memorized photo is not "clean"."""
 import math
 
 import numpy as np
 
-from benchmarks.quality import Record, relabel_tinted
+from memguard.benchmarks.quality import Record, relabel_tinted
 
 
 def _record(label: str, structural_photo: float) -> Record:

@@ -1,10 +1,10 @@
-"""benchmarks.quality.reroute_fidelity on hand-made results: the distinctness and unfaithful counts."""
+"""memguard.benchmarks.quality.reroute_fidelity on hand-made results: the distinctness and unfaithful counts."""
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.quality import Record, reroute_fidelity
-from guard.types import Decision, GuardReport, ImageResult, Reason
+from memguard.benchmarks.quality import Record, reroute_fidelity
+from memguard.types import Decision, GuardReport, ImageResult, Reason
 
 
 def _rec(prompt, seed, image, decision=Decision.ALLOWED, mitigations=()):

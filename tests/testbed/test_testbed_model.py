@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from guard.loading import load_pipeline, sample_plain
-from guard.testbed import copies
-from guard.testbed.build import verify_manifest
-from guard.testbed.dataset import build_training_set, prompt_set_members
-from guard.testbed.registry import TESTBEDS
+from memguard.loading import load_pipeline, sample_plain
+from memguard.testbed import copies
+from memguard.testbed.build import verify_manifest
+from memguard.testbed.dataset import build_training_set, prompt_set_members
+from memguard.testbed.registry import TESTBEDS
 
 SEEDS = list(range(100, 108))   # not the report's seeds: a fresh check
 # what each testbed must show, photos copied in most of 8 fresh seeds (the bar: 6 of 8): both

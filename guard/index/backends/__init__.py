@@ -17,11 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from guard.crypto import DataKey
-from guard.errors import InvalidInput
-from guard.index.backends.base import BackendURI, VectorCollection, parse_backend
-from guard.index.config import IndexConfig
-from guard.index.manifest import SignalInfo
+from memguard.crypto import DataKey
+from memguard.errors import InvalidInput
+from memguard.index.backends.base import BackendURI, VectorCollection, parse_backend
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import SignalInfo
 
 __all__ = ["BackendURI", "VectorCollection", "parse_backend", "open_collection", "write_signal"]
 ENV_MILVUS_URI = "MEMGUARD_MILVUS_URI"
@@ -36,10 +36,10 @@ def open_collection(signal: str, info: SignalInfo, directory: Path, cfg: IndexCo
         if backend is not None and parse_backend(backend).kind != "faiss" and not info.backend.get("sealed"):
             raise InvalidInput("backend", f"{directory}: the {signal} vectors are faiss files; "
                                           "`memguard index migrate` copies them into Milvus")
-        from guard.index.backends.faiss_store import FaissCollection
+        from memguard.index.backends.faiss_store import FaissCollection
         return FaissCollection(signal, info, directory, cfg, key)
     if kind == "milvus":
-        from guard.index.backends.milvus_store import MilvusCollection
+        from memguard.index.backends.milvus_store import MilvusCollection
         given, field_name = (backend, "backend") if backend else (os.environ.get(ENV_MILVUS_URI), ENV_MILVUS_URI)
         target = parse_backend(given, field_name) if given else BackendURI("milvus", info.backend["uri"])
         if target.kind != "milvus":
@@ -56,7 +56,7 @@ def write_signal(out: Path, signal: str, array: np.ndarray, cfg: IndexConfig, pr
     prefix names the Milvus collections of this index; labels(start, stop) → (item ids, metadata)."""
     target = parse_backend(cfg.backend)
     if target.kind == "faiss":
-        from guard.index.backends.faiss_store import write_faiss_signal
+        from memguard.index.backends.faiss_store import write_faiss_signal
         return write_faiss_signal(out, signal, array, cfg)
-    from guard.index.backends.milvus_store import write_milvus_signal
+    from memguard.index.backends.milvus_store import write_milvus_signal
     return write_milvus_signal(target, prefix, signal, array, cfg, labels, progress)

@@ -2,7 +2,7 @@
 
 A collection holds one signal's vectors (latent, pdq, clip or face), addressed by row: the item's
 (or face's) position in items.sqlite, which is the id everywhere. Searches return exact scores on
-the signal's own scale (guard.index.scores), whatever the engine's structure, so thresholds
+the signal's own scale (memguard.index.scores), whatever the engine's structure, so thresholds
 calibrated on one backend hold on the other.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.errors import InvalidInput
+from memguard.errors import InvalidInput
 
 KINDS = ("faiss", "milvus")
 

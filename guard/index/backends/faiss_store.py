@@ -5,7 +5,7 @@ stored vectors. The files are immutable once built; add() and remove() change th
 in-memory view only (appended rows, tombstones), because rewriting a faiss file in place under a
 running server is not atomic. Removal uses tombstones rather than faiss's remove_ids: Flat and HNSW
 renumber or refuse it, and IDMap2 over IVF-PQ corrupts ids after remove_ids.
-Face signals are sealed (guard.index.sealed): both files are decrypted into memory at open.
+Face signals are sealed (memguard.index.sealed): both files are decrypted into memory at open.
 """
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.crypto import DataKey
-from guard.errors import CorruptData, InvalidInput
-from guard.index import factory as fx
-from guard.index import sealed
-from guard.index.backends.base import VectorCollection
-from guard.index.config import IndexConfig
-from guard.index.manifest import SignalInfo
-from guard.index.pdq import PDQ_BITS, PDQ_BYTES
-from guard.index.scores import empty_hits, rank_candidates
-from guard.index.vectors import read_array, read_faiss, write_array, write_bytes, write_faiss
+from memguard.crypto import DataKey
+from memguard.errors import CorruptData, InvalidInput
+from memguard.index import factory as fx
+from memguard.index import sealed
+from memguard.index.backends.base import VectorCollection
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import SignalInfo
+from memguard.index.pdq import PDQ_BITS, PDQ_BYTES
+from memguard.index.scores import empty_hits, rank_candidates
+from memguard.index.vectors import read_array, read_faiss, write_array, write_bytes, write_faiss
 
 
 class FaissCollection(VectorCollection):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.errors import MissingResource
+from memguard.errors import MissingResource
 
 
 @dataclass

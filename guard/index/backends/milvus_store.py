@@ -4,7 +4,7 @@ Schema: row INT64 (primary key: the row in items.sqlite), vector, item_id VARCHA
 meta JSON. PDQ hashes are stored as 256 ±1 floats under inner product (Hamming = (256 − IP) / 2,
 exact): milvus-lite, which tests and the single-host demo use, has no BINARY_VECTOR type; a Milvus
 cluster could hold them as BINARY_VECTOR/HAMMING at 32 bytes instead of 1 KiB (deploy/SCALING.md).
-Searches ask for the stored vectors and re-score them exactly (guard.index.scores), so scores do
+Searches ask for the stored vectors and re-score them exactly (memguard.index.scores), so scores do
 not depend on Milvus's distance conventions; structures that store lossy codes (HNSW_SQ, IVF_SQ8,
 IVF_PQ) fetch rerank_factor·k candidates first. Collections are created with the configured
 consistency level (Strong by default: a read sees every acknowledged write).
@@ -20,14 +20,14 @@ from typing import Callable
 
 import numpy as np
 
-from guard.errors import CorruptData, InvalidInput, MissingResource
-from guard.index import factory as fx
-from guard.index.backends.base import BackendURI, VectorCollection
-from guard.index.config import IndexConfig
-from guard.index.manifest import SignalInfo
-from guard.index.pdq import PDQ_BITS, PDQ_BYTES
-from guard.index.scores import empty_hits, rank_candidates
-from guard.index.vectors import pack_bits
+from memguard.errors import CorruptData, InvalidInput, MissingResource
+from memguard.index import factory as fx
+from memguard.index.backends.base import BackendURI, VectorCollection
+from memguard.index.config import IndexConfig
+from memguard.index.manifest import SignalInfo
+from memguard.index.pdq import PDQ_BITS, PDQ_BYTES
+from memguard.index.scores import empty_hits, rank_candidates
+from memguard.index.vectors import pack_bits
 
 
 INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.memguard.v1 import admin_pb2 as proto_dot_memguard_dot_v1_dot_admin__pb2
+from memguard.proto.memguard.v1 import admin_pb2 as memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/memguard/v1/admin_pb2_grpc.py depends on'
+        + ' but the generated code in memguard/proto/memguard/v1/admin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class IndexAdminStub:
         """
         self.Protect = channel.unary_unary(
                 '/memguard.v1.IndexAdmin/Protect',
-                request_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.FromString,
                 _registered_method=True)
         self.Unprotect = channel.unary_unary(
                 '/memguard.v1.IndexAdmin/Unprotect',
-                request_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.FromString,
                 _registered_method=True)
         self.GetIndexStats = channel.unary_unary(
                 '/memguard.v1.IndexAdmin/GetIndexStats',
-                request_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.FromString,
                 _registered_method=True)
 
 
@@ -79,18 +79,18 @@ def add_IndexAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Protect': grpc.unary_unary_rpc_method_handler(
                     servicer.Protect,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.SerializeToString,
             ),
             'Unprotect': grpc.unary_unary_rpc_method_handler(
                     servicer.Unprotect,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.SerializeToString,
             ),
             'GetIndexStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetIndexStats,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class IndexAdmin:
             request,
             target,
             '/memguard.v1.IndexAdmin/Protect',
-            proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.ProtectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class IndexAdmin:
             request,
             target,
             '/memguard.v1.IndexAdmin/Unprotect',
-            proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.UnprotectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class IndexAdmin:
             request,
             target,
             '/memguard.v1.IndexAdmin/GetIndexStats',
-            proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.GetIndexStatsRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_admin__pb2.IndexStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.memguard.v1 import memguard_pb2 as proto_dot_memguard_dot_v1_dot_memguard__pb2
+from memguard.proto.memguard.v1 import memguard_pb2 as memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/memguard/v1/memguard_pb2_grpc.py depends on'
+        + ' but the generated code in memguard/proto/memguard/v1/memguard_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class MemGuardStub:
         """
         self.Generate = channel.unary_unary(
                 '/memguard.v1.MemGuard/Generate',
-                request_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/memguard.v1.MemGuard/GenerateStream',
-                request_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.FromString,
                 _registered_method=True)
         self.Screen = channel.unary_unary(
                 '/memguard.v1.MemGuard/Screen',
-                request_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.SerializeToString,
-                response_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.FromString,
+                request_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.SerializeToString,
+                response_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.FromString,
                 _registered_method=True)
 
 
@@ -82,18 +82,18 @@ def add_MemGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.SerializeToString,
             ),
             'Screen': grpc.unary_unary_rpc_method_handler(
                     servicer.Screen,
-                    request_deserializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.FromString,
-                    response_serializer=proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.SerializeToString,
+                    request_deserializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.FromString,
+                    response_serializer=memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class MemGuard:
             request,
             target,
             '/memguard.v1.MemGuard/Generate',
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class MemGuard:
             request,
             target,
             '/memguard.v1.MemGuard/GenerateStream',
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class MemGuard:
             request,
             target,
             '/memguard.v1.MemGuard/Screen',
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.SerializeToString,
-            proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.FromString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenRequest.SerializeToString,
+            memguard_dot_proto_dot_memguard_dot_v1_dot_memguard__pb2.ScreenResponse.FromString,
             options,
             channel_credentials,
             insecure,
