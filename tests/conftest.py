@@ -7,6 +7,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # sys.path: the folder kernels/ would hide the PyPI `kernels` that transformers imports.
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
+# The repository root is not on sys.path either (scripts/test.sh), yet tests share helpers as
+# `from tests.index.conftest import ...`: name this folder `tests` (a namespace package, as it was
+# from the root) without putting the root's other folders in reach.
+import sys  # noqa: E402
+import types  # noqa: E402
+
+if "tests" not in sys.modules:
+    _tests = types.ModuleType("tests")
+    _tests.__path__ = [os.path.dirname(os.path.abspath(__file__))]
+    sys.modules["tests"] = _tests
+
 # --- registry (issues 14, 15): a test data key (face protections are sealed with it) and one
 # throwaway PostgreSQL server per session, started on first use ---
 import pytest  # noqa: E402
