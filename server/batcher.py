@@ -65,6 +65,11 @@ class Job:
     deadline: float | None = None                    # time.monotonic() value
     stream: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
+    # set by the worker before the job resolves: when its engine call ran, and the most denoising
+    # steps any sample of that call computed (the service pads early-stopped replies with them)
+    started_at: float | None = None
+    finished_at: float | None = None
+    batch_steps: int = 0
     future: asyncio.Future = field(init=False)
     events: asyncio.Queue | None = field(init=False, default=None)
     _cancel: threading.Event = field(init=False, default_factory=threading.Event)
@@ -264,6 +269,7 @@ class Batcher:
     def _generate(self, batch: list[Job]) -> BaseException | None:
         """One engine call; resolve the jobs on success, return the exception otherwise."""
         self._observe("batch", len(batch), sum(j.request.num_images for j in batch))
+        started = time.monotonic()
         try:
             results = self.engine.generate(
                 [j.request for j in batch],
@@ -273,7 +279,10 @@ class Batcher:
             if not isinstance(exc, MemGuardError):
                 log.exception("engine.generate failed on a batch of %d requests", len(batch))
             return exc
+        finished = time.monotonic()
+        steps = max((r.report.steps_computed for rs in results for r in rs), default=0)
         for job, result in zip(batch, results):
+            job.started_at, job.finished_at, job.batch_steps = started, finished, steps
             job.resolve(result)
             self._observe("images", result)
         return None

@@ -8,10 +8,16 @@ Hardening (issue 14): the guard mode is ENFORCE unless the key holds `guard_over
 config allows overrides); continuous scores and signals go only to the `audit` scope; Generate and
 Screen are rate-limited per key; request ids are bounded; a cancelled unary Generate leaves its
 batch at the next step; Screen, Protect, Unprotect and every flagged generation are audited.
+
+Hardening II (issue 29): a caller without `audit` learns each image's decision and nothing about
+when or how close: its progress is every step of every image exactly once, in order, with no action
+(`CoarseProgress`), its reports say the requested step count and no mitigations (`coarse_results`),
+and a reply the guard stopped early is padded (progress and latency) to about the full step count.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -23,7 +29,7 @@ import grpc
 
 from memguard.engine import GenerationEngine
 from memguard.errors import InvalidInput, MemGuardError
-from memguard.types import GenerationRequest, GuardMode, ImageResult, Reason, RequestLimits
+from memguard.types import GenerationRequest, GuardMode, GuardReport, ImageResult, Reason, RequestLimits
 from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
 from memguard.server import convert
 from memguard.server.audit_trail import ServerAudit, matched_ids
@@ -56,6 +62,63 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 def _check_finished(job: Job, results: list[ImageResult]) -> None:
     if job.deadline_passed() and any(r.reason is Reason.CANCELLED for r in results):
         raise DeadlineExceeded("the deadline passed before the images were done")
+
+
+MAX_PADDING_S = 300.0     # never hold a reply longer than this to hide an early stop
+PADDING_MARGIN_S = 0.25   # and never pad a reply past its caller's deadline
+
+
+def coarse_results(request: GenerationRequest, results: list[ImageResult]) -> list[ImageResult]:
+    """What a caller without `audit` sees of each image: decision, reason, image and a report that does
+    not depend on when or how the guard acted (the requested step count, no mitigations)."""
+    return [dataclasses.replace(r, report=GuardReport(steps_computed=0 if r.reason is Reason.CANCELLED
+                                                      else request.steps)) for r in results]
+
+
+def padding_seconds(job: Job, context: grpc.aio.ServicerContext) -> float:
+    """How long a non-audit reply waits so that a batch the guard stopped early takes about as long as
+    one that ran every step: the batch's seconds per computed step × the steps it did not compute.
+    Zero when some sample of the batch ran every step (the reply was not early), when the engine
+    reports no steps, or on a second pass (more steps than requested: it is late, not early)."""
+    steps = job.request.steps
+    if job.started_at is None or job.finished_at is None or not 0 < job.batch_steps < steps:
+        return 0.0
+    pad = (job.finished_at - job.started_at) / job.batch_steps * (steps - job.batch_steps)
+    remaining = context.time_remaining()
+    if remaining is not None:
+        pad = min(pad, remaining - PADDING_MARGIN_S)
+    return max(0.0, min(pad, MAX_PADDING_S))
+
+
+class CoarseProgress:
+    """Progress for a caller without `audit`: step s of every image once the engine reached step s
+    for any image of the request, each (image, step) exactly once and in order, no action, no
+    signals. Blocked samples (their events stop), second passes and batch retries (their steps
+    restart at 0) therefore look like a request that ran straight through; `rest()` is what is left
+    when the engine finished early."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request_id, self.total = request.request_id, request.steps
+        self.next = [0] * request.num_images
+
+    def _message(self, image: int, step: int) -> pb.StepProgress:
+        return pb.StepProgress(request_id=self.request_id, image_index=image, step=step, total_steps=self.total)
+
+    def upto(self, step: int) -> list[pb.StepProgress]:
+        out = []
+        for step_ in range(min(self.next, default=self.total), min(step, self.total - 1) + 1):
+            for image, due in enumerate(self.next):
+                if due == step_:
+                    out.append(self._message(image, step_))
+                    self.next[image] = step_ + 1
+        return out
+
+    def rest(self) -> list[list[pb.StepProgress]]:
+        """The steps not yet sent, one group per step."""
+        groups = []
+        while min(self.next, default=self.total) < self.total:
+            groups.append(self.upto(min(self.next)))
+        return groups
 
 
 def _engine(batcher: Batcher) -> GenerationEngine:
@@ -125,11 +188,16 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
     def _may_override(self) -> bool:
         return self.s.config.allow_mode_override or _caller().can("guard_override")
 
-    async def _respond(self, rpc: str, request: GenerationRequest, results: list[ImageResult]) -> pb.GenerateResponse:
-        mode = self._effective_mode(request)
+    async def _audit_results(self, rpc: str, request: GenerationRequest, results: list[ImageResult]) -> None:
         await self.s.audit.generation(who=_caller().name, rpc=rpc, request_id=request.request_id,
-                                      prompt=request.prompt, mode=mode.value, results=results)
-        return await asyncio.to_thread(convert.generate_response, request, results, mode, _caller().can("audit"))
+                                      prompt=request.prompt, mode=self._effective_mode(request).value,
+                                      results=results)
+
+    async def _response(self, request: GenerationRequest, results: list[ImageResult]) -> pb.GenerateResponse:
+        audit = _caller().can("audit")
+        shown = results if audit else coarse_results(request, results)
+        return await asyncio.to_thread(convert.generate_response, request, shown, self._effective_mode(request),
+                                       audit)
 
     async def Generate(self, msg: pb.GenerateRequest, context) -> pb.GenerateResponse:
         request = self._request(msg, "Generate")
@@ -143,23 +211,38 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
             if not finished:
                 job.cancel()   # the caller left (cancel or deadline): leave the queue or the batch
         _check_finished(job, results)
-        return await self._respond("Generate", request, results)
+        await self._audit_results("Generate", request, results)
+        if not _caller().can("audit"):
+            await asyncio.sleep(padding_seconds(job, context))   # an early stop answers no sooner
+        return await self._response(request, results)
 
     async def GenerateStream(self, msg: pb.GenerateRequest, context):
         request = self._request(msg, "GenerateStream")
         audit = _caller().can("audit")
+        coarse = None if audit else CoarseProgress(request)
         job = self.s.batcher.submit(request, deadline=_deadline(context), stream=True)
         finished = False
         try:
             async for event in job.stream_events():
-                yield pb.GenerateEvent(progress=convert.progress_message(event, audit))
+                if coarse is None:
+                    yield pb.GenerateEvent(progress=convert.progress_message(event, True))
+                    continue
+                for message in coarse.upto(event.step):
+                    yield pb.GenerateEvent(progress=message)
             results = await job.future
             finished = True
         finally:
             if not finished:
                 job.cancel()
         _check_finished(job, results)
-        yield pb.GenerateEvent(result=await self._respond("GenerateStream", request, results))
+        await self._audit_results("GenerateStream", request, results)
+        if coarse is not None:   # the steps an early stop skipped, spread over the time they would have taken
+            rest, pad = coarse.rest(), padding_seconds(job, context)
+            for group in rest:
+                await asyncio.sleep(pad / len(rest))
+                for message in group:
+                    yield pb.GenerateEvent(progress=message)
+        yield pb.GenerateEvent(result=await self._response(request, results))
 
     async def Screen(self, msg: pb.ScreenRequest, context) -> pb.ScreenResponse:
         request_id = convert.check_request_id(msg.request_id) or uuid.uuid4().hex
@@ -167,8 +250,7 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
         who = _caller().name
         try:
             self._limit("Screen", "screen")     # a refused Screen is audited too
-            outcome = await self._upload("Screen", lambda: engine.screen(convert.decode_image(msg.image, "image",
-                                                                                              limits)))
+            outcome = await self._upload("Screen", lambda: convert.screen_upload(engine, msg.image, "image", limits))
         except MemGuardError as exc:
             await self.s.audit.record(who=who, rpc="Screen", outcome=type(exc).__name__, request_id=request_id)
             raise

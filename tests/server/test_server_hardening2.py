@@ -1,0 +1,145 @@
+"""Issue 29 (Hardening II) on a live server over loopback: what non-audit callers, metrics readers and
+hostile clients can learn or cost."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from memguard.types import Decision, GuardReport, Reason
+from memguard.proto.memguard.v1 import memguard_pb2 as pb, memguard_pb2_grpc
+from memguard.server.convert import encode_png
+from server_testlib import channel
+from hardening_lib import GuardLikeEngine, bearer, write_keys
+
+PNG = encode_png(np.full((64, 64, 3), 128, np.uint8))
+BLOCK_AT = 1     # EarlyBlockEngine stops "copy" prompts after this step (0-based)
+
+
+class EarlyBlockEngine(GuardLikeEngine):
+    """The real tiny pipeline, stopping prompts that contain "copy" the way the guarded pipeline stops a
+    flagged sample: it computes only steps 0..BLOCK_AT (really: the batch ends early), the event of
+    step BLOCK_AT says "block", and the report says BLOCK_AT + 1 steps computed."""
+
+    def generate(self, requests, *, on_step=None, is_cancelled=None):
+        flagged = [i for i, r in enumerate(requests) if "copy" in r.prompt]
+        others = [i for i in range(len(requests)) if i not in flagged]
+        results: dict[int, list] = {}
+        for group, early in ((others, False), (flagged, True)):
+            if not group:
+                continue
+            run = [dataclasses.replace(requests[i], steps=BLOCK_AT + 1) if early else requests[i] for i in group]
+
+            def step(j, event, group=group, early=early):
+                if on_step is None:
+                    return
+                if early:
+                    event = dataclasses.replace(event, total_steps=requests[group[j]].steps,
+                                                action="block" if event.step == BLOCK_AT else "continue")
+                on_step(group[j], event)
+            cancelled = (lambda j, group=group: is_cancelled(group[j])) if is_cancelled else None
+            for i, rs in zip(group, GuardLikeEngine.generate(self, run, on_step=step, is_cancelled=cancelled)):
+                if early:
+                    rs = [dataclasses.replace(r, decision=Decision.BLOCKED, reason=Reason.MEMORIZATION, image=None,
+                                              report=dataclasses.replace(r.report, steps_computed=BLOCK_AT + 1,
+                                                                         first_flagged_step=BLOCK_AT))
+                          for r in rs]
+                results[i] = rs
+        return [results[i] for i in range(len(requests))]
+
+    def batch_key(self, request):
+        return (super().batch_key(request), "copy" in request.prompt)
+
+
+@pytest.fixture(scope="module")
+def early(tiny_pipe, tmp_path_factory):
+    from memguard.server.app import BackgroundServer
+    from server_testlib import make_config
+
+    path = tmp_path_factory.mktemp("keys") / "keys.toml"
+    keys = write_keys(path, {"plain": ["generate", "screen"], "auditor": ["generate", "screen", "audit"]})
+    server = BackgroundServer(make_config(auth_file=str(path), batching={"max_batch_images": 4}),
+                              EarlyBlockEngine(tiny_pipe))
+    server.start()
+    yield server, keys
+    server.stop()
+
+
+def stream(ch, request, key):
+    events = list(memguard_pb2_grpc.MemGuardStub(ch).GenerateStream(request, metadata=bearer(key), timeout=300))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert events[-1].HasField("result")
+    return progress, events[-1].result
+
+
+def shape(progress) -> list[tuple]:
+    """A progress sequence without its request id."""
+    return [(p.image_index, p.step, p.total_steps, p.action, dict(p.signals)) for p in progress]
+
+
+# ----------------------------------------------------------------------------- finding 2
+def test_finding2_non_audit_caller_learns_the_decision_not_when(early):
+    server, keys = early
+    steps = 6
+    blocked = pb.GenerateRequest(prompt="a copy of the famous photo", steps=steps, seed=1, num_images=2)
+    allowed = pb.GenerateRequest(prompt="a red apple", steps=steps, seed=1, num_images=2)
+    with channel(server) as ch:
+        # the audit scope still sees the block step (the test has teeth)
+        progress, result = stream(ch, blocked, keys["auditor"])
+        assert [p.action for p in progress if p.image_index == 0] == ["continue"] * BLOCK_AT + ["block"]
+        assert result.images[0].report.steps_computed == BLOCK_AT + 1
+        assert result.images[0].report.first_flagged_step == BLOCK_AT
+        # without audit: the same progress and report whatever the guard did
+        plain_blocked, blocked_result = stream(ch, blocked, keys["plain"])
+        plain_allowed, allowed_result = stream(ch, allowed, keys["plain"])
+        assert [im.decision for im in blocked_result.images] == [pb.DECISION_BLOCKED] * 2   # the decision: yes
+        assert [im.decision for im in allowed_result.images] == [pb.DECISION_ALLOWED] * 2
+        assert shape(plain_blocked) == shape(plain_allowed)
+        assert shape(plain_blocked) == [(i, s, steps, "", {}) for s in range(steps) for i in range(2)]
+        for im in list(blocked_result.images) + list(allowed_result.images):
+            assert im.report.steps_computed == steps and not im.report.mitigations
+            assert not im.report.HasField("first_flagged_step") and not im.report.scores
+        unary = memguard_pb2_grpc.MemGuardStub(ch).Generate(blocked, metadata=bearer(keys["plain"]), timeout=300)
+        assert [im.report.steps_computed for im in unary.images] == [steps, steps]
+        assert all(not im.report.mitigations for im in unary.images)
+
+
+def test_finding2_an_early_block_is_padded_to_the_full_latency(early):
+    server, keys = early
+    steps = 40
+    with channel(server) as ch:
+        stub = memguard_pb2_grpc.MemGuardStub(ch)
+
+        def timed(prompt, key):
+            t0 = time.monotonic()
+            response = stub.Generate(pb.GenerateRequest(prompt=prompt, steps=steps, seed=2), metadata=bearer(key),
+                                     timeout=300)
+            return time.monotonic() - t0, response.images[0].decision
+        timed("a red apple", keys["plain"])   # warm
+        full, decision = timed("a red apple", keys["plain"])
+        assert decision == pb.DECISION_ALLOWED
+        audit_early, _ = timed("a copy of it", keys["auditor"])
+        plain_early, decision = timed("a copy of it", keys["plain"])
+        assert decision == pb.DECISION_BLOCKED
+    # the audit reply comes after BLOCK_AT + 1 of 40 steps; the plain one about when a full run would
+    assert plain_early > 0.5 * full, (plain_early, full, audit_early)
+    assert plain_early > 2 * audit_early, (plain_early, full, audit_early)
+
+
+def test_finding2_coarse_results_keep_decisions_only():
+    from memguard.server.service import coarse_results
+    from memguard.types import GenerationRequest, ImageResult
+
+    request = GenerationRequest(prompt="x", steps=9)
+    results = [ImageResult(0, 1, Decision.REROUTED, Reason.MEMORIZATION, None,
+                           GuardReport(scores={"z": 3.0}, first_flagged_step=2, steps_computed=23,
+                                       mitigations=["second pass: fresh noise", "reroute (guidance on 43% of steps)"])),
+               ImageResult(1, 2, Decision.BLOCKED, Reason.CANCELLED, None, GuardReport(steps_computed=3))]
+    coarse = coarse_results(request, results)
+    assert [(r.decision, r.reason, r.report) for r in coarse] == [
+        (Decision.REROUTED, Reason.MEMORIZATION, GuardReport(steps_computed=9)),
+        (Decision.BLOCKED, Reason.CANCELLED, GuardReport(steps_computed=0))]
+    assert results[0].report.steps_computed == 23   # the audit log still gets the real report
