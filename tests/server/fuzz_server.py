@@ -6,7 +6,8 @@
     .venv/bin/python tests/server/fuzz_server.py --target 127.0.0.1:50051 --count 500   # a running server
 
 Requests are valid-shaped messages with hostile values (long and odd strings, extreme numbers,
-out-of-range enums, odd sizes, huge/odd/disallowed images), raw bytes with the wrong wire types,
+out-of-range enums, odd sizes, huge/odd/disallowed images; 16-bit, EXIF-oriented, animated,
+transparent and many-faces encodings for Screen and Protect), raw bytes with the wrong wire types,
 mutated encodings, and calls cancelled mid-flight. Any INTERNAL or UNKNOWN status is a failure.
 """
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Hostile:
         from PIL import Image
 
         r = self.r
-        kind = r.randrange(14)
+        kind = r.randrange(20)
+        if kind >= 14:
+            return self.viewer_encoding(kind - 14)
         if kind == 0:
             return b""
         if kind == 1:
@@ -110,6 +113,40 @@ class Hostile:
             at = r.randrange(len(data))
             data = [data[:at], data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:], data + b"\0" * 1000][kind - 11]
         return data
+
+    def viewer_encoding(self, kind: int) -> bytes:
+        """Encodings whose pixels differ from what a plain convert("RGB") sees (issue 29): 16-bit grey,
+        EXIF orientation (valid and not), animations (APNG, animated WebP; up to past MAX_FRAMES),
+        transparency, and many faces in one picture."""
+        from PIL import Image
+
+        r = self.r
+        w, h = r.choice([16, 64, 100, 300]), r.choice([16, 64, 257])
+        noise = np.frombuffer(r.getrandbits(8 * w * h * 3).to_bytes(w * h * 3, "little"), np.uint8).reshape(h, w, 3)
+        buf = io.BytesIO()
+        if kind == 0:      # 16-bit greyscale, full range
+            wide = np.frombuffer(r.getrandbits(16 * w * h).to_bytes(2 * w * h, "little"), np.uint16).reshape(h, w)
+            img = Image.fromarray(wide)
+            img.save(buf, format="PNG", **({"transparency": int(wide[0, 0])} if r.random() < 0.3 else {}))
+        elif kind == 1:    # EXIF orientation, including values outside 1..8
+            exif = Image.Exif()
+            exif[0x0112] = r.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 65535])
+            Image.fromarray(noise).save(buf, format=r.choice(["JPEG", "PNG", "WEBP"]), exif=exif)
+        elif kind in (2, 3):   # animated: APNG or WebP, 2 .. 40 frames
+            n = r.choice([2, 3, 16, 17, 40])
+            frames = [Image.fromarray(np.roll(noise, i, axis=0)) for i in range(n)]
+            fmt = "PNG" if kind == 2 else "WEBP"
+            frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=50,
+                           **({"default_image": r.random() < 0.5} if fmt == "PNG" else {}))
+        elif kind == 4:    # transparency: RGBA, LA, palette with tRNS
+            alpha = np.frombuffer(r.getrandbits(8 * w * h).to_bytes(w * h, "little"), np.uint8).reshape(h, w)
+            img = Image.fromarray(np.dstack([noise, alpha]))
+            mode = r.choice(["RGBA", "LA", "P"])
+            img = img.convert(mode) if mode != "P" else img.convert("RGB").convert("P")
+            img.save(buf, format="PNG", **({"transparency": 0} if mode == "P" else {}))
+        else:              # many faces: a grid of one face
+            Image.fromarray(_many_faces(r.choice([2, 4, 8, 12]))).save(buf, format=r.choice(["PNG", "JPEG"]))
+        return buf.getvalue()
 
     def raw(self, valid: bytes) -> bytes:
         """Bytes on the wire: wrong wire types for known fields, mutations of a valid encoding, noise."""
@@ -139,6 +176,28 @@ class Hostile:
                 payload = r.choice([b"\xff\xfe", b"ok", b"\x80" * 3, self.image()[:120]])
                 out += bytes([len(payload) if r.random() < 0.8 else 127]) + payload
         return out
+
+
+_FACE: list[np.ndarray] = []
+
+
+def _many_faces(grid: int, cell: int = 96) -> np.ndarray:
+    """grid × grid copies of one face (the skimage astronaut's; a drawn one without skimage)."""
+    from PIL import Image, ImageDraw
+
+    if not _FACE:
+        try:
+            from skimage import data
+            face = Image.fromarray(data.astronaut()).crop((150, 20, 290, 190))
+        except Exception:
+            face = Image.new("RGB", (140, 170), (120, 120, 120))
+            d = ImageDraw.Draw(face)
+            d.ellipse((20, 10, 120, 160), fill=(224, 172, 140))
+            d.ellipse((45, 60, 60, 72), fill=(30, 30, 30))
+            d.ellipse((80, 60, 95, 72), fill=(30, 30, 30))
+            d.arc((50, 100, 90, 130), 0, 180, fill=(120, 40, 40), width=4)
+        _FACE.append(np.asarray(face.convert("RGB").resize((cell, cell), Image.LANCZOS)))
+    return np.tile(_FACE[0], (grid, grid, 1))
 
 
 def make_request(method: str, h: Hostile):
