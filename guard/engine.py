@@ -63,8 +63,7 @@ class BatchStats:
     sample_steps: int = 0                        # denoising steps computed, summed over samples
     step_seconds: list[float] = field(default_factory=list)    # wall time of each batch step
     guard_seconds: list[float] = field(default_factory=list)   # of which guard work, per step
-    signals: dict[str, list[float]] = field(default_factory=dict)  # signal → values (sample, step)
-    first_flagged_steps: list[int] = field(default_factory=list)
+    # no per-sample signal values or flagged steps: they would reach /metrics (issue 29, finding 3)
     steps_saved: dict[str, int] = field(default_factory=dict)  # cause (blocked|cancelled) → steps
     decode_seconds: float = 0.0
     second_passes: int = 0                       # images generated again (GuardConfig.second_pass)
@@ -350,24 +349,15 @@ class PipelineEngine(IndexedEngine):
         off = [dataclasses.replace(r, mode=GuardMode.OFF) for r in requests]
         batch = self.pipeline.generate(off, on_step=on_step, is_cancelled=is_cancelled)
         with self._stats_lock:
-            self._pending.batches.append(to_batch_stats(batch.stats, [r for rs in batch.results for r in rs]))
+            self._pending.batches.append(to_batch_stats(batch.stats))
         return batch.results
 
 
-def to_batch_stats(stats, results: list[ImageResult]) -> BatchStats:
-    """A pipeline's PipelineStats in the server's BatchStats shape (signals: values over samples × steps)."""
-    from memguard.signals import SIGNALS
-
-    signals: dict[str, list[float]] = {}
-    for r in results:
-        for row in r.report.trace:
-            for name in (*SIGNALS, "combined"):
-                if name in row:
-                    signals.setdefault(name, []).append(row[name])
+def to_batch_stats(stats, results: list[ImageResult] | None = None) -> BatchStats:
+    """A pipeline's PipelineStats in the server's BatchStats shape: aggregates only, nothing per sample
+    (`results` is no longer read; the parameter stays for callers that pass it)."""
     return BatchStats(requests=stats.requests, images=stats.samples, steps=stats.steps,
                       sample_steps=stats.sample_steps, step_seconds=list(stats.step_seconds),
-                      guard_seconds=list(stats.guard_seconds), signals=signals,
-                      first_flagged_steps=[r.report.first_flagged_step for r in results
-                                           if r.report.first_flagged_step is not None],
-                      steps_saved=dict(stats.steps_saved), decode_seconds=stats.decode_seconds,
+                      guard_seconds=list(stats.guard_seconds), steps_saved=dict(stats.steps_saved),
+                      decode_seconds=stats.decode_seconds,
                       second_passes=stats.second_passes, reroutes_unfaithful=stats.reroutes_unfaithful)

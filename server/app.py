@@ -27,7 +27,7 @@ from memguard.errors import MemGuardError
 from memguard.server.audit_trail import ServerAudit
 from memguard.server.auth import KeyRing
 from memguard.server.batcher import Batcher
-from memguard.server.config import ServerConfig
+from memguard.server.config import ServerConfig, is_loopback
 from memguard.server.convert import RequestDefaults
 from memguard.server.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from memguard.server.metrics import Metrics
@@ -153,6 +153,9 @@ class MemGuardServer:
         port = self._bind(self.server)
         await self.server.start()
         metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port >= 0 else None
+        if metrics_port is not None and not is_loopback(cfg.metrics_host):
+            log.warning("/metrics listens on %s without authentication: it is audit scope (SECURITY.md); "
+                        "keep that address on a private network", cfg.metrics_host)
         self.endpoints = Endpoints(port, metrics_port)
         log.info("listening on %s:%d (metrics %s); loading the engine", cfg.host, port, metrics_port)
         try:

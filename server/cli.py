@@ -46,7 +46,8 @@ def _register_serve(subparsers) -> None:
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; -1 disables)")
-    p.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
+    p.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1; /metrics has no auth and is "
+                                          "audit scope: keep it on loopback or a private network)")
     p.add_argument("--engine", help="engine factory module:attr (default memguard.guarded_engine:GuardedEngine; memguard.engine:PipelineEngine is the unguarded baseline)")
     p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
     p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")

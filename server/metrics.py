@@ -3,13 +3,18 @@
 Everything else hands over plain data (RPC outcomes, ImageResults, the engine's EngineStats) and
 this module turns it into series. Names sit under `memguard_`, in base units (seconds, images);
 counters end in `_total`; every histogram has explicit buckets; labels take bounded values only
-(RPC and status-code names, decisions, reasons, signal names capped at MAX_SIGNALS): never
-prompts or request ids. Each Metrics owns its registry, so several servers can share a process.
+(RPC and status-code names, decisions, reasons): never prompts or request ids. Each Metrics owns its
+registry, so several servers can share a process.
+
+No per-sample guard value is exported (issue 29, finding 3): no signal-score histogram and no
+first-flagged-step histogram, since `_sum` diffed around one request gives back that request's
+values. What remains (counts of decisions, steps, latencies) is still audit scope: on an idle server
+a diff around one request shows its decision and its steps computed, so /metrics listens on
+127.0.0.1 unless configured otherwise and is never published without authentication.
 """
 from __future__ import annotations
 
 import logging
-import threading
 from importlib import metadata
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
@@ -25,9 +30,6 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
 SEARCH_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-SIGNAL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
-STEP_INDEX_BUCKETS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100, 150)
-MAX_SIGNALS = 16   # distinct signal label values; more are counted under "other"
 
 RPCS = ("Generate", "GenerateStream", "Screen", "Protect", "Unprotect", "GetIndexStats")
 
@@ -67,10 +69,6 @@ class Metrics:
                                      registry=r)
         self.images_c = Counter("memguard_images", "Images by decision and coarse reason",
                                 ["decision", "reason"], registry=r)
-        self.signal_score = Histogram("memguard_signal_score", "Per-sample per-step guard signal values",
-                                      ["signal"], buckets=SIGNAL_BUCKETS, registry=r)
-        self.first_flagged_step = Histogram("memguard_first_flagged_step", "Step at which a sample was first flagged",
-                                            buckets=STEP_INDEX_BUCKETS, registry=r)
         self.steps_saved = Counter("memguard_steps_saved", "Denoising steps not computed: early block or cancel",
                                    ["cause"], registry=r)
         self.second_passes = Counter("memguard_second_passes", "Images blocked as copies and generated once more "
@@ -103,8 +101,6 @@ class Metrics:
                                   ["component"], registry=r)
         self.set_build(engine_name="loading", guarded=False)
         self.queue_capacity.set(queue_capacity)
-        self._signals: set[str] = set()
-        self._lock = threading.Lock()
         self._http = None
         for d in Decision:        # known label values start at 0, so rate() sees them from the start
             for reason in Reason:
@@ -157,12 +153,6 @@ class Metrics:
                 self.guard_seconds.observe(s)
             if b.sample_steps:
                 self.decode_seconds.observe(b.decode_seconds)
-            for name, values in b.signals.items():
-                child = self.signal_score.labels(self._signal_label(name))
-                for v in values:
-                    child.observe(v)
-            for step in b.first_flagged_steps:
-                self.first_flagged_step.observe(step)
             for cause, n in b.steps_saved.items():
                 self.steps_saved.labels(cause if cause in ("blocked", "cancelled") else "other").inc(n)
             if b.second_passes:
@@ -173,13 +163,6 @@ class Metrics:
             self.index_search_seconds.observe(s)
         if stats.screen_failures:
             self.screening_failures.inc(stats.screen_failures)
-
-    def _signal_label(self, name: str) -> str:
-        with self._lock:
-            if name in self._signals or len(self._signals) < MAX_SIGNALS:
-                self._signals.add(name)
-                return name
-        return "other"
 
     # -- index and registry -----------------------------------------------------------------------
     def index_stats(self, stats: IndexStats) -> None:

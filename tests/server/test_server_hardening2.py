@@ -143,3 +143,50 @@ def test_finding2_coarse_results_keep_decisions_only():
         (Decision.REROUTED, Reason.MEMORIZATION, GuardReport(steps_computed=9)),
         (Decision.BLOCKED, Reason.CANCELLED, GuardReport(steps_computed=0))]
     assert results[0].report.steps_computed == 23   # the audit log still gets the real report
+
+
+# ----------------------------------------------------------------------------- finding 3
+@pytest.fixture(scope="module")
+def real_guard(tiny_pipe, tmp_path_factory):
+    """The real GuardedEngine over the tiny pipeline (no index: every image fails closed, but every
+    step is scored), behind API keys."""
+    from memguard.engine import IndexGateway
+    from memguard.guarded_engine import GuardedEngine
+    from memguard.policy import Policy
+    from memguard.server.app import BackgroundServer
+    from server_testlib import make_config
+
+    path = tmp_path_factory.mktemp("keys") / "keys.toml"
+    keys = write_keys(path, {"plain": ["generate", "screen"], "auditor": ["generate", "screen", "audit"]})
+    server = BackgroundServer(make_config(auth_file=str(path)),
+                              GuardedEngine(tiny_pipe, IndexGateway(None), Policy.uncalibrated()))
+    server.start()
+    yield server, keys
+    server.stop()
+
+
+def test_finding3_metrics_diffed_around_one_request_give_back_no_signal_value(real_guard):
+    import math
+
+    from server_testlib import scrape
+
+    server, keys = real_guard
+    assert server.server.metrics._http.server_address[0] == "127.0.0.1"   # loopback unless configured
+    request = pb.GenerateRequest(prompt="a red apple", steps=4, seed=3, num_images=2)
+    with channel(server) as ch:
+        stream(ch, request, keys["plain"])           # warm the label sets
+        before = scrape(server)
+        progress, result = stream(ch, request, keys["auditor"])
+        after = scrape(server)
+    names = {name for p in progress for name in p.signals}
+    assert {"divergence", "entropy", "combined"} <= names            # the audit caller saw the signals
+    secrets = [sum(p.signals[n] for p in progress if n in p.signals) for n in names]
+    secrets += [v for p in progress for v in p.signals.values()]
+    secrets += [v for im in result.images for v in im.report.scores.values()]
+    secrets = [v for v in secrets if abs(v) > 1e-6]
+    changed = {key: value - before.get(key, 0.0) for key, value in after.items() if value != before.get(key, 0.0)}
+    assert changed, "the request changed no series at all?"
+    for (name, labels), delta in changed.items():
+        assert not any(math.isclose(delta, v, rel_tol=1e-5) for v in secrets), (name, labels, delta)
+    series = {name for name, _ in after}
+    assert not [n for n in series if "signal" in n or "flagged" in n], series
