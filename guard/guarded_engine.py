@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from memguard.calibrate import default_index_dir, default_policy_path, resolve_model_dir
+from memguard.calibrate import check_provenance, default_index_dir, default_policy_path, resolve_model_dir
 from memguard.engine import EngineConfig, IndexedEngine, IndexGateway, IsCancelled, OnStep, load_pipeline, to_batch_stats
 from memguard.pipeline import GuardConfig, GuardedPipeline
 from memguard.policy import Policy
@@ -51,8 +51,11 @@ class GuardedEngine(IndexedEngine):
             policy = Policy.uncalibrated()
         else:
             policy = Policy.load(policy_path)
-        return cls(load_pipeline(config), index, policy,
-                   GuardConfig(face_match_scope=getattr(config, "face_match_scope", "any")))
+        engine = cls(load_pipeline(config), index, policy,
+                     GuardConfig(face_match_scope=getattr(config, "face_match_scope", "any")))
+        if model_dir is not None:   # the provenance check `memguard generate` runs (the server logs these)
+            engine.calibration_warnings += check_provenance(policy, model_dir, Path(index_path) if index_path else None)
+        return engine
 
     def index_stats(self):
         stats = super().index_stats()

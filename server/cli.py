@@ -50,7 +50,8 @@ def _register_serve(subparsers) -> None:
                                           "audit scope: keep it on loopback or a private network)")
     p.add_argument("--engine", help="engine factory module:attr (default memguard.guarded_engine:GuardedEngine; memguard.engine:PipelineEngine is the unguarded baseline)")
     p.add_argument("--model", help="diffusers pipeline directory (default: the testbed model)")
-    p.add_argument("--index", help="fingerprint index directory (default: the testbed index, if built)")
+    p.add_argument("--index", help="fingerprint index directory (default: a testbed model's own index; "
+                                   "required for any other model, as for `memguard generate`)")
     p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
     p.add_argument("--registry", help="protected registry: postgresql://… shared by replicas, or sqlite:///PATH "
                                       "(default $MEMGUARD_REGISTRY, else registry.sqlite in the index directory)")
@@ -80,9 +81,7 @@ def build_config(args: argparse.Namespace):
     from memguard.server.config import load_config, override
 
     config = load_config(args.config)
-    index = args.index
-    if index is None and not args.no_index and config.engine.index is None and TESTBED_INDEX_DIR.is_dir():
-        index = str(TESTBED_INDEX_DIR)
+    index = serve_index(config, args)
     return override(
         config, host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         engine_spec=args.engine, auth_file=args.auth_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -95,6 +94,28 @@ def build_config(args: argparse.Namespace):
            "engine.torch_threads": args.torch_threads, "engine.tiny_random": args.tiny_random or None,
            "batching.max_batch_images": args.max_batch_images, "batching.max_queue": args.max_queue,
            "batching.max_queue_delay_ms": args.max_queue_delay_ms})
+
+
+def serve_index(config, args: argparse.Namespace) -> str | None:
+    """The index `memguard serve` screens against, by the rule `memguard generate` follows: the one
+    given (--index, [engine] index), else a testbed model's own index; any other model must name the
+    index of its own training set, or say --no-index (Screen fails closed, every guarded image is
+    BLOCKED). Never another model's index (issue 29, finding 8)."""
+    from memguard.calibrate import default_index_dir
+
+    if args.no_index:
+        return None
+    if args.index or config.engine.index:
+        return args.index   # None keeps the config file's
+    if args.tiny_random or config.engine.tiny_random:
+        return None         # random weights: no index of their own
+    model = args.model or config.engine.model
+    index = default_index_dir(model)
+    if index is None:
+        raise InvalidInput("index", f"{model} is not a testbed model: give the fingerprint index of its training set "
+                                    "(--index DIR or [engine] index), as `memguard generate` requires, or --no-index "
+                                    "to serve with every guarded image failing closed")
+    return str(index) if index.is_dir() else None
 
 
 def _serve(args: argparse.Namespace) -> int:

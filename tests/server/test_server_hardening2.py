@@ -190,3 +190,49 @@ def test_finding3_metrics_diffed_around_one_request_give_back_no_signal_value(re
         assert not any(math.isclose(delta, v, rel_tol=1e-5) for v in secrets), (name, labels, delta)
     series = {name for name, _ in after}
     assert not [n for n in series if "signal" in n or "flagged" in n], series
+
+
+# ----------------------------------------------------------------------------- finding 8
+def test_finding8_serve_refuses_another_models_index_and_checks_provenance(tmp_path, caplog):
+    """`memguard serve --model X` used the v-testbed's index for any X and skipped the provenance check
+    that `memguard generate` runs. Now: the same rule (the model's own index, or refuse), the same
+    warnings, on a real server."""
+    import json
+    import logging
+    import shutil
+
+    from memguard.cli import build_parser
+    from memguard.errors import InvalidInput
+    from memguard.server.app import BackgroundServer
+    from memguard.server.cli import build_config
+    from memguard.testbed.registry import get_testbed
+
+    testbed = get_testbed()
+    if not (testbed.index_dir / "manifest.json").is_file() or not testbed.policy_path.is_file():
+        pytest.skip("the testbed's index and policy are not built")
+    model = tmp_path / "another-model"        # not a testbed: another model, however similar
+    shutil.copytree(testbed.model_dir, model)
+    meta = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**meta, "_memguard_note": "fine-tuned elsewhere"}))
+    shutil.copy(testbed.policy_path, model / "memguard_policy.json")
+    index = shutil.copytree(testbed.index_dir, tmp_path / "index")   # its own copy: Protect writes there
+
+    base = ["serve", "--model", str(model), "--port", "0", "--metrics-port", "-1", "--torch-threads", "1"]
+    with pytest.raises(InvalidInput) as err:
+        build_config(build_parser().parse_args(base))
+    assert err.value.field == "index" and "--index" in str(err.value)
+    assert build_config(build_parser().parse_args(base + ["--no-index"])).engine.index is None   # said explicitly
+
+    config = build_config(build_parser().parse_args(base + ["--index", str(index)]))
+    assert config.engine.index == str(index)
+    with caplog.at_level(logging.WARNING):
+        server = BackgroundServer(config)
+        server.start()
+    try:
+        with channel(server) as ch:
+            response = memguard_pb2_grpc.MemGuardStub(ch).Screen(pb.ScreenRequest(image=PNG), timeout=120)
+        assert response.request_id   # it screens against the index it was given
+    finally:
+        server.stop()
+    assert any("calibrated on another model" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
