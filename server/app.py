@@ -146,7 +146,9 @@ class MemGuardServer:
         if cfg.auth_file and not cfg.tls_cert:
             log.warning("API keys travel in plaintext (no TLS)%s", "" if cfg.insecure else " on loopback")
         self.metrics = Metrics(queue_capacity=cfg.batching.max_queue)
-        self.audit = ServerAudit(AuditLog(cfg.audit_log) if cfg.audit_log else None, self.metrics)
+        # off loopback the audit chain must be keyed (MEMGUARD_AUDIT_KEY_FILE); on loopback a warning
+        self.audit = ServerAudit(AuditLog(cfg.audit_log, require_key=not is_loopback(cfg.host))
+                                 if cfg.audit_log else None, self.metrics)
         self.batcher = Batcher(cfg.batching, self.metrics)
         self.server = self._build_grpc_server()
         await self._set_health(False)

@@ -4,7 +4,8 @@ They wrap only MemGuard's own services (`/memguard.v1.*`); health and reflection
 The error interceptor is the one place that maps exception types to gRPC status codes; an
 unexpected exception becomes INTERNAL with a logged traceback, and the process keeps serving.
 A rate-limited call carries trailing metadata `retry-after` (seconds) and a google.rpc.RetryInfo
-detail (`grpc-status-details-bin`). Every authentication or scope failure is audited.
+detail (`grpc-status-details-bin`). Every authentication or scope failure is audited, aggregated
+per peer and window (server/audit_trail.py); a malformed request id is refused before auth.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from memguard.errors import CorruptData, InvalidInput, MemGuardError, MissingRes
 from memguard.server.audit_trail import ServerAudit
 from memguard.server.auth import METHOD_SCOPES, KeyRing, Principal, current_principal, key_from_metadata
 from memguard.server.batcher import DeadlineExceeded, NotServing, QueueFull
+from memguard.server.convert import check_request_id
 from memguard.server.metrics import Metrics
 from memguard.server.ratelimit import RateLimited
 
@@ -205,12 +207,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def on_deny(request, context) -> None:
             if self.metrics is not None:
                 self.metrics.reject(rpc, code.name.lower())
-            if self.audit is not None:
-                request_id = getattr(request, "request_id", "")
-                await self.audit.record(who=who, rpc=rpc, outcome=code.name,
-                                        request_id=request_id if isinstance(request_id, str) else "",
-                                        peer=context.peer())
+            if self.audit is not None:    # counted per peer and window: no entry, no caller string per call
+                self.audit.refused(peer=context.peer(), who=who, rpc=rpc, outcome=code.name)
         return on_deny
+
+    def _checked(self, rpc: str, behavior_around: Around) -> Around:
+        """Validate the request id (length, charset) before anything else sees it, auth included."""
+        def around(behavior: Behavior, streaming: bool) -> Behavior:
+            inner = behavior_around(behavior, streaming)
+
+            async def bad_id(request, context) -> None:
+                request_id = getattr(request, "request_id", "")
+                if not isinstance(request_id, str):
+                    return
+                try:
+                    check_request_id(request_id)
+                except InvalidInput as exc:
+                    if self.metrics is not None:
+                        self.metrics.reject(rpc, "request_id")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+            if streaming:
+                async def checked_stream(request, context):
+                    await bad_id(request, context)
+                    async for item in inner(request, context):
+                        yield item
+                return checked_stream
+
+            async def checked(request, context):
+                await bad_id(request, context)
+                return await inner(request, context)
+            return checked
+        return around
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -221,14 +249,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         principal = self.keys.authenticate(key_from_metadata(details.invocation_metadata))
         if principal is None:
             code = grpc.StatusCode.UNAUTHENTICATED
-            return wrap_handler(handler, _abort_with(code, "missing or unknown API key "
+            return wrap_handler(handler, self._checked(rpc, _abort_with(code, "missing or unknown API key "
                                 "(send `authorization: Bearer <key>` or `x-api-key: <key>`)",
-                                self._denied(rpc, "anonymous", code)))
+                                self._denied(rpc, "anonymous", code))))
         if not principal.can(scope):
             code = grpc.StatusCode.PERMISSION_DENIED
-            return wrap_handler(handler, _abort_with(code, f"key {principal.name!r} lacks the {scope!r} scope",
-                                                     self._denied(rpc, principal.name, code)))
-        return wrap_handler(handler, _as_principal(principal))
+            return wrap_handler(handler, self._checked(rpc, _abort_with(
+                code, f"key {principal.name!r} lacks the {scope!r} scope", self._denied(rpc, principal.name, code))))
+        return wrap_handler(handler, self._checked(rpc, _as_principal(principal)))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

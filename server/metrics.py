@@ -90,6 +90,8 @@ class Metrics:
         self.audit_entries = Counter("memguard_audit_entries", "Entries appended to the audit log", registry=r)
         self.audit_failures = Counter("memguard_audit_failures", "Audit entries that could not be written "
                                       "(the RPC answered UNAVAILABLE)", registry=r)
+        self.audit_sequence = Gauge("memguard_audit_sequence", "Sequence number of the newest audit log entry "
+                                    "(its hash is logged; compare with the file to detect a cut tail)", registry=r)
         self.reloads = Counter("memguard_reloads", "SIGHUP reloads of keys and certificates",
                                ["what", "outcome"], registry=r)
         self.batch_retries = Counter("memguard_batch_retries", "Requests re-run alone after their batch's engine "
@@ -122,6 +124,9 @@ class Metrics:
 
     def audited(self, ok: bool) -> None:
         (self.audit_entries if ok else self.audit_failures).inc()
+
+    def audit_head(self, seq: int) -> None:
+        self.audit_sequence.set(seq)
 
     def reloaded(self, what: str, ok: bool) -> None:
         self.reloads.labels(what, "ok" if ok else "error").inc()

@@ -50,6 +50,7 @@ def audited_run(tiny_pipe, tmp_path_factory):
             for bad in (new_key(), keys["gen"]):
                 with pytest.raises(grpc.RpcError):
                     stub.Screen(pb.ScreenRequest(image=png, request_id="denied"), metadata=bearer(bad))
+        server.server.audit.flush_refusals()     # refusals are written per window (issue 29, finding 7)
         entries_metric = metric(server, "memguard_audit_entries_total")
     finally:
         server.stop()
@@ -65,15 +66,18 @@ def test_the_run_is_audited_and_the_chain_verifies(audited_run, capsys):
     kinds = [(e["rpc"], e["outcome"], e["request_id"]) for e in entries]
     assert ("Generate", "BLOCKED", "blocked-1") in kinds and ("GenerateStream", "BLOCKED", "blocked-2") in kinds
     assert ("Screen", "OK", "screen-1") in kinds and ("Screen", "InvalidInput", "screen-2") in kinds
-    assert [k[:2] for k in kinds if k[0] in ("Protect", "Unprotect")] == [("Protect", "OK"), ("Unprotect", "OK")]
-    assert ("Screen", "UNAUTHENTICATED", "denied") in kinds and ("Screen", "PERMISSION_DENIED", "denied") in kinds
+    assert [k[:2] for k in kinds if k[0] in ("Protect", "Unprotect")] == [
+        ("Protect", "STARTED"), ("Protect", "OK"), ("Unprotect", "STARTED"), ("Unprotect", "OK")]
+    refused = {(e["rpc"], e["outcome"], e["details"]["count"]) for e in entries if "count" in e["details"]}
+    assert refused == {("Screen", "UNAUTHENTICATED", 1), ("Screen", "PERMISSION_DENIED", 1)}
     blocked = next(e for e in entries if e["request_id"] == "blocked-1")
     assert blocked["who"] == "ops" and blocked["details"]["images"][0]["matched"] == [MATCHED]
     assert "prompt" not in json.dumps(blocked["details"]).replace("prompt_sha256", "")
-    protect = next(e for e in entries if e["rpc"] == "Protect")
-    assert protect["details"]["reason"] == "takedown #9" and protect["details"]["id"]
+    protect = next(e for e in entries if e["rpc"] == "Protect" and e["outcome"] == "OK")
+    assert protect["details"]["reason_tag"].startswith("hmac:") and protect["details"]["id"]
     text = log.read_text()
     assert SECRET not in text and "allowed-1" not in text       # an allowed request leaves no trace
+    assert "takedown #9" not in text and "appeal #9" not in text   # reasons only as keyed tags
 
 
 def test_a_one_byte_edit_breaks_the_chain(audited_run, tmp_path, capsys):
@@ -98,7 +102,7 @@ def test_export_filters_and_refuses_a_broken_chain(audited_run, tmp_path, capsys
     log, entries, _ = audited_run
     out = tmp_path / "protect.jsonl"
     assert main(["audit", "export", str(log), "--rpc", "Protect", "--rpc", "Unprotect", "--out", str(out)]) == 0
-    assert [json.loads(line)["rpc"] for line in out.read_text().splitlines()] == ["Protect", "Unprotect"]
+    assert [json.loads(line)["rpc"] for line in out.read_text().splitlines()] == ["Protect"] * 2 + ["Unprotect"] * 2
     broken = tmp_path / "broken.jsonl"
     broken.write_text(log.read_text().replace('"who":"ops"', '"who":"eve"', 1))
     assert main(["audit", "export", str(broken)]) == 1
