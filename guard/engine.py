@@ -117,6 +117,20 @@ class GenerationEngine(Protocol):
     def close(self) -> None: ...
 
 
+def native_size(engine: Any) -> int | None:
+    """The engine's native image side in pixels (UNet sample size × VAE scale factor), or None when it
+    does not say. An engine may state it as `native_size`; a diffusers pipeline at `.pipe` or
+    `.pipeline.pipe` is read otherwise. The server bounds request sizes by it."""
+    stated = getattr(engine, "native_size", None)
+    if isinstance(stated, int) and stated > 0:
+        return stated
+    pipe = getattr(engine, "pipe", None) or getattr(getattr(engine, "pipeline", None), "pipe", None)
+    try:
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None       # diffusers pipeline directory; None: the testbed model

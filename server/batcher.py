@@ -30,6 +30,10 @@ class QueueFull(MemGuardError):
     """The admission queue is full: retry later (RESOURCE_EXHAUSTED)."""
 
 
+class KeyQueueShare(QueueFull):
+    """One key holds its whole share of the admission queue (RESOURCE_EXHAUSTED)."""
+
+
 class NotServing(MemGuardError):
     """The server is warming up or shutting down and takes no new work (UNAVAILABLE)."""
 
@@ -70,6 +74,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     batch_steps: int = 0
+    owner: str | None = None                         # the API key's name, for its share of the queue
     future: asyncio.Future = field(init=False)
     events: asyncio.Queue | None = field(init=False, default=None)
     _cancel: threading.Event = field(init=False, default_factory=threading.Event)
@@ -147,15 +152,24 @@ class Batcher:
         self._thread = threading.Thread(target=self._worker, name="memguard-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, request: GenerationRequest, *, deadline: float | None = None, stream: bool = False) -> Job:
-        """Admit a request or raise QueueFull / NotServing. Call from the event loop."""
+    def submit(self, request: GenerationRequest, *, deadline: float | None = None, stream: bool = False,
+               owner: str | None = None, owner_slots: int | None = None) -> Job:
+        """Admit a request or raise QueueFull / KeyQueueShare / NotServing. Call from the event loop.
+
+        `owner` (an API key's name) may hold at most `owner_slots` waiting requests, so that one key
+        cannot fill the queue for everyone."""
         job = Job(request, asyncio.get_running_loop(), deadline, stream)
+        job.owner = owner
         job._on_cancel = self._withdraw
         with self._cond:
             if self._thread is None or self._closing:
                 raise NotServing("the server is " + ("shutting down" if self._closing else "warming up"))
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(f"admission queue full ({self.config.max_queue} waiting requests)")
+            if owner is not None and owner_slots is not None and \
+                    sum(1 for j in self._queue if j.owner == owner) >= owner_slots:
+                raise KeyQueueShare(f"admission queue: this key already has {owner_slots} waiting requests "
+                                    "(its share of the queue)")
             self._queue.append(job)
             self._report_depth()
             self._cond.notify()

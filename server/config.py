@@ -11,9 +11,11 @@
     drain_delay_s = 5.0               index = "…"
     grace_s = 30.0                    [limits]
     default_mode = "enforce"          max_steps = 150 …
-    allow_mode_override = false       [rate_limits]
-    audit_log = "audit.jsonl"         generate_per_s = 2.0 / generate_burst = 10 …
-    face_match_scope = "any"          [uploads]
+    allow_mode_override = false       [rate_limits]   # per key; on by default
+    audit_log = "audit.jsonl"         generate_per_s = 1.0 / generate_burst = 20 …
+    face_match_scope = "any"          [admission]
+                                      max_latent_factor = 2 / max_request_cost = 400 / key_queue_share = 0.25
+                                      [uploads]
                                       max_queue = 16 / workers = 2 / max_aspect_ratio = 8 …
 
 An unknown key is an error naming it (`config: server.prot is not a setting`).
@@ -48,11 +50,12 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class RateLimitConfig:
-    """Per-key token buckets (rate per second, burst). 0 rate: unlimited."""
-    generate_per_s: float = 0.0
+    """Per-key token buckets (rate per second, burst); on by default (issue 29). 0 rate: unlimited.
+    They apply to API keys: with auth off (loopback only) the one local developer is not limited."""
+    generate_per_s: float = 1.0        # images per second, sustained
     generate_burst: int = 20
-    screen_per_s: float = 0.0
-    screen_burst: int = 20
+    screen_per_s: float = 5.0
+    screen_burst: int = 50
 
     def validate(self) -> None:
         for name in ("generate_per_s", "screen_per_s"):
@@ -61,6 +64,30 @@ class RateLimitConfig:
         for name in ("generate_burst", "screen_burst"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"rate_limits.{name}", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """What one Generate request may cost, and how much of the admission queue one key may hold.
+
+    The model's native side is its UNet's sample size × the VAE's scale factor (512 px for SD 1.x)."""
+    max_latent_factor: float = 2.0      # height and width ≤ this × the model's native side
+    max_request_cost: float = 400.0     # height × width × steps × num_images, in native images × steps
+    key_queue_share: float = 0.25       # of batching.max_queue one API key may hold waiting (at least 1)
+
+    def validate(self) -> None:
+        if self.max_latent_factor < 1:
+            raise InvalidInput("admission.max_latent_factor", "must be at least 1")
+        if self.max_request_cost <= 0:
+            raise InvalidInput("admission.max_request_cost", "must be positive")
+        if not 0 < self.key_queue_share <= 1:
+            raise InvalidInput("admission.key_queue_share", "must be in (0, 1]")
+
+    def max_side(self, native: int) -> int:
+        return int(self.max_latent_factor * native)
+
+    def key_queue_slots(self, max_queue: int) -> int:
+        return max(1, int(self.key_queue_share * max_queue))
 
 
 @dataclass(frozen=True)
@@ -113,11 +140,13 @@ class ServerConfig:
     batching: BatchingConfig = BatchingConfig()
     limits: RequestLimits = RequestLimits()   # num_images is also capped at batching.max_batch_images
     rate_limits: RateLimitConfig = RateLimitConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     uploads: UploadConfig = UploadConfig()
 
     def validate(self) -> None:
         self.batching.validate()
         self.rate_limits.validate()
+        self.admission.validate()
         self.uploads.validate()
         if self.face_match_scope not in FACE_MATCH_SCOPES:
             raise InvalidInput("face_match_scope", f"{self.face_match_scope!r} is not one of {FACE_MATCH_SCOPES}")
@@ -143,7 +172,7 @@ def is_loopback(host: str) -> bool:
 
 
 _SECTIONS = {"server": None, "engine": "engine", "batching": "batching", "limits": "limits",
-             "rate_limits": "rate_limits", "uploads": "uploads"}
+             "rate_limits": "rate_limits", "admission": "admission", "uploads": "uploads"}
 _ENUMS = {"default_mode": GuardMode, "default_face_action": FaceAction}
 
 
@@ -165,7 +194,8 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, base: ServerConfig = ServerConfig()) -> ServerConfig:
-    """Read a TOML file over `base`; sections [server] [engine] [batching] [limits] [rate_limits] [uploads]."""
+    """Read a TOML file over `base`; sections [server] [engine] [batching] [limits] [rate_limits] [admission]
+    [uploads]."""
     if path is None:
         return base
     try:
@@ -182,7 +212,7 @@ def load_config(path: str | Path | None = None, base: ServerConfig = ServerConfi
     if "engine" in engine:
         config = dataclasses.replace(config, engine_spec=engine.pop("engine"))
     for section, attr in (("engine", "engine"), ("batching", "batching"), ("limits", "limits"),
-                          ("rate_limits", "rate_limits"), ("uploads", "uploads")):
+                          ("rate_limits", "rate_limits"), ("admission", "admission"), ("uploads", "uploads")):
         config = dataclasses.replace(config, **{attr: _apply(getattr(config, attr), engine if section == "engine"
                                                             else data.get(section, {}), section)})
     return config

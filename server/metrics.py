@@ -83,8 +83,8 @@ class Metrics:
         self.protect_ops = Counter("memguard_protect_operations", "Protected-registry operations",
                                    ["operation", "outcome"], registry=r)
         self.rejections = Counter("memguard_rejections", "Requests refused or downgraded before work, by cause "
-                                  "(rate_limited, queue_full, upload_queue_full, invalid_image, request_id, "
-                                  "mode_override, unauthenticated, permission_denied)", ["rpc", "cause"], registry=r)
+                                  "(rate_limited, queue_full, key_queue_share, cost, upload_queue_full, invalid_image, "
+                                  "request_id, mode_override, unauthenticated, permission_denied)", ["rpc", "cause"], registry=r)
         self.upload_depth = Gauge("memguard_upload_queue_depth", "Screen/Protect uploads waiting or running",
                                   registry=r)
         self.audit_entries = Counter("memguard_audit_entries", "Entries appended to the audit log", registry=r)

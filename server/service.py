@@ -27,14 +27,14 @@ from functools import partial
 
 import grpc
 
-from memguard.engine import GenerationEngine
+from memguard.engine import GenerationEngine, native_size
 from memguard.errors import InvalidInput, MemGuardError
 from memguard.types import GenerationRequest, GuardMode, GuardReport, ImageResult, Reason, RequestLimits
 from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
 from memguard.server import convert
 from memguard.server.audit_trail import ServerAudit, matched_ids
 from memguard.server.auth import ANONYMOUS_DEV, Principal, current_principal
-from memguard.server.batcher import Batcher, DeadlineExceeded, Job, NotServing
+from memguard.server.batcher import Batcher, DeadlineExceeded, Job, KeyQueueShare, NotServing, QueueFull
 from memguard.server.config import ServerConfig
 from memguard.server.metrics import Metrics
 from memguard.server.ratelimit import RateLimited, RateLimiter
@@ -132,6 +132,12 @@ def _caller() -> Principal:
     return current_principal.get() or ANONYMOUS_DEV
 
 
+def _key_name() -> str | None:
+    """The API key's name; None with auth off (rate limits and queue shares are per key)."""
+    caller = _caller()
+    return None if caller is ANONYMOUS_DEV else caller.name
+
+
 class _Base:
     def __init__(self, shared: Shared):
         self.s = shared
@@ -141,8 +147,12 @@ class _Base:
         return _engine(self.s.batcher)
 
     def _limit(self, rpc: str, family: str, cost: float = 1.0) -> None:
+        """The key's token bucket (none with auth off: one local developer on loopback, every scope)."""
+        key = _key_name()
+        if key is None:
+            return
         try:
-            self.s.limiter.take(_caller().name, family, cost)
+            self.s.limiter.take(key, family, cost)
         except RateLimited:
             self.s.metrics.reject(rpc, "rate_limited")
             raise
@@ -177,6 +187,11 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
         cap = self.s.config.batching.max_batch_images
         if request.num_images > cap:
             raise InvalidInput("num_images", f"{request.num_images} exceeds this server's batch size {cap}")
+        try:
+            self._check_cost(request)
+        except InvalidInput:
+            self.s.metrics.reject(rpc, "cost")
+            raise
         if request.mode is not GuardMode.ENFORCE and not self._may_override():
             log.info("key %r asked for mode %s without guard_override: running ENFORCE",
                      _caller().name, request.mode.value)
@@ -184,6 +199,41 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
             request.mode = GuardMode.ENFORCE
         self._limit(rpc, "generate", request.num_images)
         return request
+
+    def _check_cost(self, request: GenerationRequest) -> None:
+        """Bound one request's work by the model: each side ≤ max_latent_factor × the native side, and
+        height × width × steps × num_images ≤ max_request_cost native images × steps."""
+        native = native_size(self.engine)
+        if native is None:
+            return
+        admission = self.s.config.admission
+        side = admission.max_side(native)
+        for name in ("height", "width"):
+            if getattr(request, name) > side:
+                raise InvalidInput(name, f"{getattr(request, name)} exceeds {side} px for this model "
+                                         f"({admission.max_latent_factor:g} × its native {native} px)")
+        cost = request.height * request.width * request.steps * request.num_images / native ** 2
+        if cost > admission.max_request_cost:
+            field = "num_images" if request.num_images > 1 else "steps"
+            raise InvalidInput(field, f"{request.width}x{request.height} px × {request.steps} steps × "
+                                      f"{request.num_images} images costs {cost:g} native image-steps "
+                                      f"({native}² px each); this server's per-request budget is "
+                                      f"{admission.max_request_cost:g} (admission.max_request_cost)")
+
+    def _submit(self, rpc: str, request: GenerationRequest, context, stream: bool = False) -> Job:
+        """Admit into the batcher; an API key may hold only its share of the queue."""
+        key = _key_name()
+        slots = (self.s.config.admission.key_queue_slots(self.s.config.batching.max_queue)
+                 if key is not None else None)
+        try:
+            return self.s.batcher.submit(request, deadline=_deadline(context), stream=stream, owner=key,
+                                         owner_slots=slots)
+        except KeyQueueShare:
+            self.s.metrics.reject(rpc, "key_queue_share")
+            raise
+        except QueueFull:
+            self.s.metrics.reject(rpc, "queue_full")
+            raise
 
     def _may_override(self) -> bool:
         return self.s.config.allow_mode_override or _caller().can("guard_override")
@@ -201,7 +251,7 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
 
     async def Generate(self, msg: pb.GenerateRequest, context) -> pb.GenerateResponse:
         request = self._request(msg, "Generate")
-        job = self.s.batcher.submit(request, deadline=_deadline(context))
+        job = self._submit("Generate", request, context)
         finished = False
         try:
             results = await job.future
@@ -220,7 +270,7 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
         request = self._request(msg, "GenerateStream")
         audit = _caller().can("audit")
         coarse = None if audit else CoarseProgress(request)
-        job = self.s.batcher.submit(request, deadline=_deadline(context), stream=True)
+        job = self._submit("GenerateStream", request, context, stream=True)
         finished = False
         try:
             async for event in job.stream_events():
@@ -259,7 +309,8 @@ class MemGuardService(_Base, memguard_pb2_grpc.MemGuardServicer):
         response = convert.screen_response(outcome, request_id, _caller().can("audit"), self.s.config.face_match_scope)
         await self.s.audit.record(who=who, rpc="Screen", outcome="OK", request_id=request_id,
                                   copy_detected=response.copy_detected, faces_matched=response.faces_matched,
-                                  reason=pb.Reason.Name(response.reason), matched=matched_ids(outcome.audit))
+                                  reason=pb.Reason.Name(response.reason),
+                                  matched=matched_ids(outcome.audit, lambda name: self.s.audit.tag("subject", name)))
         return response
 
 
@@ -328,14 +379,18 @@ class IndexAdminService(_Base, admin_pb2_grpc.IndexAdminServicer):
             raise InvalidInput("reason", f"{len(reason)} characters; at most 1000")
         target, detail, fn = self._protect_fn(msg, reason)
         who = _caller().name
+        # the log keeps keyed tags of the name and the reason, never the text (issue 29, finding 5)
+        detail = {**{k: v for k, v in detail.items() if k != "identity"},
+                  **self.s.audit.private(reason=reason, identity=detail.get("identity"),
+                                         idempotency_key=msg.idempotency_key or None)}
+        # no protection without its entry: STARTED is written first (a failed write answers UNAVAILABLE)
+        await self.s.audit.record(who=who, rpc="Protect", outcome="STARTED", target=target, **detail)
         try:
             item_id = await self._registry_op(f"protect_{target}", fn, upload=True)
         except MemGuardError as exc:
-            await self.s.audit.record(who=who, rpc="Protect", outcome=type(exc).__name__, target=target,
-                                      reason=reason, **detail)
+            await self.s.audit.record(who=who, rpc="Protect", outcome=type(exc).__name__, target=target, **detail)
             raise
-        await self.s.audit.record(who=who, rpc="Protect", outcome="OK", target=target, id=item_id, reason=reason,
-                                  idempotency_key=msg.idempotency_key or None, **detail)
+        await self.s.audit.record(who=who, rpc="Protect", outcome="OK", target=target, id=item_id, **detail)
         return admin_pb2.ProtectResponse(id=item_id)
 
     async def Unprotect(self, msg: admin_pb2.UnprotectRequest, context) -> admin_pb2.UnprotectResponse:
@@ -349,13 +404,15 @@ class IndexAdminService(_Base, admin_pb2_grpc.IndexAdminServicer):
         if len(reason) > 1000:
             raise InvalidInput("reason", f"{len(reason)} characters; at most 1000")
         who = _caller().name
+        detail = self.s.audit.private(reason=reason, subject=msg.id)    # a name only as a keyed tag
+        await self.s.audit.record(who=who, rpc="Unprotect", outcome="STARTED", **detail)
         try:
             removed = await self._registry_op("unprotect", partial(self.engine.unprotect, msg.id, reason))
         except MemGuardError as exc:
-            await self.s.audit.record(who=who, rpc="Unprotect", outcome=type(exc).__name__, id=msg.id, reason=reason)
+            await self.s.audit.record(who=who, rpc="Unprotect", outcome=type(exc).__name__, **detail)
             raise
-        await self.s.audit.record(who=who, rpc="Unprotect", outcome="OK" if removed else "NOT_FOUND", id=msg.id,
-                                  reason=reason, removed=removed)
+        await self.s.audit.record(who=who, rpc="Unprotect", outcome="OK" if removed else "NOT_FOUND",
+                                  removed=removed, **detail)
         return admin_pb2.UnprotectResponse(removed=removed)
 
     async def GetIndexStats(self, msg: admin_pb2.GetIndexStatsRequest, context) -> admin_pb2.IndexStats:

@@ -9,14 +9,17 @@ import urllib.request
 import grpc
 
 from memguard.server.app import BackgroundServer
-from memguard.server.config import ServerConfig
+from memguard.server.config import RateLimitConfig, ServerConfig
 
 
 def make_config(**overrides) -> ServerConfig:
-    """Loopback, ephemeral ports, short grace; `batching={...}`, `rate_limits={...}`, `uploads={...}`
-    override those sections' fields."""
-    base = ServerConfig(port=0, metrics_port=0, grace_s=5.0, default_steps=4)
-    for section in ("batching", "rate_limits", "uploads"):
+    """Loopback, ephemeral ports, short grace, generous per-key rate limits (tests send many requests
+    a key; the defaults are tested on their own); `batching={...}`, `rate_limits={...}`,
+    `admission={...}`, `uploads={...}` override those sections' fields."""
+    base = ServerConfig(port=0, metrics_port=0, grace_s=5.0, default_steps=4,
+                        rate_limits=RateLimitConfig(generate_per_s=1000.0, generate_burst=10_000,
+                                                    screen_per_s=1000.0, screen_burst=10_000))
+    for section in ("batching", "rate_limits", "admission", "uploads"):
         if section in overrides:
             overrides[section] = dataclasses.replace(getattr(base, section), **overrides[section])
     return dataclasses.replace(base, **overrides)

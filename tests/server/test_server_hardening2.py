@@ -236,3 +236,74 @@ def test_finding8_serve_refuses_another_models_index_and_checks_provenance(tmp_p
         server.stop()
     assert any("calibrated on another model" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+# ----------------------------------------------------------------------------- finding 1
+def test_finding1_sizes_and_cost_are_bounded_by_the_model(early):
+    """The tiny model's native side is 64 px (UNet sample size 16 × VAE factor 4): at most 128 px a
+    side, at most 400 native image-steps a request; refused with INVALID_ARGUMENT naming the field."""
+    server, keys = early
+    with channel(server) as ch:
+        stub = memguard_pb2_grpc.MemGuardStub(ch)
+        for request, field, why in (
+                (pb.GenerateRequest(prompt="x", steps=1, height=1024, width=1024), "height:", "exceeds 128 px"),
+                (pb.GenerateRequest(prompt="x", steps=1, height=64, width=256), "width:", "exceeds 128 px"),
+                (pb.GenerateRequest(prompt="x", steps=150, height=128, width=128), "steps:", "budget is 400"),
+                (pb.GenerateRequest(prompt="x", steps=120, num_images=4), "num_images:", "costs 480")):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(request, metadata=bearer(keys["plain"]), timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert err.value.details().startswith(field) and why in err.value.details(), err.value.details()
+            assert time.monotonic() - t0 < 5
+        ok = stub.Generate(pb.GenerateRequest(prompt="x", steps=1, height=128, width=128), metadata=bearer(keys["plain"]),
+                           timeout=120)
+        assert ok.images[0].decision == pb.DECISION_ALLOWED
+    from server_testlib import metric
+    assert metric(server, "memguard_rejections_total", rpc="Generate", cause="cost") == 4
+
+
+def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tmp_path):
+    from server_testlib import metric, wait_for
+
+    keys = write_keys(tmp_path / "keys.toml", {"a": ["generate"], "b": ["generate"]})
+    # max_queue 4 × share 0.25: one waiting request a key
+    server = serve(GuardLikeEngine(tiny_pipe), auth_file=str(tmp_path / "keys.toml"),
+                   batching={"max_batch_images": 1, "max_queue": 4, "max_queue_delay_ms": 0})
+    with channel(server) as ch:
+        stub = memguard_pb2_grpc.MemGuardStub(ch)
+        long = pb.GenerateRequest(prompt="slow", steps=150)
+        running = stub.Generate.future(long, metadata=bearer(keys["a"]), timeout=300)
+        wait_for(lambda: server.server.batcher.depth == 0 and not running.done())   # taken by the worker
+        waiting = stub.Generate.future(long, metadata=bearer(keys["a"]), timeout=300)
+        wait_for(lambda: server.server.batcher.depth == 1)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(long, metadata=bearer(keys["a"]), timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "share" in err.value.details()
+        other = stub.Generate.future(long, metadata=bearer(keys["b"]), timeout=300)   # b still gets in
+        wait_for(lambda: server.server.batcher.depth == 2)
+        assert not other.done()
+        for call in (running, waiting, other):
+            call.cancel()
+    assert metric(server, "memguard_rejections_total", rpc="Generate", cause="key_queue_share") == 1
+
+
+def test_finding1_rate_limits_are_on_by_default(tiny_pipe, serve, tmp_path):
+    from memguard.server.config import RateLimitConfig
+
+    defaults = RateLimitConfig()
+    assert defaults.generate_per_s > 0 and defaults.screen_per_s > 0
+    keys = write_keys(tmp_path / "keys.toml", {"a": ["generate"]})
+    server = serve(GuardLikeEngine(tiny_pipe), auth_file=str(tmp_path / "keys.toml"),
+                   rate_limits=dataclasses.asdict(defaults), batching={"max_batch_images": 4})
+    with channel(server) as ch:
+        stub = memguard_pb2_grpc.MemGuardStub(ch)
+        request = pb.GenerateRequest(prompt="x", steps=1, num_images=4)
+        codes = []
+        for _ in range(defaults.generate_burst // 4 + 2):
+            try:
+                stub.Generate(request, metadata=bearer(keys["a"]), timeout=120)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    assert codes[0] == "OK" and "RESOURCE_EXHAUSTED" in codes, codes
