@@ -114,7 +114,10 @@ class MemGuardServer:
             interceptors=[MetricsInterceptor(self.metrics), AuthInterceptor(self.keys, self.audit, self.metrics),
                           ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", cfg.max_receive_bytes),
-                     ("grpc.max_send_message_length", cfg.max_send_bytes)])
+                     ("grpc.max_send_message_length", cfg.max_send_bytes),
+                     ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                     ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000))],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         defaults = RequestDefaults(steps=cfg.default_steps, mode=cfg.default_mode, face_action=cfg.default_face_action)
         self.uploads = UploadPool(cfg.uploads, self.metrics.upload_queue_depth)
         shared = Shared(self.batcher, self.metrics, cfg, self.uploads, RateLimiter(cfg.rate_limits), self.audit)

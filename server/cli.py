@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
+import urllib.parse
 from pathlib import Path
 
 from memguard.errors import InvalidInput
@@ -54,7 +56,11 @@ def _register_serve(subparsers) -> None:
                                    "required for any other model, as for `memguard generate`)")
     p.add_argument("--no-index", action="store_true", help="run without an index (Screen answers UNAVAILABLE)")
     p.add_argument("--registry", help="protected registry: postgresql://… shared by replicas, or sqlite:///PATH "
-                                      "(default $MEMGUARD_REGISTRY, else registry.sqlite in the index directory)")
+                                      "(default $MEMGUARD_REGISTRY, else registry.sqlite in the index directory); "
+                                      "no password here (it would show in `ps`): use $MEMGUARD_REGISTRY, "
+                                      "--registry-file, $PGPASSWORD or ~/.pgpass")
+    p.add_argument("--registry-file", type=Path, help="file holding the registry URI (may hold a password; "
+                                                     "keep it 0600)")
     p.add_argument("--policy", help="guard policy file (guarded engine; default: the model's calibrated policy)")
     p.add_argument("--tiny-random", action="store_true", help="random-weight testbed architecture (smoke tests)")
     p.add_argument("--device", help="torch device (default cpu)")
@@ -118,14 +124,48 @@ def serve_index(config, args: argparse.Namespace) -> str | None:
     return str(index) if index.is_dir() else None
 
 
+_PASSWORD_PAIR = re.compile(r"(?i)(?:^|\s)password\s*=")
+
+
+def has_password(uri: str) -> bool:
+    """Does a registry URI (postgresql://user:pw@… or a `key=value` conninfo) carry a password?"""
+    if _PASSWORD_PAIR.search(uri) or re.search(r"(?i)[?&]password=", uri):
+        return True
+    try:
+        return urllib.parse.urlsplit(uri).password is not None
+    except ValueError:
+        return False
+
+
+def registry_uri(args: argparse.Namespace) -> str | None:
+    """--registry-file, else --registry (refused when it holds a password: the command line is world
+    readable in `ps` and /proc), else None ($MEMGUARD_REGISTRY then applies)."""
+    path = getattr(args, "registry_file", None)
+    if path is not None:
+        try:
+            uri = path.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput("registry_file", f"cannot read {path}: {exc.strerror}") from exc
+        if not uri:
+            raise InvalidInput("registry_file", f"{path} is empty")
+        return uri
+    uri = getattr(args, "registry", None)
+    if uri and has_password(uri):
+        raise InvalidInput("registry", "the URI holds a password, which any local user can read in `ps`: put the "
+                                       "URI in $MEMGUARD_REGISTRY or a file (--registry-file), or the password in "
+                                       "$PGPASSWORD / ~/.pgpass")
+    return uri or None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from memguard.server.app import serve_until_signal
 
     config = build_config(args)
     config.validate()
-    if args.registry:   # read by memguard.index.registry when the engine opens its index
+    registry = registry_uri(args)
+    if registry:   # read by memguard.index.registry when the engine opens its index
         from memguard.index.registry import ENV_REGISTRY
-        os.environ[ENV_REGISTRY] = args.registry
+        os.environ[ENV_REGISTRY] = registry
     asyncio.run(serve_until_signal(config))
     return 0
 

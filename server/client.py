@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memguard.engine import IndexStats, ScreenOutcome
-from memguard.errors import MemGuardError
+from memguard.errors import InvalidInput, MemGuardError
 from memguard.types import GenerationRequest, ImageResult, StepEvent
 from memguard.proto.memguard.v1 import admin_pb2, admin_pb2_grpc, memguard_pb2 as pb, memguard_pb2_grpc
 from memguard.server import convert
@@ -41,6 +41,14 @@ class Connection:
     timeout: float | None = None     # seconds per call
     tls_cert: str | None = None      # mTLS: this client's certificate and key (PEM)
     tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # a client certificate means the caller expects TLS: never fall back to plaintext with its key
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("tls_cert", "a client certificate and its key go together (--tls-cert, --tls-key)")
+        if self.tls_cert is not None and not self.tls_ca:
+            raise InvalidInput("tls_ca", "a client certificate without --tls-ca: the connection would be "
+                                         "plaintext and the API key readable on the way; give the server's CA")
 
     def channel(self) -> grpc.Channel:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -23,6 +23,7 @@ An unknown key is an error naming it (`config: server.prot is not a setting`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,9 @@ class ServerConfig:
     face_match_scope: str = "any"       # Screen's faces_matched: "any" indexed face, or "protected" only
     max_receive_bytes: int = 16 << 20   # uploads (Screen, Protect)
     max_send_bytes: int = 64 << 20
+    max_concurrent_rpcs: int = 256      # RPCs in progress at once, all connections; more → RESOURCE_EXHAUSTED
+    max_connection_age_s: float = 1800.0   # then the server asks the client to reconnect (GOAWAY)...
+    max_connection_age_grace_s: float = 300.0   # ...and closes the connection this much later
     drain_delay_s: float = 0.0          # NOT_SERVING but still accepting, so balancers move away
     grace_s: float = 30.0               # then in-flight RPCs get this long to finish
     default_mode: GuardMode = GuardMode.ENFORCE
@@ -148,6 +152,10 @@ class ServerConfig:
         self.rate_limits.validate()
         self.admission.validate()
         self.uploads.validate()
+        if self.max_concurrent_rpcs < 1:
+            raise InvalidInput("max_concurrent_rpcs", "must be at least 1")
+        if self.max_connection_age_s <= 0 or self.max_connection_age_grace_s < 0:
+            raise InvalidInput("max_connection_age_s", "must be positive (and its grace not negative)")
         if self.face_match_scope not in FACE_MATCH_SCOPES:
             raise InvalidInput("face_match_scope", f"{self.face_match_scope!r} is not one of {FACE_MATCH_SCOPES}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -168,7 +176,17 @@ class ServerConfig:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    """A loopback listen address: an IP address in 127.0.0.0/8 or ::1 (parsed, not prefix-matched:
+    `127.attacker.example` is a name that resolves anywhere), or the name `localhost`."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _SECTIONS = {"server": None, "engine": "engine", "batching": "batching", "limits": "limits",

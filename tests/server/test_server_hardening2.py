@@ -307,3 +307,107 @@ def test_finding1_rate_limits_are_on_by_default(tiny_pipe, serve, tmp_path):
             except grpc.RpcError as exc:
                 codes.append(exc.code().name)
     assert codes[0] == "OK" and "RESOURCE_EXHAUSTED" in codes, codes
+
+
+# ----------------------------------------------------------------------------- finding 10
+def test_finding10_loopback_is_parsed_not_prefix_matched(tiny_pipe, serve):
+    from memguard.errors import InvalidInput
+    from memguard.server.config import ServerConfig, is_loopback
+
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
+        assert is_loopback(host), host
+    for host in ("127.attacker.example", "127.0.0.1.nip.io", "0.0.0.0", "::", "10.0.0.1", "localhost.evil", ""):
+        assert not is_loopback(host), host
+        with pytest.raises(InvalidInput, match="auth_file"):   # auth off only on loopback
+            ServerConfig(host=host or "x").validate()
+    server = serve(GuardLikeEngine(tiny_pipe), host="127.0.0.2")   # a real loopback address still serves
+    with channel(server) as ch:
+        assert memguard_pb2_grpc.MemGuardStub(ch).Generate(pb.GenerateRequest(prompt="x", steps=1), timeout=60).images
+
+
+class GatedEngine(GuardLikeEngine):
+    """Generation waits for the test's go-ahead, so RPCs stay in flight."""
+
+    def __init__(self, pipe):
+        import threading
+
+        super().__init__(pipe)
+        self.go = threading.Event()
+
+    def generate(self, requests, **kw):
+        if requests[0].prompt != "warmup":
+            assert self.go.wait(120)
+        return super().generate(requests, **kw)
+
+
+def test_finding10_concurrent_rpcs_and_connection_age_are_capped(tiny_pipe, serve):
+    engine = GatedEngine(tiny_pipe)
+    server = serve(engine, max_concurrent_rpcs=2, max_connection_age_s=1.0, max_connection_age_grace_s=1.0)
+    try:
+        with channel(server) as ch:
+            stub = memguard_pb2_grpc.MemGuardStub(ch)
+            held = [stub.Generate.future(pb.GenerateRequest(prompt=f"p{i}", steps=1), timeout=120) for i in range(2)]
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(pb.GenerateRequest(prompt="third", steps=1), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            # connection age 1 s + grace 1 s: the held calls' connection is closed under them
+            t0 = time.monotonic()
+            codes = {f.exception(timeout=60).code() for f in held}
+            assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+            assert time.monotonic() - t0 < 30
+    finally:
+        engine.go.set()
+    with channel(server) as ch:   # a fresh connection is served
+        assert memguard_pb2_grpc.MemGuardStub(ch).Generate(pb.GenerateRequest(prompt="x", steps=1), timeout=60).images
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="openssl CLI needed for a certificate")
+def test_finding10_client_refuses_a_certificate_without_a_ca(early, tmp_path):
+    """Before: Connection(tls_cert, tls_key) with no CA fell back to a plaintext channel and sent the
+    API key in the clear to this (plaintext) server, which answered."""
+    import subprocess
+
+    from memguard.errors import InvalidInput
+    from memguard.server.client import Connection, remote_generate
+    from memguard.types import GenerationRequest
+
+    server, keys = early
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=client",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with pytest.raises(InvalidInput) as err:
+        remote_generate(Connection(server.target, keys["plain"], tls_cert=str(cert), tls_key=str(key), timeout=60),
+                        GenerationRequest(prompt="x", steps=1))
+    assert err.value.field == "tls_ca"
+    with pytest.raises(InvalidInput):
+        Connection(server.target, keys["plain"], tls_ca=str(cert), tls_cert=str(cert))   # half a pair
+    # plaintext stays possible when the caller asks for nothing else (loopback)
+    assert remote_generate(Connection(server.target, keys["plain"], timeout=60), GenerationRequest(prompt="x", steps=1))
+
+
+def test_finding10_no_registry_password_on_the_command_line(tmp_path, capsys):
+    from memguard.cli import build_parser
+    from memguard.errors import InvalidInput
+    from memguard.server.cli import has_password, registry_uri
+
+    secret = "s3cr3t-pw"
+    parse = build_parser().parse_args
+    for uri in (f"postgresql://memguard:{secret}@db:5432/memguard", f"host=db user=memguard password={secret}",
+                f"postgresql://memguard@db/memguard?password={secret}"):
+        assert has_password(uri)
+        with pytest.raises(InvalidInput) as err:
+            registry_uri(parse(["serve", "--registry", uri]))
+        assert err.value.field == "registry" and secret not in str(err.value)
+    plain = "postgresql://memguard@127.0.0.1:5432/memguard"      # the password from PGPASSWORD / ~/.pgpass
+    assert registry_uri(parse(["serve", "--registry", plain])) == plain
+    path = tmp_path / "registry.uri"
+    path.write_text(f"postgresql://memguard:{secret}@db/memguard\n")
+    assert registry_uri(parse(["serve", "--registry-file", str(path)])).endswith("@db/memguard")
+    # the CLI refuses before starting anything, and says why without echoing the secret
+    from memguard.cli import main
+
+    assert main(["serve", "--tiny-random", "--no-index", "--port", "0", "--metrics-port", "-1",
+                 "--registry", f"postgresql://memguard:{secret}@db/memguard"]) == 2
+    err = capsys.readouterr().err
+    assert "password" in err and secret not in err
