@@ -20,7 +20,7 @@ def _calibration_status(server) -> int:
 
 def test_uncalibrated_policy_is_reported_everywhere(tiny_pipe, serve, caplog):
     engine = GuardedEngine(tiny_pipe, IndexGateway(None), Policy.uncalibrated())
-    assert engine.uncalibrated == {"policy": True, "index": False}
+    assert engine.uncalibrated["policy"] and not engine.uncalibrated["index"]   # (other components may be listed)
     with caplog.at_level(logging.WARNING):
         server = serve(engine)
     assert any("UNCALIBRATED POLICY" in r.getMessage() for r in caplog.records)
