@@ -18,17 +18,38 @@ TESTBED_MODEL_DIR = Path(__file__).resolve().parent / "testbed" / "model"
 
 def load_pipeline(model_dir: str | os.PathLike | None = None, *, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline from a local directory (default: the testbed). Never downloads."""
-    from diffusers import StableDiffusionPipeline
+    """A supported diffusers pipeline from a local directory (default: the testbed). Never downloads.
+
+    The model family comes from model_index.json's `_class_name` (memguard.families): SD 1.x/2.x
+    (StableDiffusionPipeline) or SDXL (StableDiffusionXLPipeline); any other class is an
+    UnsupportedModel error naming it and the supported ones.
+    """
+    import diffusers
+
+    from memguard.families import family_for_directory, pipeline_class_name
 
     path = Path(model_dir) if model_dir is not None else TESTBED_MODEL_DIR
     if not (path / "model_index.json").is_file():
         hint = "build it with `memguard testbed build`" if model_dir is None else "pass a pipeline directory"
         raise MissingResource(f"no diffusers pipeline at {path} (model_index.json missing): {hint}")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    family = family_for_directory(path)
+    cls = getattr(diffusers, pipeline_class_name(path))
+    pipe = cls.from_pretrained(path, local_files_only=True, **_load_options(dtype), **family.load_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_options(dtype: torch.dtype) -> dict:
+    """from_pretrained's dtype and memory options, so that loading warns about nothing a user can act on.
+
+    Recent diffusers (0.42 here) take `dtype` and warn on `torch_dtype` (FutureWarning); older ones
+    know only `torch_dtype`. low_cpu_mem_usage defaults to True and, without accelerate (not a dependency:
+    nothing here needs it), warns "install accelerate" on every load and falls back to False: ask
+    for it only where accelerate is installed."""
+    from diffusers.utils import deprecation_utils, is_accelerate_available
+
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    return {dtype_key: dtype, "low_cpu_mem_usage": is_accelerate_available()}
 
 
 @torch.no_grad()

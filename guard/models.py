@@ -1,4 +1,5 @@
-"""Model builders from configs, with random weights: the testbed's tiny pipeline and SD 1.5's UNet.
+"""Model builders from configs, with random weights: the testbed's tiny pipeline, SD 1.5's UNet, and
+SDXL's (a tiny pipeline of its structure, and its real UNet).
 
 Tests and benchmarks build these instead of downloading anything. The testbed trains the tiny
 architecture; the SD 1.5 UNet has Stable Diffusion 1.5's real architecture (320/640/1280/1280
@@ -111,3 +112,108 @@ def build_tiny_pipeline(cfg: TinyPipelineConfig = TinyPipelineConfig(), tokenize
         unet=build_tiny_unet(cfg), scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+# ----------------------------------------------------------------------------- SDXL
+@dataclass(frozen=True)
+class TinySDXLConfig:
+    """A tiny pipeline with SDXL's structure: two CLIP text encoders (the second with a projection,
+    whose pooled embedding conditions the UNet with the size/crop time ids), their penultimate states
+    concatenated into the cross-attention context, a `text_time` UNet with SDXL's block layout
+    (no attention in the first down block, more transformer layers deeper), an Euler scheduler and
+    SDXL's VAE scaling. Widths are scaled down (context 32 + 64 = 96 instead of 768 + 1280 = 2048).
+    """
+    image_size: int = 128
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_head_dims: tuple[int, ...] = (2, 4)          # SDXL: attention_head_dim (5, 10, 20) = heads
+    transformer_layers: tuple[int, ...] = (1, 2)      # SDXL: (1, 2, 10)
+    text_hidden: tuple[int, int] = (32, 64)           # SDXL: 768, 1280
+    text_layers: int = 2
+    text_heads: int = 4
+    projection_dim: int = 32                          # SDXL: 1280
+    time_embed_dim: int = 8                           # SDXL: addition_time_embed_dim 256
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def context_dim(self) -> int:
+        return sum(self.text_hidden)
+
+
+def build_sdxl_scheduler():
+    """SDXL base's scheduler: Euler, scaled linear betas, leading timesteps, ε-prediction."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", interpolation_type="linear",
+                                  prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                                  use_karras_sigmas=False)
+
+
+def build_tiny_sdxl_unet(cfg: TinySDXLConfig = TinySDXLConfig()) -> UNet2DConditionModel:
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=cfg.unet_channels, layers_per_block=2, norm_num_groups=16,
+        attention_head_dim=cfg.unet_head_dims, transformer_layers_per_block=cfg.transformer_layers,
+        use_linear_projection=True, cross_attention_dim=cfg.context_dim,
+        addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
+        projection_class_embeddings_input_dim=cfg.time_embed_dim * 6 + cfg.projection_dim,
+    )
+
+
+def build_sdxl_text_encoders(cfg: TinySDXLConfig = TinySDXLConfig()):
+    """(CLIPTextModel, CLIPTextModelWithProjection) of the two widths."""
+    from transformers import CLIPTextModelWithProjection
+
+    def config(hidden: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 4,
+                              num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                              max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406, eos_token_id=49407,
+                              pad_token_id=49407, **extra)
+
+    return (CLIPTextModel(config(cfg.text_hidden[0])),
+            CLIPTextModelWithProjection(config(cfg.text_hidden[1], projection_dim=cfg.projection_dim)))
+
+
+def build_tiny_sdxl_pipeline(cfg: TinySDXLConfig = TinySDXLConfig(), tokenizer=None):
+    """A StableDiffusionXLPipeline of SDXL's structure at tiny widths, random weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from memguard.testbed.tokenizer import load_clip_tokenizer
+
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=16,
+        sample_size=cfg.image_size, scaling_factor=0.13025, force_upcast=True,
+    )
+    text_encoder, text_encoder_2 = build_sdxl_text_encoders(cfg)
+    tokenizer = tokenizer or load_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=build_tiny_sdxl_unet(cfg), scheduler=build_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
+def build_sdxl_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """UNet2DConditionModel with SDXL base 1.0's architecture and random weights (~2.6B params):
+    320/640/1280 channels, transformer depths 1/2/10, heads of dim 64, cross-attention dim 2048,
+    `text_time` added conditioning (6 time ids × 256 + pooled 1280 = 2816)."""
+    return UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        cross_attention_dim=2048, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ).to(dtype)

@@ -1,4 +1,4 @@
-"""`GuardedPipeline`: a Stable Diffusion pipeline whose every denoising step is scored.
+"""`GuardedPipeline`: a text-to-image diffusion pipeline whose every denoising step is scored.
 
     guarded = GuardedPipeline(load_pipeline(), index=FingerprintIndex.open(...), policy=Policy.load(...))
     batch = guarded.generate([GenerationRequest("a red circle on a blue plain background", seed=1)])
@@ -7,9 +7,10 @@
 It uses the diffusers pipeline's components (tokenizer, text encoder, UNet, scheduler, VAE) and
 runs its own denoising loop, because each sample of a batch can be acted on alone: rerouted
 (mitigated and continued), or blocked (it leaves the batch at once; its remaining steps are never
-computed). Works for SD 1.x / 2.x (ε- or v-prediction; DDIM, PNDM, DPM-Solver, Euler schedulers).
-SDXL would additionally need its second text encoder, pooled embeddings and `added_cond_kwargs`
-(time ids) in the UNet call, and an index built with its VAE; the signals carry over unchanged.
+computed). Works for SD 1.x / 2.x and SDXL (ε- or v-prediction; DDIM, PNDM, DPM-Solver, Euler
+schedulers): what differs between model families (prompt encoding, the denoiser call, ε and x̂0,
+VAE scaling) is a small adapter (memguard.families) chosen from the pipeline's class; this one loop
+calls it. The index must be built with the model's own VAE (x̂0 is compared in its latent space).
 
 The per-step path (`_guarded_step`) keeps everything on the device: CFG, divergence and x̂0 in one
 kernel, attention mass from the fused attention kernel, fingerprint tracking against candidates
@@ -42,9 +43,10 @@ import torch
 from memguard import kernels
 from memguard.attention import AttentionControl, install_stats_processors
 from memguard.errors import InvalidInput, MissingResource, ScreeningUnavailable
+from memguard.families import FamilyAdapter, PromptEncoding, adapter_for
 from memguard.fidelity import PromptFidelity
 from memguard.mitigation import (MitigationConfig, active_mitigations, attention_rows, fresh_noise, noisy_embedding,
-                              obfuscate_faces, prompt_lengths, push_away)
+                              obfuscate_faces, push_away)
 from memguard.policy import Policy, PolicyTables, final_verdict
 from memguard.signals import SIGNALS, Candidates, attention_signals, retrieve, stack_signals, track_similarity
 from memguard.types import (Decision, FaceAction, GenerationRequest, GuardMode, GuardReport, ImageResult, Reason,
@@ -167,26 +169,38 @@ class _Live:
     best_idx: torch.Tensor               # [B] last tracked best candidate
     row_index: torch.Tensor              # [B] sample indices, for the trace buffer
     noise: torch.Tensor                  # [B, C, h, w] each sample's initial noise (DDPM space), for rewinds
+    # the family's per-sample added conditioning (SDXL: pooled text embeds, time ids), batch-first
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    added_uncond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def keep(self, positions: list[int]) -> None:
         idx = torch.tensor(positions, dtype=torch.long, device=self.latents.device)
         self.rows = [self.rows[p] for p in positions]
         for name in ("latents", "cond", "uncond", "guidance", "in_basin", "push", "best_idx", "row_index", "noise"):
             setattr(self, name, getattr(self, name)[idx])
+        self.added_cond = {k: v[idx] for k, v in self.added_cond.items()}
+        self.added_uncond = {k: v[idx] for k, v in self.added_uncond.items()}
         self.candidates = self.candidates.keep(idx, positions)
+
+    def context(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The denoiser's conditioning for [uncond rows, cond rows]: per-token context, added kwargs."""
+        return (torch.cat([self.uncond, self.cond]),
+                {k: torch.cat([self.added_uncond[k], self.added_cond[k]]) for k in self.added_cond})
 
 
 class GuardedPipeline:
-    """Guarded text-to-image generation over a diffusers SD-family pipeline's components."""
+    """Guarded text-to-image generation over a supported diffusers pipeline's components.
+
+    `pipe`: a StableDiffusionPipeline (SD 1.x/2.x) or StableDiffusionXLPipeline (SDXL); any other
+    class raises memguard.families.UnsupportedModel naming it and the supported ones.
+    """
 
     def __init__(self, pipe, index=None, policy: Policy | None = None, config: GuardConfig = GuardConfig()):
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        if prediction not in ("epsilon", "v_prediction"):
-            raise InvalidInput("model", f"prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+        self.family: FamilyAdapter = adapter_for(pipe)   # checks the class and the prediction type
         self.pipe, self.index, self.config = pipe, index, config
         self.policy = policy or Policy.uncalibrated()
-        self.v_prediction = prediction == "v_prediction"
-        self.control: AttentionControl = install_stats_processors(pipe.unet)
+        self.v_prediction = self.family.v_prediction
+        self.control: AttentionControl = install_stats_processors(self.family.denoiser)
         self._fidelity_cache: tuple | None = None   # (policy, encoder, PromptFidelity)
         self._idle()
 
@@ -198,7 +212,12 @@ class GuardedPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.family.denoiser.device
+
+    @property
+    def default_size(self) -> int:
+        """The image side (pixels) the model was built for."""
+        return self.family.default_size
 
     # ------------------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest], *, on_step: OnStep | None = None,
@@ -249,13 +268,14 @@ class GuardedPipeline:
                 samples = self._expand(requests, forced)
                 # 3. encode prompts (cond + uncond) and find each prompt's padding
                 t0 = time.perf_counter()
-                cond, uncond = self._encode_prompts(requests, samples)
+                encoding = self._encode_prompts(requests, samples, first.height, first.width)
                 stats.encode_seconds = time.perf_counter() - t0
                 # 4. timesteps and initial noise
                 run = self._prepare_run(requests, samples, first.steps, stats)
-                latents = self._prepare_latents(samples, first.height, first.width, cond.dtype, run.scheduler)
+                latents = self._prepare_latents(samples, first.height, first.width, encoding.cond.dtype,
+                                                run.scheduler)
                 # 5. guard state: candidates, mitigation flags, attention switches
-                live = self._prepare_live(requests, samples, latents, cond, uncond)
+                live = self._prepare_live(requests, samples, latents, encoding)
                 self.control.stats = self.control.record = run.guarded
                 # 6. denoising loop
                 self._denoise(run, live, on_step, is_cancelled)
@@ -288,9 +308,10 @@ class GuardedPipeline:
         for r in requests[1:]:
             if (r.height, r.width, r.steps) != (first.height, first.width, first.steps):
                 raise InvalidInput("requests", "one batch needs one height, width and step count")
-        latent = first.height // self.pipe.vae_scale_factor
+        side, px = min(("height", first.height), ("width", first.width), key=lambda f: f[1])
+        latent = px // self.family.vae_scale_factor
         if latent < kernels.FINGERPRINT_GRID:
-            raise InvalidInput("height", f"{first.height} px gives {latent}-px latents, below the fingerprint grid")
+            raise InvalidInput(side, f"{px} px gives {latent}-px latents, below the fingerprint grid")
         return first
 
     @staticmethod
@@ -302,16 +323,14 @@ class GuardedPipeline:
                         for k in range(req.num_images)]
         return samples
 
-    def _encode_prompts(self, requests, samples: list[_Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompts(self, requests, samples: list[_Sample], height: int, width: int) -> PromptEncoding:
+        """The family's conditioning (cond + uncond) and each prompt's padding start."""
         prompts = [requests[s.request].prompt for s in samples]
         negatives = [requests[s.request].negative_prompt for s in samples]
-        cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=negatives)
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        for s, eos in zip(samples, prompt_lengths(ids, tok.eos_token_id)):
+        encoding = self.family.encode(prompts, negatives, height=height, width=width, device=self.device)
+        for s, eos in zip(samples, encoding.eos):
             s.eos = eos
-        return cond, uncond
+        return encoding
 
     def _prepare_run(self, requests, samples, steps: int, stats: PipelineStats) -> "_Run":
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)   # per-batch state
@@ -333,22 +352,23 @@ class GuardedPipeline:
 
     def _prepare_latents(self, samples, height: int, width: int, dtype, scheduler) -> torch.Tensor:
         """diffusers' own recipe: one CPU generator per sample, randn, × init_noise_sigma."""
-        unet, f = self.pipe.unet, self.pipe.vae_scale_factor
-        shape = (1, unet.config.in_channels, height // f, width // f)
+        f = self.family.vae_scale_factor
+        shape = (1, self.family.latent_channels, height // f, width // f)
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=dtype)
                  for s in samples]
         return torch.cat(noise).to(self.device) * scheduler.init_noise_sigma
 
-    def _prepare_live(self, requests, samples, latents, cond, uncond) -> _Live:
+    def _prepare_live(self, requests, samples, latents, encoding: PromptEncoding) -> _Live:
         dev, B = self.device, len(samples)
         guidance = torch.tensor([requests[s.request].guidance_scale for s in samples], device=dev,
                                 dtype=torch.float32)
         dim = kernels.fingerprint_dim(latents.shape[1])
         false = torch.zeros(B, dtype=torch.bool, device=dev)
-        return _Live(list(range(B)), latents, cond, uncond, guidance,
+        return _Live(list(range(B)), latents, encoding.cond, encoding.uncond, guidance,
                      Candidates.empty(B, self.config.candidates, dim, dev), false, false.clone(),
                      torch.full((B,), -1, dtype=torch.long, device=dev), torch.arange(B, device=dev),
-                     latents / float(self.pipe.scheduler.init_noise_sigma))
+                     latents / float(self.pipe.scheduler.init_noise_sigma),
+                     dict(encoding.added_cond), dict(encoding.added_uncond))
 
     # ---- 6: the denoising loop ------------------------------------------------------------------
     def _denoise(self, run: "_Run", live: _Live, on_step: OnStep | None, is_cancelled: IsCancelled | None) -> None:
@@ -377,7 +397,7 @@ class GuardedPipeline:
     def _plain_step(self, run: "_Run", live: _Live, t) -> None:
         """Unguarded step: diffusers' arithmetic exactly (float guidance when uniform)."""
         model_in = run.scheduler.scale_model_input(torch.cat([live.latents, live.latents]), t)
-        out = self.pipe.unet(model_in, t, encoder_hidden_states=torch.cat([live.uncond, live.cond])).sample
+        out = self.family.denoise(model_in, t, *live.context())
         out_u, out_c = out.chunk(2)
         g = live.guidance
         w = float(g[0]) if bool((g == g[0]).all()) else g.view(-1, 1, 1, 1).to(out.dtype)
@@ -389,7 +409,7 @@ class GuardedPipeline:
         B, ab, ctl, tables = len(live.rows), run.alpha_bars[step], self.control, run.tables
         ctl.reset()
         model_in = run.scheduler.scale_model_input(torch.cat([live.latents, live.latents]), t)
-        out = self.pipe.unet(model_in, t, encoder_hidden_states=torch.cat([live.uncond, live.cond])).sample
+        out = self.family.denoise(model_in, t, *live.context())
         g0 = time.perf_counter()
         x_t = model_in[:B]                                  # DDPM-space sample for every scheduler
         out_u, out_c = self._to_eps(out, model_in, ab).chunk(2)
@@ -424,14 +444,10 @@ class GuardedPipeline:
         return row, time.perf_counter() - g0 - (s1 - s0)   # guard work: all but the UNet and the scheduler
 
     def _to_eps(self, out: torch.Tensor, x_t: torch.Tensor, ab: float) -> torch.Tensor:
-        if not self.v_prediction:
-            return out
-        return ab ** 0.5 * out + (1 - ab) ** 0.5 * x_t        # ε = √ᾱ·v + √(1−ᾱ)·x_t
+        return self.family.to_eps(out, x_t, ab)
 
     def _from_eps(self, eps: torch.Tensor, x_t: torch.Tensor, ab: float) -> torch.Tensor:
-        if not self.v_prediction:
-            return eps
-        return (eps - (1 - ab) ** 0.5 * x_t) / ab ** 0.5     # the scheduler wants v back
+        return self.family.from_eps(eps, x_t, ab)
 
     def _retrieve(self, run: "_Run", live: _Live, positions: list[int], x0_hat: torch.Tensor):
         """Candidates of `positions` from the index (one host round trip); (ids, scores) or None."""
@@ -586,8 +602,7 @@ class GuardedPipeline:
     # ---- 7-9: decode, screen, results -----------------------------------------------------------
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """diffusers' decode and postprocess ("np" output, then ×255 rounded): uint8 [H, W, 3] each."""
-        vae = self.pipe.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        image = self.family.decode(latents)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         return list((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
 
