@@ -18,14 +18,21 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from memguard.errors import CorruptData, InvalidInput, MissingResource
 
+log = logging.getLogger(__name__)
+
 ENV_KEY = "MEMGUARD_DATA_KEY"
+# the shipped testbeds' public key (guard/testbed/): it opens their indexes and seals nothing else
+DEMO_KEY_FILE = Path(__file__).resolve().parent / "testbed" / "demo-data.key"
 ENV_KEY_FILE = "MEMGUARD_DATA_KEY_FILE"
 VERSION = b"\x01"
 NONCE_BYTES = 12
@@ -51,7 +58,12 @@ class DataKey:
     key_id: str         # sha256 of the derived MAC key, first 16 hex digits: which key sealed the data
 
     def __repr__(self) -> str:
-        return f"DataKey(key_id={self.key_id!r})"
+        return f"DataKey(key_id={self.key_id!r}{', PUBLIC DEMO KEY' if self.is_demo else ''})"
+
+    @property
+    def is_demo(self) -> bool:
+        """The public demo key of the shipped testbeds (anyone can read it: it protects nothing)."""
+        return self.key_id == demo_key_id()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "DataKey":
@@ -73,12 +85,13 @@ class DataKey:
         if isinstance(data_key, str):
             return cls.from_bytes(_parse(data_key, "data_key"))
         if os.environ.get(ENV_KEY):
-            return cls.from_bytes(_parse(os.environ[ENV_KEY], ENV_KEY))
+            return _warn_demo(cls.from_bytes(_parse(os.environ[ENV_KEY], ENV_KEY)), ENV_KEY)
         if os.environ.get(ENV_KEY_FILE):
             path = Path(os.environ[ENV_KEY_FILE])
             if not path.is_file():
                 raise MissingResource(f"{ENV_KEY_FILE}: {path} does not exist")
-            return cls.from_bytes(_parse(path.read_text(), str(path)))
+            warn_if_readable(path, "data key file")
+            return _warn_demo(cls.from_bytes(_parse(path.read_text(), str(path))), str(path))
         return None
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:
@@ -101,6 +114,39 @@ class DataKey:
     def tag(self, text: str) -> str:
         """A keyed hash that stands in for `text` (an identity name) where the name must not be stored."""
         return "hmac:" + hmac.new(self._mac, text.encode(), hashlib.sha256).hexdigest()[:40]
+
+
+@lru_cache(maxsize=1)
+def demo_key_id() -> str | None:
+    try:
+        return DataKey.from_bytes(bytes.fromhex(DEMO_KEY_FILE.read_text().strip())).key_id
+    except (OSError, ValueError):
+        return None
+
+
+_warned_demo: set[str] = set()
+_warned_mode: set[str] = set()
+
+
+def _warn_demo(key: DataKey, where: str) -> DataKey:
+    if key.is_demo and where not in _warned_demo:
+        _warned_demo.add(where)
+        log.warning("%s is the testbeds' PUBLIC demo data key: it opens only the shipped testbeds' indexes, "
+                    "and the protected registry refuses to seal with it; make a key of your own "
+                    "(`python -m memguard.crypto FILE`)", where)
+    return key
+
+
+def warn_if_readable(path: Path, what: str) -> None:
+    """Log a warning (once per file) when a key file is readable by its group or by others."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077 and str(path) not in _warned_mode:
+        _warned_mode.add(str(path))
+        log.warning("%s %s is readable by %s (mode %03o): chmod 600 it", what, path,
+                    "others" if mode & 0o007 else "its group", mode)
 
 
 def require_key(key: DataKey | None, what: str) -> DataKey:

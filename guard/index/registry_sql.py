@@ -10,13 +10,19 @@ registry shared by every replica). A store supplies its transactions, its change
   seen seq N has seen every mutation up to N;
 - face descriptors and identity names are sealed with the data key (memguard.crypto, AES-GCM); the
   protection row and the mutation log carry only a keyed hash of the identity;
-- unprotecting a face erases it: its descriptors and sealed name are deleted, then the store purges
-  old copies of the pages (SQLite: secure_delete, VACUUM, WAL truncation; PostgreSQL: VACUUM FULL);
+- `reason` is personal data (a takedown's free text names people): with a data key it is stored
+  sealed ("sealed:" + base64, bound to its protection), in the protection row and the mutation log;
+- unprotecting erases: the protect reason (row and log) always, and for a face its descriptors and
+  sealed name; then the store purges old copies of the pages (SQLite: secure_delete, VACUUM, WAL
+  truncation; PostgreSQL: VACUUM FULL). The unprotect's own reason stays, sealed;
+- the testbeds' public demo key never seals a protection here (refused: it protects nothing); an
+  unprotect still erases;
 - idempotency: a repeated idempotency key returns the original receipt; without a key, an active
   protection of the same content and subject is returned instead of a duplicate.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 
 PROTECTION_KINDS = ("image", "face")
 SEALED = b"e"        # vector encoding tag of a sealed (encrypted) vector
+SEALED_TEXT = "sealed:"   # prefix of a sealed reason
+ERASED = ""               # what an erased reason reads as in the store
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 
 # columns added after the first release; SQLite registries gain them at their first write
@@ -128,6 +136,7 @@ class SqlRegistry:
             raise InvalidInput("kind", f"must be one of {PROTECTION_KINDS}, got {kind!r}")
         if not reason or not reason.strip():
             raise InvalidInput("reason", "a protection needs a non-empty reason (it goes to the audit log)")
+        self._refuse_demo_key()
         idempotency_key = check_idempotency_key(idempotency_key)
         key = require_key(self.key, "protect a face") if kind == "face" else None
         pid = f"prot-{uuid.uuid4().hex[:16]}"
@@ -136,6 +145,7 @@ class SqlRegistry:
         dedupe = None if content_hash is None else key.tag(request) if key else f"sha256:{request}"
         stored_subject = key.tag(prot.subject) if key else prot.subject
         sealed_name = key.seal(prot.subject.encode(), f"{pid}/identity") if key else None
+        stored_reason = self._seal_text(reason, f"{pid}/reason")
         with self._transaction(write=True) as conn:
             self._migrate(conn)
             earlier = self._replay(conn, idempotency_key, request, dedupe)
@@ -143,7 +153,7 @@ class SqlRegistry:
                 return earlier
             self._q(conn, "INSERT INTO protections (pid, kind, subject, reason, created, subject_enc, dedupe) "
                           "VALUES (?,?,?,?,?,?,?)",
-                    (pid, kind, stored_subject, reason, prot.created, sealed_name, dedupe))
+                    (pid, kind, stored_subject, stored_reason, prot.created, sealed_name, dedupe))
             for signal, vec, box in vectors:
                 blob = _encode_vec(vec)
                 if key:
@@ -151,7 +161,7 @@ class SqlRegistry:
                 self._q(conn, "INSERT INTO protected_vectors (pid, signal, vec, box) VALUES (?,?,?,?)",
                         (pid, signal, blob, json.dumps(box) if box else None))
                 prot.vectors.setdefault(signal, []).append((vec, box))
-            prot.seq = self._log(conn, prot.created, "protect", pid, stored_subject, reason)
+            prot.seq = self._log(conn, prot.created, "protect", pid, stored_subject, stored_reason)
             if idempotency_key is not None:
                 self._q(conn, "INSERT INTO idempotency (key, pid, request, created) VALUES (?,?,?,?)",
                         (idempotency_key, pid, request, prot.created))
@@ -183,8 +193,8 @@ class SqlRegistry:
             conn, "SELECT kind, subject, reason, created, subject_enc FROM protections WHERE pid = ?", (pid,)).fetchone()
         seq = self._q(conn, "SELECT min(seq) FROM mutations WHERE pid = ? AND op = 'protect'", (pid,)).fetchone()[0]
         count = self._q(conn, "SELECT count(*) FROM protected_vectors WHERE pid = ?", (pid,)).fetchone()[0]
-        return Protection(pid, kind, self._subject(pid, subject, sealed), reason, created, seq=seq,
-                          replayed=True, n_vectors=count)
+        return Protection(pid, kind, self._subject(pid, subject, sealed), self._reason(pid, reason), created,
+                          seq=seq, replayed=True, n_vectors=count)
 
     def remove(self, ident: str, reason: str) -> list[tuple[str, int]]:
         """Deactivate the protection with pid `ident`, or every active one whose subject is `ident`.
@@ -194,26 +204,26 @@ class SqlRegistry:
             raise InvalidInput("reason", "unprotect needs a non-empty reason (it goes to the audit log)")
         now = time.time()
         tagged = self.key.tag(ident) if self.key else ident
-        erased = False
         with self._transaction(write=True) as conn:
             self._migrate(conn)
             rows = self._q(conn, "SELECT pid, kind, subject FROM protections WHERE active = 1 "
                                  "AND (pid = ? OR subject = ? OR subject = ?)", (ident, ident, tagged)).fetchall()
             done = []
             for pid, kind, subject in rows:
-                self._q(conn, "UPDATE protections SET active = 0, removed = ?, removed_reason = ? WHERE pid = ?",
-                        (now, reason, pid))
+                removed_reason = self._seal_text(reason, f"{pid}/removed_reason")
+                # the protect reason is erased with the protection, in the row and in the log
+                self._q(conn, "UPDATE protections SET active = 0, removed = ?, removed_reason = ?, reason = ? "
+                              "WHERE pid = ?", (now, removed_reason, ERASED, pid))
+                self._q(conn, "UPDATE mutations SET reason = ? WHERE pid = ? AND op = 'protect'", (ERASED, pid))
                 if kind == "face":
                     self._q(conn, "DELETE FROM protected_vectors WHERE pid = ?", (pid,))
                     self._q(conn, "UPDATE protections SET subject_enc = NULL, dedupe = NULL WHERE pid = ?", (pid,))
-                    erased = True
-                done.append((pid, self._log(conn, now, "unprotect", pid, subject, reason)))
+                done.append((pid, self._log(conn, now, "unprotect", pid, subject, removed_reason)))
             if done:
                 self._after_write(conn, done[-1][1])
         if not rows:
-            raise InvalidInput("id", f"no active protection has id or subject {ident!r}")
-        if erased:
-            self._purge()
+            raise InvalidInput("id", "no active protection has this id or subject")
+        self._purge()               # erased reasons (and faces): no old page keeps them
         return done
 
     # ---- reads -----------------------------------------------------------------------------------
@@ -222,7 +232,7 @@ class SqlRegistry:
         with self._transaction(write=False) as conn:
             sealed = "subject_enc" if self._has_v2(conn) else "NULL"
             seq = self._q(conn, "SELECT coalesce(max(seq), 0) FROM mutations").fetchone()[0]
-            prots = {pid: Protection(pid, kind, self._subject(pid, subject, name), reason, created)
+            prots = {pid: Protection(pid, kind, self._subject(pid, subject, name), self._reason(pid, reason), created)
                      for pid, kind, subject, reason, created, name in self._q(
                          conn, f"SELECT pid, kind, subject, reason, created, {sealed} FROM protections "
                                "WHERE active = 1 ORDER BY created, pid").fetchall()}
@@ -240,6 +250,25 @@ class SqlRegistry:
             return stored
         return require_key(self.key, "read protected identities").open(bytes(sealed), f"{pid}/identity").decode()
 
+    def _refuse_demo_key(self) -> None:
+        if self.key is not None and self.key.is_demo:
+            raise InvalidInput("data_key", "is the testbeds' PUBLIC demo key: the protected registry does not seal "
+                                           "with it (it protects nothing); configure a key of your own "
+                                           "(`python -m memguard.crypto FILE`)")
+
+    def _seal_text(self, text: str, aad: str) -> str:
+        """Free text (a reason) as stored: sealed with the data key, or as is without one."""
+        if self.key is None:
+            return text
+        return SEALED_TEXT + base64.b64encode(self.key.seal(text.encode(), aad)).decode()
+
+    def _reason(self, pid: str, stored: str, aad: str = "reason") -> str:
+        if not stored.startswith(SEALED_TEXT):
+            return stored
+        if self.key is None:
+            return "[sealed]"
+        return self.key.open(base64.b64decode(stored[len(SEALED_TEXT):]), f"{pid}/{aad}").decode()
+
     def _vector(self, pid: str, signal: str, blob: bytes) -> np.ndarray:
         if blob[:1] == SEALED:
             blob = require_key(self.key, "read protected face descriptors").open(blob[1:], f"{pid}/{signal}")
@@ -249,7 +278,9 @@ class SqlRegistry:
         with self._transaction(write=False) as conn:
             rows = self._q(conn, "SELECT seq, ts, op, pid, subject, reason FROM mutations "
                                  "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(("seq", "ts", "op", "pid", "subject", "reason"), r)) for r in rows]
+        return [dict(zip(("seq", "ts", "op", "pid", "subject", "reason"),
+                         (*r[:5], self._reason(r[3], r[5], "reason" if r[2] == "protect" else "removed_reason"))))
+                for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._transaction(write=False) as conn:

@@ -11,7 +11,9 @@ signal's backend entry ({"kind": "faiss", "sealed": KEY_ID}); opening needs that
 
 The shipped testbeds' faces are public sample photos; their indexes are sealed with a public demo
 key (guard/testbed/demo-data.key) so that they exercise this path without configuration. An index
-sealed with it opens without a configured key, with a warning: that key protects nothing.
+sealed with it opens without a configured key, with a warning: that key protects nothing. It opens
+only the shipped testbeds' indexes (built inside guard/testbed/, or copies of them), and the protected
+registry refuses to seal with it.
 """
 from __future__ import annotations
 
@@ -39,21 +41,52 @@ def demo_key() -> DataKey:
 
 def key_for(sealed_with: str, configured: DataKey | None, where: Path) -> DataKey:
     """The key that opens an index sealed with key id `sealed_with`: the configured one, else the
-    public demo key when that is what sealed it (warned once per index)."""
-    if configured is not None and configured.key_id == sealed_with:
-        return configured
+    public demo key when that is what sealed it and the index is a shipped testbed's (warned once per
+    index). The demo key opens nothing else, configured or not: whoever sealed other data with it
+    protected nothing, and an index is no testbed's because it says so."""
     demo = demo_key()
     if demo.key_id == sealed_with:
+        if not is_shipped_testbed(where):
+            raise CorruptData(f"{where}: its faces are sealed with the PUBLIC demo key of the testbeds, and it is "
+                              "not a shipped testbed index: rebuild it with a data key of your own "
+                              "(`python -m memguard.crypto FILE`)")
         if str(where) not in _warned:
             _warned.add(str(where))
             log.warning("%s: faces are sealed with the testbed's PUBLIC demo key: fine for the shipped "
                         "testbeds' sample photos, no protection for real biometric data", where)
         return demo
+    if configured is not None and configured.key_id == sealed_with:
+        return configured
     if configured is None:
         raise MissingResource(f"{where}: its face descriptors are sealed (key id {sealed_with}); configure that data "
                               "key (MEMGUARD_DATA_KEY or MEMGUARD_DATA_KEY_FILE) to open it")
     raise CorruptData(f"{where}: its faces are sealed with key id {sealed_with}, the configured key is "
                       f"{configured.key_id}: not the key this index was built with")
+
+
+def _face_digests(manifest_path: Path) -> tuple | None:
+    import json
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        face = manifest["signals"]["face"]
+        return tuple(manifest["files"][name]["sha256"] for name in (face["vectors"], face["index"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_shipped_testbed(where: Path) -> bool:
+    """An index inside the testbed package (its builds), or a copy of a shipped testbed index: its
+    manifest records the same sealed face files (same sha256: an index of other faces never does)."""
+    testbed = DEMO_KEY_FILE.parent
+    where = Path(where).resolve()
+    if where == testbed or testbed in where.parents:
+        return True
+    mine = _face_digests(where / "manifest.json")
+    if mine is None:
+        return False
+    shipped = [testbed / "index" / "manifest.json", *sorted(testbed.glob("*/index/manifest.json"))]
+    return any(_face_digests(m) == mine for m in shipped)
 
 
 def seal_rows(key: DataKey, descriptors: np.ndarray, first_row: int) -> np.ndarray:
