@@ -296,6 +296,12 @@ class IndexedEngine:
     def batch_key(self, request: GenerationRequest) -> Hashable:
         return (request.height, request.width, request.steps)
 
+    @property
+    def default_size(self) -> int | None:
+        """The image side (pixels) the engine's model was built for; the server's default request size."""
+        pipeline = getattr(self, "pipeline", None)    # a GuardedPipeline (guarded and unguarded engines)
+        return getattr(pipeline, "default_size", None)
+
     def screen(self, image: np.ndarray) -> ScreenOutcome:
         t0 = time.perf_counter()
         try:

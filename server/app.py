@@ -13,7 +13,7 @@ import logging
 import signal
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -121,7 +121,8 @@ class MemGuardServer:
         defaults = RequestDefaults(steps=cfg.default_steps, mode=cfg.default_mode, face_action=cfg.default_face_action)
         self.uploads = UploadPool(cfg.uploads, self.metrics.upload_queue_depth)
         shared = Shared(self.batcher, self.metrics, cfg, self.uploads, RateLimiter(cfg.rate_limits), self.audit)
-        memguard_pb2_grpc.add_MemGuardServicer_to_server(MemGuardService(shared, defaults, cfg.limits), server)
+        self.service = MemGuardService(shared, defaults, cfg.limits)
+        memguard_pb2_grpc.add_MemGuardServicer_to_server(self.service, server)
         self.admin = IndexAdminService(shared)
         admin_pb2_grpc.add_IndexAdminServicer_to_server(self.admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -189,6 +190,9 @@ class MemGuardServer:
         for warning in getattr(self.engine, "calibration_warnings", []):
             log.warning("%s", warning)
         await asyncio.to_thread(self.engine.warmup)
+        size = getattr(self.engine, "default_size", None)   # unset height/width: the model's own size
+        if size:
+            self.service.defaults = replace(self.service.defaults, size=int(size))
 
     async def _refresh_index_stats(self) -> None:
         try:
