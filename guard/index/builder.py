@@ -290,7 +290,7 @@ class IndexBuilder:
         faces, descriptors = [], []
         if self.faces is not None:
             for i, rec in enumerate(good):
-                for j, face in enumerate(self.faces.detect(rec.image, rec.ref)):
+                for j, face in enumerate(self.faces.detect(rec.image, rec.ref, max_faces=None)):   # crowds too
                     identity = str(rec.meta.get("identity") or f"{rec.item_id}#face{j}")
                     faces.append((i, identity, list(face.box)))
                     descriptors.append(face.descriptor)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from memguard.errors import MissingResource
+from memguard.errors import InvalidInput, MissingResource
 from memguard.index.pdq import check_image
 
 FACE_DIM = 128
 MAX_WORK_PIXELS = 2048 * 2048   # cap of the detector's working copy (upscaled or not): bounded memory and time
+MAX_FACES = 32                  # faces described per screened image (~0.2 s each, under one lock); more: refused
 MODEL_FILES = {"landmarks": "shape_predictor_5_face_landmarks.dat",
                "descriptor": "dlib_face_recognition_resnet_model_v1.dat"}
 
@@ -79,8 +80,12 @@ class FaceEmbedder:
         (below 1: a very large input is downscaled)."""
         return min(float(self.upscale_factor(height, width)), math.sqrt(self.max_work_pixels / (height * width)))
 
-    def detect(self, image: np.ndarray, field_name: str = "image") -> list[DetectedFace]:
-        """Every frontal face in an RGB uint8 image [H, W, 3], largest first."""
+    def detect(self, image: np.ndarray, field_name: str = "image",
+               max_faces: int | None = MAX_FACES) -> list[DetectedFace]:
+        """Every frontal face in an RGB uint8 image [H, W, 3], largest first. More than `max_faces`
+        (None: no bound, for building an index) raises InvalidInput naming the field before any
+        descriptor is computed: a picture tiled with faces cannot hold the detector for minutes, and
+        no face is left unscreened by keeping only some."""
         image = check_image(image, field_name)
         factor = self.work_scale(*image.shape[:2])
         work = image
@@ -91,7 +96,10 @@ class FaceEmbedder:
         with self._lock:
             detector, landmarks, descriptor = self._load()
             found = []
-            for rect in detector(work, 0):
+            rects = list(detector(work, 0))
+            if max_faces is not None and len(rects) > max_faces:
+                raise InvalidInput(field_name, f"{len(rects)} faces; at most {max_faces} are screened per image")
+            for rect in rects:
                 shape = landmarks(work, rect)
                 vec = np.asarray(descriptor.compute_face_descriptor(work, shape), dtype=np.float32)
                 box = tuple(int(round(v / factor)) for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))

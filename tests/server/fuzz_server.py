@@ -145,7 +145,8 @@ class Hostile:
             img = img.convert(mode) if mode != "P" else img.convert("RGB").convert("P")
             img.save(buf, format="PNG", **({"transparency": 0} if mode == "P" else {}))
         else:              # many faces: a grid of one face
-            Image.fromarray(_many_faces(r.choice([2, 4, 8, 12]))).save(buf, format=r.choice(["PNG", "JPEG"]))
+            grid = r.choice([2, 4, 6, 12])         # faces of 160 px: the detector finds every one
+            Image.fromarray(_many_faces(grid)).save(buf, format=r.choice(["PNG", "JPEG"]))
         return buf.getvalue()
 
     def raw(self, valid: bytes) -> bytes:
@@ -181,7 +182,7 @@ class Hostile:
 _FACE: list[np.ndarray] = []
 
 
-def _many_faces(grid: int, cell: int = 96) -> np.ndarray:
+def _many_faces(grid: int, cell: int = 160) -> np.ndarray:
     """grid × grid copies of one face (the skimage astronaut's; a drawn one without skimage)."""
     from PIL import Image, ImageDraw
 
@@ -196,8 +197,8 @@ def _many_faces(grid: int, cell: int = 96) -> np.ndarray:
             d.ellipse((45, 60, 60, 72), fill=(30, 30, 30))
             d.ellipse((80, 60, 95, 72), fill=(30, 30, 30))
             d.arc((50, 100, 90, 130), 0, 180, fill=(120, 40, 40), width=4)
-        _FACE.append(np.asarray(face.convert("RGB").resize((cell, cell), Image.LANCZOS)))
-    return np.tile(_FACE[0], (grid, grid, 1))
+        _FACE.append(face.convert("RGB"))
+    return np.tile(np.asarray(_FACE[0].resize((cell, cell), Image.LANCZOS)), (grid, grid, 1))
 
 
 def make_request(method: str, h: Hostile):
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         from memguard.benchmarks.load import free_port
         from memguard.server.client import wait_until_serving
 
+        os.environ.setdefault("MEMGUARD_DATA_KEY", os.urandom(32).hex())   # a throwaway key seals the faces
         index, vae = build_small_index(Path(tmp.name))
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "memguard.cli", "serve", "--engine", "memguard.engine:PipelineEngine",

@@ -176,3 +176,31 @@ def test_decode_errors_carry_no_memory_addresses(live):
             screen(server, keys, data)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert not re.search(r"0x[0-9a-f]{6,}|object at", err.value.details()), err.value.details()
+
+
+def test_a_picture_tiled_with_faces_is_refused_before_its_descriptors(tiny_pipe, tmp_path):
+    """36 detectable faces in one upload (the fuzz's many-faces encoding): INVALID_ARGUMENT naming the
+    field in well under the ~7 s that 36 descriptors take, and the server keeps screening."""
+    import time
+
+    from fuzz_server import _many_faces, build_small_index
+    from memguard.index.faces import MAX_FACES
+
+    index_dir, vae = build_small_index(tmp_path)       # faces on
+    engine = PipelineEngine(tiny_pipe, IndexGateway.open(str(index_dir), model_dir=str(vae)))
+    server = BackgroundServer(make_config(), engine)
+    server.start()
+    try:
+        with channel(server) as ch:
+            stub = memguard_pb2_grpc.MemGuardStub(ch)
+            four = stub.Screen(pb.ScreenRequest(image=encode_png(_many_faces(2))))
+            assert four.faces_detected == 4
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Screen(pb.ScreenRequest(image=encode_png(_many_faces(6))))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("image: 36 faces") and str(MAX_FACES) in err.value.details()
+            assert time.monotonic() - t0 < 5
+    finally:
+        server.stop()
+        engine.index.close()
