@@ -169,6 +169,7 @@ class MemGuardServer:
         except BaseException:
             await self.server.stop(0)
             self.metrics.stop()
+            self.audit.close()     # releases the audit log's lock: a retry in this process may open it
             raise
         self.batcher.start(self.engine)
         await self._refresh_index_stats()

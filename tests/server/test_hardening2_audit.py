@@ -270,3 +270,23 @@ def test_refusals_are_aggregated_and_caller_strings_stay_out(live):
     assert len(refusals) == 1 and refusals[0]["details"]["count"] == 76
     assert refusals[0]["details"]["peer"].startswith("ipv") and refusals[0]["request_id"] == ""
     assert path.stat().st_size - before < 2000
+
+
+def test_a_server_that_fails_to_start_releases_its_audit_log(tmp_path, keyed_env):
+    from memguard.server.app import BackgroundServer
+
+    class Broken(GuardLikeEngine):
+        def __init__(self):
+            pass
+
+        def warmup(self):
+            raise RuntimeError("no model")
+
+        name, guarded = "broken", True
+
+    path = tmp_path / "audit.jsonl"
+    server = BackgroundServer(make_config(audit_log=str(path)), Broken())
+    with pytest.raises(Exception):
+        server.start()
+    AuditLog(path, fsync=False).close()               # not left locked by the failed start
+    assert verify(path).ok
