@@ -1,6 +1,7 @@
 """What guarding costs per denoising step, beside what the published detectors cost.
 
     python -m memguard.benchmarks.overhead [--rounds 7] [--threads 2] [--json runs/overhead.json]
+    python -m memguard.benchmarks.overhead --sdxl [--sdxl-latent 128] [--no-sd15 --no-testbed]
 
 Part 1, Stable Diffusion 1.5's UNet (its architecture, random weights; CPU, float32, 64×64
 latents = 512×512 images, CFG batch 2, 77 text tokens). One step of each variant, interleaved
@@ -18,6 +19,15 @@ round by round (the order rotates), medians and ratios to the unguarded step fro
   passes only: AMG's guidance gradients would cost more).
 
 On CPU the Triton kernels are not used (their PyTorch references run); GPU figures need a GPU host.
+
+Part 3 (`--sdxl`), SDXL base's UNet (its architecture, random weights: 320/640/1280 channels,
+transformer depths 1/2/10, 64-dim heads, a 2048-wide context of 77 tokens, `text_time` added
+conditioning), float32, CFG batch 2, `--sdxl-latent` latents (128 = 1024×1024 images): unguarded
+(SDPA) against guarded (the stats processor, the same per-step guard work as part 1, SDXL's added
+conditioning in the UNet call), and the guard's own work outside the UNet timed alone (what
+GuardedPipeline reports as guard_seconds: CFG + divergence + x̂0, attention signals, fingerprint
+match, standardization, score, trace row). Steps use DDIM over SDXL's betas (same as SD's), so the
+scheduler costs the same in every variant.
 
 Part 2, the trained testbed (skipped when absent): the cost of a blocked sample against a full
 generation, from real requests: memorized prompts under `on_flag="block"` leave the batch at the
@@ -81,6 +91,7 @@ def sd15_variants(args) -> dict[str, Callable[[int], None]]:
     from memguard import kernels
     from memguard.attention import AttentionControl, StatsCrossAttnProcessor
     from memguard.models import build_scheduler, build_sd15_unet
+    from memguard.pipeline import COLUMNS
     from memguard.policy import Policy
     from memguard.signals import Candidates, attention_signals, stack_signals, track_similarity
 
@@ -96,7 +107,7 @@ def sd15_variants(args) -> dict[str, Callable[[int], None]]:
     cands = Candidates(F.normalize(torch.randn(1, K_CANDIDATES, 256), dim=-1),
                        torch.ones(1, K_CANDIDATES, dtype=torch.bool), [["x"] * K_CANDIDATES])
     tables = Policy.uncalibrated().tables([float(t) for t in ts])
-    trace = torch.zeros(len(ts), 1, 10)
+    trace = torch.zeros(len(ts), 1, len(COLUMNS))
 
     def unet_step(k: int):
         t = ts[k % len(ts)]
@@ -175,6 +186,87 @@ def ratio_table(times: dict[str, list[float]]) -> dict:
                 "overhead_pct": 100 * (statistics.median(v) / base - 1), "runs": v} for n, v in times.items()}
 
 
+# ---- part 3: SDXL UNet ---------------------------------------------------------------------------
+def sdxl_variants(args, guard_times: list[float]) -> dict[str, Callable[[int], float]]:
+    """unguarded / guarded full steps of SDXL's UNet; the guarded one appends its guard work to guard_times."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from memguard import kernels
+    from memguard.attention import AttentionControl, StatsCrossAttnProcessor
+    from memguard.models import build_scheduler, build_sdxl_unet
+    from memguard.pipeline import COLUMNS
+    from memguard.policy import Policy
+    from memguard.signals import Candidates, attention_signals, stack_signals, track_similarity
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    unet = build_sdxl_unet().eval()
+    print(f"  SDXL UNet built in {time.perf_counter() - t0:.0f} s "
+          f"({sum(p.numel() for p in unet.parameters()) / 1e9:.2f}B parameters)", flush=True)
+    sched = build_scheduler()
+    sched.set_timesteps(30)
+    ts = sched.timesteps
+    n = args.sdxl_latent
+    size = 8 * n
+    text = torch.randn(2, 77, 2048)
+    added = {"text_embeds": torch.randn(2, 1280),
+             "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
+    state = {"x": torch.randn(1, 4, n, n)}
+    w = 7.5
+    control = AttentionControl()
+    dim = kernels.fingerprint_dim(4)
+    cands = Candidates(F.normalize(torch.randn(1, K_CANDIDATES, dim), dim=-1),
+                       torch.ones(1, K_CANDIDATES, dtype=torch.bool), [["x"] * K_CANDIDATES])
+    tables = Policy.uncalibrated().tables([float(t) for t in ts])
+    trace = torch.zeros(len(ts), 1, len(COLUMNS))
+
+    def unet_step(k: int):
+        t = ts[k % len(ts)]
+        out = unet(torch.cat([state["x"]] * 2), t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        return t, *out.chunk(2)
+
+    def unguarded(k: int) -> None:
+        t, u, c = unet_step(k)
+        sched.step(u + w * (c - u), t, state["x"])
+
+    def guarded(k: int) -> None:
+        control.reset()
+        t, u, c = unet_step(k)
+        g0 = time.perf_counter()
+        ab = float(sched.alphas_cumprod[int(t)])
+        eps, div, x0 = kernels.cfg_with_divergence(u, c, state["x"], w, ab)
+        ent, bos = attention_signals(control.mean_mass()[1:])
+        sim, _, stand = track_similarity(x0, cands, COPY_COSINE)
+        values = stack_signals(div, ent, bos, sim, stand)
+        z = tables.zscores(values, k % len(ts))
+        row = torch.cat([values, z, tables.combined(z, k % len(ts))[:, None], torch.full((1, 1), w)], dim=1)
+        trace[k % len(ts)].index_copy_(0, torch.zeros(1, dtype=torch.long), row)
+        guard_times.append(time.perf_counter() - g0)
+        sched.step(eps, t, state["x"])
+
+    procs = {"plain": lambda name: AttnProcessor2_0(), "stats": lambda name: StatsCrossAttnProcessor(control)}
+
+    def bind(kind: str, fn):
+        def run(k: int) -> float:
+            _set_attn2(unet, procs[kind])       # outside the timed region
+            t0 = time.perf_counter()
+            fn(k)
+            return time.perf_counter() - t0
+        return run
+    return {"unguarded": bind("plain", unguarded), "guarded": bind("stats", guarded)}
+
+
+def sdxl_table(args) -> dict:
+    guard_times: list[float] = []
+    times = interleave(sdxl_variants(args, guard_times), args.sdxl_rounds)
+    table = ratio_table(times)
+    base = table["unguarded"]["median_s"]
+    work = statistics.median(guard_times[1:])              # without the warm-up round
+    table["guard_work_alone"] = {"median_s": work, "ratio": work / base, "overhead_pct": 100 * work / base,
+                                 "runs": guard_times[1:]}
+    return table
+
+
 # ---- part 2: testbed blocked-sample cost ---------------------------------------------------------
 def blocked_cost(args) -> dict | None:
     from memguard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
@@ -221,11 +313,22 @@ def blocked_cost(args) -> dict | None:
 
 
 def markdown(doc: dict) -> str:
-    lines = ["## Per-step cost, SD 1.5 UNet architecture (CPU, float32, 64×64 latents, CFG batch 2)", "",
-             f"{doc['rounds']} interleaved rounds, {doc['threads']} threads; medians.", "",
-             "| variant | median step (s) | ratio to unguarded | overhead |", "|---|---|---|---|"]
-    for name, row in doc["sd15"].items():
-        lines.append(f"| {name} | {row['median_s']:.3f} | {row['ratio']:.3f} | {row['overhead_pct']:+.1f} % |")
+    lines = []
+    if doc.get("sd15"):
+        lines += ["## Per-step cost, SD 1.5 UNet architecture (CPU, float32, 64×64 latents, CFG batch 2)", "",
+                  f"{doc['rounds']} interleaved rounds, {doc['threads']} threads; medians.", "",
+                  "| variant | median step (s) | ratio to unguarded | overhead |", "|---|---|---|---|"]
+        for name, row in doc["sd15"].items():
+            lines.append(f"| {name} | {row['median_s']:.3f} | {row['ratio']:.3f} | {row['overhead_pct']:+.1f} % |")
+    if doc.get("sdxl"):
+        n = doc["sdxl_latent"]
+        lines += ["", f"## Per-step cost, SDXL UNet architecture ({doc['device']}, float32, {n}×{n} latents = "
+                      f"{8 * n}×{8 * n} images, CFG batch 2, 2048-wide context)", "",
+                  f"{doc['sdxl_rounds']} interleaved rounds, {doc['threads']} threads; medians. guard_work_alone: "
+                  "the guard's work outside the UNet (its share of an unguarded step in the last column).", "",
+                  "| variant | median step (s) | ratio to unguarded | overhead |", "|---|---|---|---|"]
+        for name, row in doc["sdxl"].items():
+            lines.append(f"| {name} | {row['median_s']:.4f} | {row['ratio']:.4f} | {row['overhead_pct']:+.2f} % |")
     tb = doc.get("testbed")
     if tb:
         lines += ["", "## Blocked-sample cost, testbed (real requests)", "",
@@ -250,12 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--testbed-model", type=Path)
     p.add_argument("--testbed-index", type=Path)
     p.add_argument("--testbed-policy", type=Path)
+    p.add_argument("--no-sd15", action="store_true", help="skip part 1 (SD 1.5 UNet)")
+    p.add_argument("--sdxl", action="store_true", help="part 3: SDXL's UNet (~2.6B parameters, ~10 GB in float32)")
+    p.add_argument("--sdxl-latent", type=int, default=128, help="latent side (128: 1024×1024 images)")
+    p.add_argument("--sdxl-rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"SD 1.5 UNet, {args.rounds} rounds:", flush=True)
-    doc = {"rounds": args.rounds, "threads": args.threads, "device": "cpu", "dtype": "float32",
-           "sd15": ratio_table(interleave(sd15_variants(args), args.rounds))}
+    doc = {"rounds": args.rounds, "threads": args.threads, "device": "cpu", "dtype": "float32"}
+    if not args.no_sd15:
+        print(f"SD 1.5 UNet, {args.rounds} rounds:", flush=True)
+        doc["sd15"] = ratio_table(interleave(sd15_variants(args), args.rounds))
+    if args.sdxl:
+        print(f"SDXL UNet, {args.sdxl_latent}×{args.sdxl_latent} latents, {args.sdxl_rounds} rounds:", flush=True)
+        doc.update(sdxl=sdxl_table(args), sdxl_latent=args.sdxl_latent, sdxl_rounds=args.sdxl_rounds)
     if not args.no_testbed:
         torch.set_num_threads(1)
         doc["testbed"] = blocked_cost(args)
