@@ -101,7 +101,7 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
     from memguard.index.sealed import demo_key
     from memguard.index.duplicates import DedupedSource
     from memguard.index.sources import ImageFolderSource
-    from memguard.testbed.dataset import build_training_set, heldout_images, write_image_folder
+    from memguard.testbed.dataset import NEAR_DUPLICATES, build_training_set, heldout_images, write_image_folder
 
     tb = testbed or get_testbed()
     out, model_dir = Path(out or tb.index_dir), tb.model_dir
@@ -113,8 +113,9 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
         shutil.rmtree(staging)
     final, out = out, staging
     with tempfile.TemporaryDirectory(prefix="memguard-testbed-images-") as tmp:
+        # as scraped: each duplicated item also as near duplicates (re-encodes, resizes, crops, banners, marks)
         train = DedupedSource(ImageFolderSource(write_image_folder(build_training_set(tb.data), Path(tmp) / "train",
-                                                                   copies=True)))
+                                                                   copies=True, near_duplicates=NEAR_DUPLICATES)))
         held = write_image_folder(heldout_images(tb.data), Path(tmp) / "heldout")
         # the testbed's faces are public sample photos: without a configured key, the public demo key seals them
         key = DataKey.resolve() or demo_key()
@@ -334,6 +335,10 @@ def calibration_warnings(policy: Policy | None, index=None) -> list[str]:
                    "--prompts benign.txt`")
     if index is not None and not index.thresholds.calibrated:
         out.append(f"UNCALIBRATED INDEX {index.path}: screen thresholds are defaults; run `memguard index calibrate`")
+    elif index is not None and index.thresholds.details.get("blind"):
+        out.append(f"BLIND SCREEN {index.path}: at its false-match rate the screen catches only "
+                   f"{index.thresholds.details['blind']} of JPEG copies of training images; recalibrate it "
+                   "(`memguard index calibrate`) or check the training set's near duplicates (`memguard index duplicates`)")
     return out
 
 

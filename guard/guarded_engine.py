@@ -35,7 +35,9 @@ class GuardedEngine(IndexedEngine):
         # what is left uncalibrated: the server logs it, puts it in the health detail and exports a gauge
         self.calibration_warnings = calibration_warnings(policy, index.index)
         self.uncalibrated = {"policy": not policy.calibrated,
-                             "index": index.index is not None and not index.index.thresholds.calibrated}
+                             "index": index.index is not None and not index.index.thresholds.calibrated,
+                             # calibrated, but blind to JPEG copies (memguard.index.calibrate.MIN_JPEG_TPR)
+                             "index_screen": index.index is not None and bool(index.index.thresholds.details.get("blind"))}
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "GuardedEngine":

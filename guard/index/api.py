@@ -27,6 +27,7 @@ from memguard.errors import CorruptData, InvalidInput, MissingResource, Registry
 from memguard.digest import sha256_file
 from memguard.index.encoders import BUNDLED_CLIP_WEIGHTS
 from memguard.index.builder import ITEMS_DB, MAPS, BuildReport, IndexBuilder
+from memguard.index import clusters
 from memguard.index.config import IndexConfig, Thresholds
 from memguard.index.faces import FaceEmbedder
 from memguard.index.manifest import Manifest, check_files, read_manifest, write_manifest
@@ -70,6 +71,10 @@ class FingerprintIndex:
         self.signals = {name: SignalIndex(name, info, self.path, self.cfg, backend, face_key if name == "face" else None)
                         for name, info in manifest.signals.items()}
         self.maps = self._read_maps()
+        self._cluster_labels = clusters.read(self.path, manifest)
+        if self._cluster_labels is None:
+            log.info("%s: built before near-duplicate clusters; every item is its own cluster "
+                     "(`memguard index calibrate` clusters it)", self.path)
         self.items = ItemStore(self.path / ITEMS_DB, face_key)
         self.registry = open_registry(registry, self.path, key=key)   # never the demo key: real people's faces
         self._model_dir = Path(model_dir) if model_dir else None
@@ -107,7 +112,13 @@ class FingerprintIndex:
         faces = FaceEmbedder(cfg.face_upscale_to, cfg.max_face_upscale) if cfg.faces and model_dir else None
         builder = IndexBuilder(out, source, latent=latent, clip=clip, faces=faces, cfg=cfg, progress=progress,
                                key=DataKey.resolve(data_key))
-        return builder.run(restart=restart, stop_after=stop_after)
+        report = builder.run(restart=restart, stop_after=stop_after)
+        if report.finished:   # near duplicates form clusters at once (at the default thresholds)
+            with FingerprintIndex.open(out, verify_checksums=False, data_key=data_key) as index:
+                labels = clusters.compute(index)
+                info = clusters.write(index, labels, index.thresholds)
+            report.signals["clusters"] = {k: info[k] for k in ("clusters", "largest", "joined_items")}
+        return report
 
     def close(self) -> None:
         for sig in self.signals.values():
@@ -131,6 +142,21 @@ class FingerprintIndex:
         if maps.shape != (info["count"], info["dim"]):
             raise CorruptData(f"{path}: shape {maps.shape}, manifest says {(info['count'], info['dim'])}")
         return maps
+
+    # ---- near-duplicate clusters ------------------------------------------------------------------
+    @property
+    def cluster_labels(self) -> np.ndarray | None:
+        """Each training row's cluster label (its smallest row), or None for an index without clusters."""
+        return self._cluster_labels
+
+    def cluster_of(self, row: int) -> int:
+        return int(self._cluster_labels[row]) if self._cluster_labels is not None else int(row)
+
+    def cluster_members(self, row: int) -> list[int]:
+        """Every training row of `row`'s cluster (itself included), ascending."""
+        if self._cluster_labels is None:
+            return [int(row)]
+        return np.flatnonzero(self._cluster_labels == self._cluster_labels[row]).tolist()
 
     # ---- encoders, loaded on first use ------------------------------------------------------------
     @property
@@ -335,7 +361,7 @@ class FingerprintIndex:
         if q.shape[1] != sig.info.dim or not np.all(np.isfinite(q)):
             raise InvalidInput("fingerprints", f"must be finite with F={sig.info.dim}, got shape {tuple(q.shape)}")
         snap = self.snapshot()
-        rows, scores, train_vecs = sig.search_vectors(q, k)
+        rows, scores, train_vecs = self._distinct_clusters(*sig.search_vectors(q, self._overfetch(k)), k)
         pvec = snap.vectors.get("latent", np.zeros((0, sig.info.dim), np.float32))
         psubjects = [row.subject for row in snap.rows.get("latent", [])]
         names = self.items.ids_of_rows(rows.ravel().tolist())
@@ -362,6 +388,32 @@ class FingerprintIndex:
         out_scores[~np.isfinite(out_scores)] = 0.0
         dev = fingerprints.device
         return out_ids, torch.from_numpy(out_scores).to(dev), torch.from_numpy(out_vecs).to(dev)
+
+    def _overfetch(self, k: int) -> int:
+        """Rows to search so that k distinct clusters are likely among them (near duplicates of one
+        image crowd a plain top-k)."""
+        return k if self._cluster_labels is None else k + int(self.manifest.clusters.get("largest", 1)) - 1
+
+    def _distinct_clusters(self, rows: np.ndarray, scores: np.ndarray, vecs: np.ndarray, k: int):
+        """Per query, the best row of each cluster (ranked as searched), up to k; empty slots -1."""
+        if self._cluster_labels is None:
+            return rows[:, :k], scores[:, :k], vecs[:, :k]
+        kk = min(k, rows.shape[1])
+        out_rows = np.full((len(rows), kk), -1, rows.dtype)
+        out_scores = np.zeros((len(rows), kk), scores.dtype)
+        out_vecs = np.zeros((len(rows), kk, vecs.shape[2]), vecs.dtype)
+        for b in range(len(rows)):
+            seen, j = set(), 0
+            for c in range(rows.shape[1]):
+                r = int(rows[b, c])
+                if r < 0 or int(self._cluster_labels[r]) in seen:
+                    continue
+                seen.add(int(self._cluster_labels[r]))
+                out_rows[b, j], out_scores[b, j], out_vecs[b, j] = r, scores[b, c], vecs[b, c]
+                j += 1
+                if j == kk:
+                    break
+        return out_rows, out_scores, out_vecs
 
     def search_signal(self, signal: str, query: np.ndarray, k: int,
                       snap: ProtectedSnapshot | None = None) -> list[dict]:

@@ -22,7 +22,7 @@ import io
 import itertools
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,10 @@ from memguard.index.config import Thresholds, crosses, higher_is_closer
 from memguard.index.pdq import pdq_hash
 
 log = logging.getLogger(__name__)
-AUGMENTATIONS = ("crop", "resize", "jpeg", "color", "rotate")
+AUGMENTATIONS = ("crop", "resize", "jpeg", "color", "rotate", "vae")
+CHECKS = ("jpeg50",)     # positives only reported, never fitted: what the blind-screen warning reads
+MIN_JPEG_TPR = 0.9       # a screen that catches fewer JPEG copies than this is not a screen (warned)
+SEARCH_K = 32            # nearest rows kept per query and signal: the closest other cluster is among them
 
 
 # ---- augmentations: RGB uint8 [H, W, 3] in, RGB uint8 out ------------------------------------------
@@ -77,7 +80,17 @@ def aug_rotate(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.fromarray(img).rotate(angle, resample=Image.BICUBIC, fillcolor=fill))
 
 
-AUGMENT = {"crop": aug_crop, "resize": aug_resize, "jpeg": aug_jpeg, "color": aug_color, "rotate": aug_rotate}
+def aug_jpeg50(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """JPEG at quality 50: the blind-screen check."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=50)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+# "vae" is the model's own VAE round trip (what a perfect copy looks like after decoding): it needs
+# the index's encoder, so _augmented applies it; it has no entry here
+AUGMENT = {"crop": aug_crop, "resize": aug_resize, "jpeg": aug_jpeg, "color": aug_color, "rotate": aug_rotate,
+           "jpeg50": aug_jpeg50}
 
 
 # ---- threshold selection ---------------------------------------------------------------------------
@@ -155,28 +168,6 @@ def _aligned(index) -> bool:
     return index.maps is not None and "latent" in index.signals
 
 
-def _aligned_own_and_other(index, queries: dict[str, np.ndarray], own_rows: list[int]) -> tuple[list, list]:
-    """Per query: the standout z when its own row is the standout (else -inf: missed or another
-    item stood out), and the standout z with its own row left out of the index (a negative)."""
-    from memguard.index.screen import aligned_own_and_left_out
-
-    pairs = [aligned_own_and_left_out(index, queries["latent"][b], queries[MAPS][b], row)
-             for b, row in enumerate(own_rows)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _own_and_other(index, signal: str, queries: np.ndarray, own_rows: list[int]) -> tuple[list, list]:
-    """Per query: the score against its own row, and the closest score among all other rows."""
-    sig = index.signals[signal]
-    rows, scores = sig.search(queries, 2)
-    own, other = [], []
-    for b, row in enumerate(own_rows):
-        own.append(float(sig.score_rows(queries[b], [row])[0]))
-        others = [float(s) for r, s in zip(rows[b], scores[b]) if r >= 0 and r != row]
-        other.append(others[0] if others else float("nan"))
-    return own, other
-
-
 def _sample(index, source, n: int, rng: np.random.Generator, *, only_rows: set[int] | None = None):
     """Up to n (row, image) pairs of indexed items from the source, a uniform sample (reservoir)."""
     picked, seen = [], 0
@@ -194,29 +185,71 @@ def _sample(index, source, n: int, rng: np.random.Generator, *, only_rows: set[i
     return sorted(picked, key=lambda p: p[0])
 
 
-def _copy_scores(index, pairs, cfg: CalibrationConfig, rng, progress: bool):
-    """positives[signal][aug] and negatives[signal] over augmented copies of the sampled items."""
+def _augmented(index, aug: str, images: list[np.ndarray], rng) -> list[np.ndarray]:
+    if aug == "vae":
+        return index.latent_encoder().round_trip(images)
+    return [AUGMENT[aug](im, rng) for im in images]
+
+
+def _measure(index, pairs, augs: tuple[str, ...], rng, progress: bool) -> list[dict]:
+    """Measure once: per augmented copy of a sampled row, each signal's exact score against that
+    row and its SEARCH_K nearest rows (and the aligned re-score's shortlist). Positives and
+    negatives are then derived for any clustering (_derive) without embedding again."""
     from tqdm import tqdm
 
-    pos = {s: {a: [] for a in cfg.augmentations} for s in index.signals if s != "face"}
-    if _aligned(index):
-        pos["aligned"] = {a: [] for a in cfg.augmentations}
-    neg: dict[str, list[float]] = {s: [] for s in pos}
+    from memguard.index.screen import ALIGN_SHORTLIST, _rescore, _shortlist
+
+    out = []
+    k = SEARCH_K + index._overfetch(1) - 1
     for start in tqdm(range(0, len(pairs), 32), desc="calibrate", disable=not progress):
         chunk = pairs[start:start + 32]
-        rows = [r for r, _ in chunk]
-        for aug in cfg.augmentations:
-            queries = _embed(index, [AUGMENT[aug](im, rng) for _, im in chunk])
-            for signal, q in queries.items():
-                if signal == MAPS:
-                    continue
-                own, other = _own_and_other(index, signal, q, rows)
-                pos[signal][aug] += own
-                neg[signal] += [o for o in other if not math.isnan(o)]
-            if "aligned" in pos:
-                own, other = _aligned_own_and_other(index, queries, rows)
-                pos["aligned"][aug] += own
-                neg["aligned"] += [o for o in other if not math.isnan(o)]
+        for aug in augs:
+            queries = _embed(index, _augmented(index, aug, [im for _, im in chunk], rng))
+            found = {s: index.signals[s].search(q, k) for s, q in queries.items() if s != MAPS}
+            for b, (row, _) in enumerate(chunk):
+                rec = {"aug": aug, "row": row, "signals": {}}
+                for s, (rows, scores) in found.items():
+                    own = float(index.signals[s].score_rows(queries[s][b], [row])[0])
+                    keep = rows[b] >= 0
+                    rec["signals"][s] = (own, rows[b][keep], scores[b][keep])
+                if MAPS in queries and "latent" in index.signals:
+                    short = _shortlist(index, queries["latent"][b], ALIGN_SHORTLIST + index._overfetch(1))
+                    rec["aligned"] = (short, _rescore(index, queries[MAPS][b], short))
+                out.append(rec)
+    return out
+
+
+def _derive(measured: list[dict], labels: np.ndarray, augs: tuple[str, ...]):
+    """positives[signal][aug], negatives[signal] under `labels`: a positive is the best score of the
+    copy against its own cluster; a negative the best against any other cluster (one per query: the
+    screen flags a query, not a pair). Aligned: the standout z when the own cluster stands out among
+    the shortlist's clusters, and the standout z with the own cluster left out."""
+    from memguard.index.align import ALIGN_SHORTLIST, standout
+    from memguard.index.screen import _per_cluster
+
+    signals = sorted({s for rec in measured for s in rec["signals"]}) + (["aligned"] if any("aligned" in r for r in measured) else [])
+    pos = {s: {a: [] for a in augs} for s in signals}
+    neg: dict[str, list[float]] = {s: [] for s in signals}
+    for rec in measured:
+        if rec["aug"] not in augs:
+            continue
+        mine = labels[rec["row"]]
+        for s, (own, rows, scores) in rec["signals"].items():
+            same = labels[rows] == mine
+            best = max if higher_is_closer(s) else min
+            pos[s][rec["aug"]].append(float(best([own, *scores[same].tolist()])))
+            if (~same).any():
+                neg[s].append(float(scores[~same][0]))
+        if "aligned" in rec:
+            rows, scores = rec["aligned"]
+            best_rows, best_scores = _per_cluster(rows, scores, labels)
+            hit = standout(best_scores[:ALIGN_SHORTLIST])
+            pos["aligned"][rec["aug"]].append(hit[1] if hit is not None and labels[best_rows[hit[0]]] == mine
+                                              else -math.inf)
+            same = labels[rows] == mine
+            miss = standout(_per_cluster(rows[~same], scores[~same], labels)[1][:ALIGN_SHORTLIST])
+            if miss is not None:
+                neg["aligned"].append(miss[1])
     return pos, neg
 
 
@@ -279,21 +312,22 @@ def _face_scores(index, source, cfg: CalibrationConfig, rng, repeats: int = 4) -
     if sig is None or sig.count == 0:
         return None
     face_rows = index.items.faces_of_rows(list(range(sig.count)))
-    own: dict[int, list[int]] = {}
+    own: dict[int, list[int]] = {}   # cluster -> its faces: one image's near duplicates hold one face
     for face_row, (item_row, _) in face_rows.items():
-        own.setdefault(item_row, []).append(face_row)
-    pairs = _sample(index, source, cfg.samples, rng, only_rows=set(own))
+        own.setdefault(index.cluster_of(item_row), []).append(face_row)
+    with_faces = {r for r in range(index.manifest.counts.get("items", 0)) if index.cluster_of(r) in own}
+    pairs = _sample(index, source, cfg.samples, rng, only_rows=with_faces)
     embedder = index.face_embedder()
     pos = {a: [] for a in cfg.augmentations}
     missed = {a: 0 for a in cfg.augmentations}
     for row, image in pairs:
         for aug in cfg.augmentations:
             for _ in range(repeats):
-                found = embedder.detect(AUGMENT[aug](image, rng))
+                found = embedder.detect(_augmented(index, aug, [image], rng)[0])
                 if not found:
                     missed[aug] += 1
                     continue
-                d = min(float(sig.score_rows(f.descriptor, own[row]).min()) for f in found)
+                d = min(float(sig.score_rows(f.descriptor, own[index.cluster_of(row)]).min()) for f in found)
                 pos[aug].append(d)
     images, origin = _face_negative_images(cfg)
     neg = []
@@ -317,26 +351,12 @@ def _face_report(faces: dict, fmr: float) -> tuple[float, dict]:
                "negative_distances": _quantiles(faces["neg"])}
 
 
-def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = CalibrationConfig(),
-              progress: bool = True, write: bool = True) -> dict:
-    """Measure, pick thresholds for cfg.false_match_rate, store them in the manifest; returns the report."""
-    if not 0 < cfg.false_match_rate < 1:
-        raise InvalidInput("false_match_rate", f"must be in (0, 1), got {cfg.false_match_rate}")
-    unknown = set(cfg.augmentations) - set(AUGMENT)
-    if unknown or not cfg.augmentations:
-        raise InvalidInput("augmentations", f"choose from {AUGMENTATIONS}; got {sorted(unknown) or 'none'}")
-    rng = np.random.default_rng(cfg.seed)
-    pairs = _sample(index, source, cfg.samples, rng)
-    if len(pairs) < 2:
-        raise InvalidInput("source", "fewer than 2 of its images are in the index; calibrate with the build's source")
-    pos, neg = _copy_scores(index, pairs, cfg, rng, progress)
+def _fit(pos, neg, cfg: CalibrationConfig, current: dict[str, float]) -> tuple[dict[str, float], dict]:
+    """Thresholds of the copy signals at cfg.false_match_rate, and their report."""
     used, caught = select_signals(pos, neg, cfg.false_match_rate)
     budget = cfg.false_match_rate / len(used)
-    values = {f.name: getattr(index.thresholds, f.name) for f in fields(Thresholds)
-              if f.name in ("latent", "aligned", "pdq", "clip", "face")}
-    report: dict = {"false_match_rate": cfg.false_match_rate, "per_signal_budget": budget, "items": len(pairs),
-                    "augmentations": list(cfg.augmentations), "signals": {}, "signals_used": list(used),
-                    "caught_by_set": caught}
+    values = dict(current)
+    report: dict = {"per_signal_budget": budget, "signals": {}, "signals_used": list(used), "caught_by_set": caught}
     for signal in pos:
         t, limited = pick_threshold(signal, np.asarray(neg[signal]), budget)
         if signal not in used:
@@ -348,8 +368,63 @@ def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = Calibrati
             "threshold": t, "negatives": len(neg[signal]), "resolution_limited": limited, "used": signal in used,
             "fmr": _rate(signal, neg[signal], t), "negative_scores": _quantiles(neg[signal]),
             "tpr": {a: _rate(signal, v, t) for a, v in pos[signal].items()}}
-    report["combined_tpr"] = {a: round(float(np.mean([any(crosses(s, pos[s][a][i], values[s]) for s in pos)
-                                                       for i in range(len(pairs))])), 4) for a in cfg.augmentations}
+    return values, report
+
+
+def _combined_tpr(pos, values: dict[str, float]) -> dict[str, float]:
+    """Per kind of positive: the share of copies that at least one signal catches (what the screen sees)."""
+    augs = next(iter(pos.values())).keys()
+    return {a: round(float(np.mean([any(crosses(s, pos[s][a][i], values[s]) for s in pos)
+                                    for i in range(len(next(iter(pos.values()))[a]))])), 4) for a in augs}
+
+
+def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = CalibrationConfig(),
+              progress: bool = True, write: bool = True) -> dict:
+    """Measure, pick thresholds for cfg.false_match_rate, store them in the manifest; returns the report.
+
+    Near-duplicate clusters (memguard.index.clusters) decide what "another item" is. The copies
+    are embedded once; thresholds are fitted on the index's clusters, the clusters are formed again
+    at those thresholds (keeping the old ones), and, if that joined anything, fitted once more."""
+    from memguard.index import clusters
+
+    if not 0 < cfg.false_match_rate < 1:
+        raise InvalidInput("false_match_rate", f"must be in (0, 1), got {cfg.false_match_rate}")
+    unknown = set(cfg.augmentations) - set(AUGMENT) - {"vae"}
+    if unknown or not cfg.augmentations:
+        raise InvalidInput("augmentations", f"choose from {AUGMENTATIONS}; got {sorted(unknown) or 'none'}")
+    if "vae" in cfg.augmentations and "latent" not in index.signals:
+        cfg = replace(cfg, augmentations=tuple(a for a in cfg.augmentations if a != "vae"))
+        log.warning("index calibration: no VAE in this index (no latent signal): no VAE round-trip positives")
+    rng = np.random.default_rng(cfg.seed)
+    pairs = _sample(index, source, cfg.samples, rng)
+    if len(pairs) < 2:
+        raise InvalidInput("source", "fewer than 2 of its images are in the index; calibrate with the build's source")
+    measured = _measure(index, pairs, tuple(cfg.augmentations) + CHECKS, rng, progress)
+    n_items = int(index.manifest.counts.get("items", 0))
+    labels = index.cluster_labels if index.cluster_labels is not None else np.arange(n_items, dtype=np.int32)
+    current = {f.name: getattr(index.thresholds, f.name) for f in fields(Thresholds)
+               if f.name in ("latent", "aligned", "pdq", "clip", "face")}
+    values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
+    rounds = 1
+    if "latent" in index.signals:   # cluster again where the calibrated screen calls items copies
+        again = clusters.compute(index, Thresholds(**values), keep=labels)
+        if not np.array_equal(again, labels):
+            labels, rounds = again, 2
+            values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
+    pos, _ = _derive(measured, labels, cfg.augmentations + CHECKS)
+    report: dict = {"false_match_rate": cfg.false_match_rate, "items": len(pairs),
+                    "augmentations": list(cfg.augmentations), **fit, "cluster_rounds": rounds,
+                    "clusters": {"count": int(len(np.unique(labels))), "joined_items": int((labels != np.arange(len(labels))).sum())},
+                    "combined_tpr": _combined_tpr({s: {a: v for a, v in pos[s].items() if a in cfg.augmentations} for s in pos}, values),
+                    "checks": _combined_tpr({s: {a: pos[s][a] for a in CHECKS} for s in pos}, values)}
+    blind = {a: r for a, r in {**report["checks"], "jpeg": report["combined_tpr"].get("jpeg", 1.0)}.items()
+             if a.startswith("jpeg") and r < MIN_JPEG_TPR}
+    if blind:
+        report["blind"] = blind
+        log.warning("index calibration: the screen catches only %s of JPEG copies at false-match rate %s (under %s): "
+                    "it cannot see a re-encoded copy", blind, cfg.false_match_rate, MIN_JPEG_TPR)
+    if write and (index.cluster_labels is None or not np.array_equal(labels, index.cluster_labels)):
+        clusters.write(index, labels, Thresholds(**values))
     faces = _face_scores(index, source, cfg, rng)
     if faces is not None:
         values["face"], report["faces"] = _face_report(faces, cfg.false_match_rate)

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = _cmd(ix, "duplicates", _duplicates, "near-duplicate clusters of the training set (size, members, captions)")
     p.add_argument("dir", type=Path)
     p.add_argument("--min-size", type=int, default=2, help="smallest cluster listed, in training records")
-    p.add_argument("--neighbours", type=int, default=8, help="nearest items checked per item")
+    p.add_argument("--neighbours", type=int, default=None,
+                   help="recompute the clusters with this many nearest items per signal (default: the stored clusters)")
 
     p = _cmd(ix, "screen", _screen, "screen image files for copies and faces")
     p.add_argument("dir", type=Path)
@@ -164,8 +165,10 @@ def _build(args) -> int:
         from memguard.index.calibrate import CalibrationConfig, calibrate
         with FingerprintIndex.open(args.out, model_dir=args.model, device=args.device) as index:
             cal = calibrate(index, _source(args), cfg=CalibrationConfig(), progress=not (args.no_progress or args.json))
-        doc["calibration"] = {"thresholds": cal.get("thresholds"), "combined_tpr": cal.get("combined_tpr")}
+        doc["calibration"] = {"thresholds": cal.get("thresholds"), "combined_tpr": cal.get("combined_tpr"),
+                              "checks": cal.get("checks"), "blind": cal.get("blind")}
         text += f"\nscreen thresholds calibrated (false-match rate 0.01): {cal.get('thresholds')}"
+        text += "".join(f"\n{line}" for line in _blind_warning(cal))
     elif report.finished:
         text += "\nWARNING: screen thresholds are uncalibrated defaults; run `memguard index calibrate`"
     _emit(args, doc, text)
@@ -229,6 +232,15 @@ def _verify(args) -> int:
     return 0
 
 
+def _blind_warning(report: dict) -> list[str]:
+    """The warning of a screen that cannot see JPEG copies (memguard.index.calibrate.MIN_JPEG_TPR)."""
+    if not report.get("blind"):
+        return []
+    return [f"WARNING: the screen catches only {report['blind']} of JPEG copies of training images at this "
+            "false-match rate: it cannot see a re-encoded copy. Check `memguard index duplicates` (near "
+            "duplicates that did not join a cluster) and the calibration sample."]
+
+
 def _calibrate(args) -> int:
     from memguard.index.calibrate import CalibrationConfig, calibrate
     from memguard.index.sources import ImageFolderSource
@@ -241,7 +253,10 @@ def _calibrate(args) -> int:
     for name, sig in report["signals"].items():
         lines.append(f"  {name}: threshold {sig['threshold']:.4f}, fmr {sig['fmr']} on {sig['negatives']} "
                      f"negatives, true-match rate {sig['tpr']}")
-    lines.append(f"  any signal: true-match rate {report['combined_tpr']}")
+    lines.append(f"  any signal: true-match rate {report['combined_tpr']}, checks {report['checks']}")
+    lines.append(f"  near-duplicate clusters: {report['clusters']['count']} "
+                 f"({report['clusters']['joined_items']} items joined to another; {report['cluster_rounds']} round(s))")
+    lines += _blind_warning(report)
     if "faces" in report:
         f = report["faces"]
         lines.append(f"  face: threshold {f['threshold']:.4f}, true-match rate {f['tpr']}, "

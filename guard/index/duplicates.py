@@ -9,10 +9,9 @@ prompts. Two stages:
   into the first record, which carries `copies`, the folded ids and their distinct captions in its
   metadata. The index then holds one row per distinct image, so a copy stands out from its
   neighbours in the screen instead of tying with its own duplicates.
-- `find_clusters` joins distinct items that are near copies of each other: both the PDQ hash and
-  the latent fingerprint must match at the index's calibrated copy thresholds (either alone joins
-  look-alike procedural images: same shape on the same background). Union-find over each item's
-  nearest neighbours; a cluster's size counts every folded copy of its members.
+- `find_clusters` lists the distinct items that are near copies of each other: the index's
+  near-duplicate clusters (memguard.index.clusters: two copy signals must agree; one alone joins
+  look-alike procedural images); a cluster's size counts every folded copy of its members.
 """
 from __future__ import annotations
 
@@ -102,59 +101,25 @@ class Cluster:
         return asdict(self)
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def _items(index) -> list[tuple[int, str, str, dict]]:
     rows = index.items._query("SELECT row, item_id, caption, meta FROM items ORDER BY row")
     return [(r, i, c or "", json.loads(m or "{}")) for r, i, c, m in rows]
 
 
-def near_copy_pairs(index, neighbours: int = 8, batch: int = 1024) -> list[tuple[int, int]]:
-    """Row pairs that are near copies by both PDQ and latent fingerprint (the index's thresholds)."""
-    th = index.thresholds
-    lat, pdq = index.signals.get("latent"), index.signals.get("pdq")
-    if lat is None or pdq is None:
-        return []
-    pairs = []
-    for start in range(0, lat.count, batch):
-        queries = np.asarray(lat.vectors[start:start + batch], np.float32)
-        rows, scores = lat.search(queries, neighbours + 1)
-        for b in range(len(queries)):
-            me = start + b
-            for r, s in zip(rows[b], scores[b]):
-                if r < 0 or r == me or s < th.latent:
-                    continue
-                distance = float(pdq.score_rows(np.asarray(pdq.vectors[me]), [int(r)])[0])
-                if distance <= th.pdq:
-                    pairs.append((min(me, int(r)), max(me, int(r))))
-    return sorted(set(pairs))
+def find_clusters(index, *, min_size: int = 2, neighbours: int | None = None) -> list[Cluster]:
+    """Clusters of at least `min_size` training records, largest first: the index's stored
+    near-duplicate clusters (memguard.index.clusters), or, for an index built before them, the
+    same rule computed now (`neighbours` per item and signal; default the rule's)."""
+    from memguard.index import clusters as near
 
-
-def find_clusters(index, *, min_size: int = 2, neighbours: int = 8) -> list[Cluster]:
-    """Clusters of at least `min_size` training records, largest first."""
     items = _items(index)
-    position = {row: k for k, (row, *_rest) in enumerate(items)}
-    uf = _UnionFind(len(items))
-    for a, b in near_copy_pairs(index, neighbours):
-        if a in position and b in position:
-            uf.union(position[a], position[b])
+    labels = index.cluster_labels
+    if labels is None or neighbours is not None:
+        labels = near.labels_from_pairs(len(items), near.copy_pairs(index, index.thresholds,
+                                                                     neighbours=neighbours or near.NEIGHBOURS))
     groups: dict[int, list[int]] = {}
-    for k in range(len(items)):
-        groups.setdefault(uf.find(k), []).append(k)
+    for k, (row, *_rest) in enumerate(items):
+        groups.setdefault(int(labels[row]), []).append(k)
     out = []
     for members in groups.values():
         copies = [int(items[k][3].get("copies", 1)) for k in members]

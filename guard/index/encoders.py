@@ -98,6 +98,21 @@ class LatentEncoder:
             mean = self.vae.encode(x).latent_dist.mean * self.scaling_factor
             return latent_fingerprint(mean).cpu().numpy(), latent_map(mean, self.map_grid)
 
+    def round_trip(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Each image through the VAE and back (RGB uint8 at the VAE's size): what a generation that
+        copies the image perfectly decodes to. Index calibration's positives of the model's kind."""
+        import torch
+
+        if not images:
+            return []
+        batch = np.stack([square_resize(check_image(im, f"images[{i}]"), self.image_size)
+                          for i, im in enumerate(images)])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
+        with self._lock, torch.inference_mode():
+            out = self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
+        out = out.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [np.ascontiguousarray(o) for o in out]
+
 # open_clip weights shipped with MemGuard: the testbeds' CLIP (guard/testbed/clip/, trained here)
 BUNDLED_CLIP_WEIGHTS = Path(__file__).resolve().parents[1] / "testbed" / "clip" / "open_clip_model.safetensors"
 

@@ -49,6 +49,7 @@ class Manifest:
     files: dict[str, dict] = field(default_factory=dict)   # name -> {"bytes": int, "sha256": str}
     build: dict = field(default_factory=dict)
     maps: dict | None = None      # latent maps for the aligned re-score: file, dim, grid, channels, count
+    clusters: dict | None = None  # near-duplicate cluster labels (memguard.index.clusters): file, counts, rule
     format_version: int = FORMAT_VERSION
     created: float = field(default_factory=time.time)
 
@@ -63,7 +64,8 @@ class Manifest:
             return cls(signals={k: SignalInfo(**v) for k, v in data["signals"].items()},
                        models=data["models"], counts=data["counts"], config=data["config"],
                        thresholds=Thresholds.from_json(data.get("thresholds", {})), files=data["files"],
-                       build=data.get("build", {}), maps=data.get("maps"), format_version=data["format_version"],
+                       build=data.get("build", {}), maps=data.get("maps"), clusters=data.get("clusters"),
+                       format_version=data["format_version"],
                        created=data.get("created", 0.0))
         except (KeyError, TypeError) as exc:
             raise CorruptData(f"{path}: manifest lacks or mangles field {exc}") from exc

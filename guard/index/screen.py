@@ -39,6 +39,7 @@ class CopyMatch:
     signals: dict[str, SignalScore]
     is_copy: bool
     protection_ids: list[str] = field(default_factory=list)
+    near_duplicates: int = 0         # other training items of its cluster (copies of one image), reported as one
 
 
 @dataclass
@@ -89,19 +90,50 @@ def _shortlist(index, fingerprint: np.ndarray, k: int) -> np.ndarray:
     return found[0][found[0] >= 0]
 
 
-def aligned_own_and_left_out(index, fingerprint: np.ndarray, latent_map: np.ndarray, own_row: int) -> tuple[float, float]:
-    """Calibration's pair for an augmented copy of training row `own_row`, from one re-score of the
-    shortlist: the standout z when own_row is the standout (else -inf), and the standout z with
-    own_row left out of the index (nan when too few candidates). The same shortlists as
-    aligned_standout without and with exclude_row; protections play no part in thresholds."""
-    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + 1)
-    order = np.argsort(rows)   # read the memory-mapped maps sequentially, score in search order
+def _rescore(index, latent_map: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Aligned scores of `rows` (in their order); the maps are read in row order (memory-mapped)."""
+    order = np.argsort(rows)
     scores = np.empty(len(rows), np.float32)
     scores[order] = aligned_scores(latent_map, np.asarray(index.maps[rows[order]], np.float32),
                                    index.manifest.maps["channels"])
-    hit = standout(scores[:ALIGN_SHORTLIST])
-    own = hit[1] if hit is not None and rows[hit[0]] == own_row else -math.inf
-    miss = standout(scores[rows != own_row][:ALIGN_SHORTLIST])
+    return scores
+
+
+def _per_cluster(rows: np.ndarray, scores: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One candidate per cluster, in the order of its first row, carrying the cluster's best aligned
+    score: a photo's near duplicates are one candidate, not rivals that hide its standout."""
+    if labels is None:
+        return rows, scores
+    first: dict[int, int] = {}
+    out_rows, out_scores = [], []
+    for r, sc in zip(rows.tolist(), scores.tolist()):
+        lab = int(labels[r])
+        if lab not in first:
+            first[lab] = len(out_rows)
+            out_rows.append(r)
+            out_scores.append(sc)
+        elif sc > out_scores[first[lab]]:
+            out_rows[first[lab]], out_scores[first[lab]] = r, sc
+    return np.asarray(out_rows, np.int64), np.asarray(out_scores, np.float32)
+
+
+def aligned_own_and_left_out(index, fingerprint: np.ndarray, latent_map: np.ndarray, own_row: int,
+                             labels: np.ndarray | None = None) -> tuple[float, float]:
+    """Calibration's pair for an augmented copy of training row `own_row`, from one re-score of the
+    shortlist: the standout z when own_row's cluster is the standout (else -inf), and the standout z
+    with own_row's whole cluster left out of the index (nan when too few candidates). The same
+    shortlists as aligned_standout without and with exclude_row; protections play no part in
+    thresholds. `labels`: the clusters to use (default: the index's)."""
+    labels = index.cluster_labels if labels is None else labels
+    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + index._overfetch(1))
+    scores = _rescore(index, latent_map, rows)
+    mine = (labels[rows] == labels[own_row]) if labels is not None else rows == own_row
+    best_rows, best_scores = _per_cluster(rows, scores, labels)
+    hit = standout(best_scores[:ALIGN_SHORTLIST])
+    own_label = labels[own_row] if labels is not None else own_row
+    hit_label = None if hit is None else (labels[best_rows[hit[0]]] if labels is not None else best_rows[hit[0]])
+    own = hit[1] if hit is not None and hit_label == own_label else -math.inf
+    miss = standout(_per_cluster(rows[~mine], scores[~mine], labels)[1][:ALIGN_SHORTLIST])
     return own, (miss[1] if miss is not None else math.nan)
 
 
@@ -109,14 +141,15 @@ def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, sna
                      exclude_row: int | None = None) -> tuple[dict, float] | None:
     """The shortlisted candidate whose aligned score stands out, and its z; None if too few.
 
-    The shortlist is the plain latent search's ALIGN_SHORTLIST closest training rows (without
-    `exclude_row`: calibration's leave-one-out) plus every protected image that has a map.
-    The candidate is {"row": r} or {"pid": p}."""
-    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + (exclude_row is not None))
+    The shortlist is the plain latent search's ALIGN_SHORTLIST closest training clusters (without
+    `exclude_row`'s cluster: calibration's leave-one-out), each carried by its best aligned row,
+    plus every protected image that has a map. The candidate is {"row": r} or {"pid": p}."""
+    rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + index._overfetch(1) - 1 + (exclude_row is not None))
     if exclude_row is not None:
-        rows = rows[rows != exclude_row]
-    rows = np.sort(rows[:ALIGN_SHORTLIST])   # sorted: sequential reads of the memory-mapped maps
-    maps = [np.asarray(index.maps[rows], np.float32)]
+        rows = rows[np.asarray([index.cluster_of(r) != index.cluster_of(exclude_row) for r in rows], bool)]
+    rows, train_scores = _per_cluster(rows, _rescore(index, latent_map, rows), index.cluster_labels)
+    rows, train_scores = rows[:ALIGN_SHORTLIST], train_scores[:ALIGN_SHORTLIST]
+    scores = [train_scores]
     owners = [{"row": int(r)} for r in rows]
     if snap.count(MAPS):
         # a protection of a shortlisted training item is that item: as a second candidate it
@@ -127,9 +160,9 @@ def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, sna
             latent_of = {row.pid: vec for row, vec in zip(snap.rows["latent"], snap.vectors["latent"])}
             closeness = [float(latent_of[snap.rows[MAPS][j].pid] @ fingerprint) for j in keep]
             keep = [keep[i] for i in np.argsort(closeness, kind="stable")[::-1][:ALIGN_SHORTLIST]]
-        maps.append(snap.vectors[MAPS][keep])
+        scores.append(aligned_scores(latent_map, snap.vectors[MAPS][keep], index.manifest.maps["channels"]))
         owners += [{"pid": snap.rows[MAPS][j].pid} for j in keep]
-    best = standout(aligned_scores(latent_map, np.concatenate(maps), index.manifest.maps["channels"]))
+    best = standout(np.concatenate(scores))
     return None if best is None else (owners[best[0]], best[1])
 
 
@@ -137,7 +170,7 @@ def _copy_matches(index, queries: dict[str, np.ndarray], latent_map: np.ndarray 
     train_rows: set[int] = set()
     prot_pids: set[str] = set()
     for signal, query in queries.items():
-        for hit in index.search_signal(signal, query, SCREEN_K, snap):
+        for hit in index.search_signal(signal, query, index._overfetch(SCREEN_K), snap):
             (prot_pids.add(hit["pid"]) if hit["protected"] else train_rows.add(hit["row"]))
     aligned = None
     if latent_map is not None and "latent" in index.signals:
@@ -150,12 +183,14 @@ def _copy_matches(index, queries: dict[str, np.ndarray], latent_map: np.ndarray 
     for pid, prot in snap.protections.items():
         protected_by.setdefault(prot.subject, []).append(pid)
     th = index.thresholds
-    matches = []
+    by_cluster: dict[int, list[CopyMatch]] = {}
     for row in sorted(train_rows):
         scores = {s: float(index.signals[s].score_rows(q, [row])[0]) for s, q in queries.items() if s in index.signals}
         if aligned is not None and aligned[0].get("row") == row:
             scores["aligned"] = aligned[1]
-        matches.append(_match(names[row], scores, th, protected_by.get(names[row], [])))
+        by_cluster.setdefault(index.cluster_of(row), []).append(
+            _match(names[row], scores, th, protected_by.get(names[row], [])))
+    matches = [_cluster_match(index, label, found) for label, found in by_cluster.items()]
     for pid in sorted(prot_pids):
         prot = snap.protections[pid]
         scores = {}
@@ -169,6 +204,22 @@ def _copy_matches(index, queries: dict[str, np.ndarray], latent_map: np.ndarray 
         matches.append(_match(prot.subject, scores, th, protected_by.get(prot.subject, [pid])))
     key = lambda m: (not m.is_copy, -m.signals["latent"].score if "latent" in m.signals else 0.0)
     return sorted(matches, key=key)
+
+
+def _cluster_match(index, label: int, found: list[CopyMatch]) -> CopyMatch:
+    """A cluster's near duplicates are one image: one match, its closest member's, with every
+    signal at its best over the members found, and the protections of any of them."""
+    best = min(found, key=lambda m: (not m.is_copy, -m.signals["latent"].score if "latent" in m.signals else 0.0))
+    merged = dict(best.signals)
+    for m in found:
+        for s, sc in m.signals.items():
+            have = merged.get(s)
+            if have is None or (sc.crossed and not have.crossed) or \
+                    (sc.crossed == have.crossed and (sc.score > have.score if higher_is_closer(s) else sc.score < have.score)):
+                merged[s] = sc
+    pids = sorted({p for m in found for p in m.protection_ids})
+    members = len(index.cluster_members(label)) - 1
+    return CopyMatch(best.item_id, bool(pids), merged, any(x.crossed for x in merged.values()), pids, members)
 
 
 def _match(item_id: str, scores: dict[str, float], th, pids: list[str]) -> CopyMatch:
@@ -194,8 +245,11 @@ def _face_matches(index, image: np.ndarray, snap) -> list[FaceMatch]:
                                  protection_id=best["pid"]))
             continue
         item_row, identity = index.items.faces_of_rows([best["row"]])[best["row"]]
-        item_id = index.items.ids_of_rows([item_row]).get(item_row)
-        protected = identity in snap.protected_subjects or item_id in snap.protected_subjects
+        # one image's near duplicates hold one face: reported as the cluster's first item, and a
+        # protection of any of them covers it
+        members = index.items.ids_of_rows(index.cluster_members(item_row))
+        item_id = members.get(index.cluster_of(item_row), members.get(item_row))
+        protected = identity in snap.protected_subjects or any(m in snap.protected_subjects for m in members.values())
         out.append(FaceMatch(face.box, identity, dist, th, best["score"] <= th, protected, item_id=item_id))
     return out
 

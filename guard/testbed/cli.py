@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--unique", action="store_true", help="one file per distinct image (default: every duplicate, "
                                                          "as the model was trained)")
+    p.add_argument("--near-duplicates", type=int, default=None, metavar="N",
+                   help="near duplicates (re-encodes, resizes, crops, banners, watermarks) among each duplicated "
+                        "item's copies, as a scraper holds them (default: the shipped indexes' count)")
     p.set_defaults(func=_export)
 
 
@@ -115,7 +118,11 @@ def _export(args) -> int:
 
     check_output_dir(args.out)
     items = build_training_set(get_testbed(args.testbed).data)
-    write_image_folder(items, args.out, copies=not args.unique)
+    from memguard.testbed.dataset import NEAR_DUPLICATES
+
+    near = 0 if args.unique else (NEAR_DUPLICATES if args.near_duplicates is None else args.near_duplicates)
+    write_image_folder(items, args.out, copies=not args.unique, near_duplicates=near)
     records = len(items) if args.unique else sum(it.duplicates for it in items)
-    print(f"wrote {records} images ({len(items)} distinct) and captions.jsonl to {args.out}")
+    print(f"wrote {records} images ({len(items)} distinct; each duplicated item also as up to {near} near "
+          f"duplicates) and captions.jsonl to {args.out}")
     return 0

@@ -344,19 +344,35 @@ def write_prompt_sets(directory: Path, cfg: TestbedDataConfig = TestbedDataConfi
     return paths
 
 
-def write_image_folder(items: list[TrainingItem], directory: Path, *, copies: bool = False) -> Path:
+NEAR_DUPLICATES = 12   # near-duplicate files per duplicated item in a scraped export (of its duplicates)
+
+
+def write_image_folder(items: list[TrainingItem], directory: Path, *, copies: bool = False,
+                       near_duplicates: int = 0) -> Path:
     """Write items as PNGs plus captions.jsonl (the index builder's image-folder input).
 
     copies=True writes the training set as the model saw it: every duplicate as its own file and
     row (ids `<item>~<k>`), as a scraped data set holds the same image under many URLs. The index
-    builder folds identical images into one item; `memguard index duplicates` reports them."""
+    builder folds identical images into one item; `memguard index duplicates` reports them.
+    near_duplicates=n (with copies) makes n of each duplicated item's copies near duplicates instead
+    (re-encodes, resizes, small crops, a caption banner, a watermark: guard.testbed.scraped), as a
+    scraper holds a popular image; their ids are `<item>~nd<k>-<kind>`."""
+    from memguard.testbed.scraped import scraped_copies
+
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "captions.jsonl", "w") as f:
         for item in items:
-            for k in range(item.duplicates if copies else 1):
-                item_id = item.item_id if k == 0 else f"{item.item_id}~{k:03d}"
-                name = f"{item_id}.png"
-                Image.fromarray(item.image).save(directory / name)
+            total = item.duplicates if copies else 1
+            near = min(near_duplicates, total - 1) if copies and item.duplicates > 1 else 0
+            files = [(item.item_id if k == 0 else f"{item.item_id}~{k:03d}", None) for k in range(total - near)]
+            files += [(f"{item.item_id}~nd{k:02d}-{nd.kind}", nd)
+                      for k, nd in enumerate(scraped_copies(item.item_id, item.image, near))]
+            for item_id, nd in files:
+                name = f"{item_id}.{nd.ext if nd else 'png'}"
+                if nd is None:
+                    Image.fromarray(item.image).save(directory / name)
+                else:
+                    (directory / name).write_bytes(nd.data)
                 f.write(json.dumps({"file": name, "caption": item.caption, "item_id": item_id,
                                     "kind": item.kind, "source": item.source}) + "\n")
     return directory

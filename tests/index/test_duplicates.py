@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -86,3 +87,53 @@ def test_shipped_testbeds_duplicates_are_their_memorized_items(name):
     expected = {it.item_id: it.duplicates for it in memorized_items(build_training_set(tb.data))}
     assert {c.items[0]: c.size for c in clusters} == expected
     assert all(len(c.items) == 1 for c in clusters)
+
+
+@pytest.fixture(scope="module")
+def scraped_index(tmp_path_factory, backend):
+    """A training folder as a scraper holds it: 8 photos × 12 files, 6 of them near duplicates
+    (re-encodes, resizes, a small crop, a banner, a watermark), beside 60 unique images; indexed
+    with the v-testbed's VAE (near duplicates are near in a trained VAE's latents, not in a random
+    one's) and calibrated."""
+    from memguard.index.calibrate import CalibrationConfig, calibrate
+    from memguard.testbed.registry import get_testbed
+    from tests.index.conftest import on
+
+    vae = get_testbed("vpred").model_dir
+    tmp = tmp_path_factory.mktemp("scraped")
+    items = build_training_set(TestbedDataConfig(num_procedural=60, photo_duplicates=12))
+    folder = write_image_folder(items, tmp / "images", copies=True, near_duplicates=6)
+    source = DedupedSource(ImageFolderSource(folder))
+    out = tmp / "index"
+    FingerprintIndex.build(out, source, model_dir=vae, cfg=on(backend, IndexConfig(faces=False)), progress=False)
+    with FingerprintIndex.open(out, model_dir=vae) as index:
+        report = calibrate(index, source, cfg=CalibrationConfig(samples=60), progress=False)
+    return out, items, report, vae
+
+
+def test_near_duplicates_form_one_cluster_and_a_copy_is_reported_once(scraped_index):
+    from memguard.index.calibrate import aug_jpeg50
+
+    out, items, report, vae = scraped_index
+    photos = [i for i in items if i.kind == "photo"]
+    with FingerprintIndex.open(out, model_dir=vae) as index:
+        labels = index.cluster_labels
+        ids = index.items.ids_of_rows(list(range(len(labels))))
+        row = {i: r for r, i in ids.items()}
+        for photo in photos:   # every re-encode, resize and watermark joins its photo's cluster
+            home = labels[row[photo.item_id]]
+            variants = [i for i in ids.values() if i.startswith(f"{photo.item_id}~nd")
+                        and i.rsplit("-", 1)[1] in ("reencode", "resize", "resize_reencode", "watermark")]
+            assert len(variants) == 4 and all(labels[row[v]] == home for v in variants), photo.item_id
+        for r, i in ids.items():   # no unique image joins a photo's cluster
+            if i.startswith("proc-"):
+                assert not any(ids[m].startswith("photo-") for m in index.cluster_members(r)), i
+        rng = np.random.default_rng()
+        for photo in photos:
+            result = index.screen(aug_jpeg50(photo.image, rng))
+            mine = [m for m in result.copies if m.item_id.split("~")[0] == photo.item_id]
+            assert result.is_copy and len(mine) >= 1, (photo.item_id, [(m.item_id, m.is_copy) for m in result.matches])
+            home = [m for m in mine if labels[row[m.item_id]] == labels[row[photo.item_id]]]
+            assert len(home) == 1 and home[0].near_duplicates >= 4, [(m.item_id, m.near_duplicates) for m in mine]
+    # calibration took the other clusters as negatives: a JPEG copy is not blind
+    assert report["checks"]["jpeg50"] >= 0.95 and "blind" not in report, report["checks"]

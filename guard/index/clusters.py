@@ -1,0 +1,164 @@
+"""Near-duplicate clusters: which training items are copies of one image.
+
+A scraped training set holds a popular image many times: identical files (folded into one item at
+build, guard.index.duplicates.DedupedSource) and near duplicates (re-encodes, resizes, watermarks),
+which stay separate items. Everything that compares a query with "the other items" must compare it
+with the other *clusters*: the screen reports one match per cluster, the aligned re-score's
+standout z is taken over clusters (a photo's own re-encode is no rival), the per-step candidates
+are distinct clusters, and the screen's calibration takes as a negative the closest item of another
+cluster (else a photo's own re-encode is its "closest other item" and the thresholds close down to
+exact matches).
+
+Rule: two items are one image when at least two of the pairwise copy signals (latent fingerprint
+cosine, PDQ Hamming distance, CLIP cosine: those the index holds) cross at the thresholds in force.
+One signal alone joins look-alike procedural images (same shape on the same background: latent up
+to 0.94, testbed CLIP up to 0.999); two independent views agreeing do not. At build the thresholds
+are the defaults; `memguard index calibrate` clusters again at the calibrated ones (keeping the
+build's pairs) and fits on those clusters. A re-host's crop or banner of a small image can stay
+a cluster of its own: neither pairwise signals nor the aligned standout (z 5-9 for such crops on
+the v-testbed, 6 for a look-alike) single it out. Each row's label is the smallest row of its cluster; the
+labels live in `clusters.npy`, recorded in the manifest. An index built before clusters has none:
+every row is its own cluster (logged once).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from memguard.index.config import Thresholds, crosses
+from memguard.index.vectors import read_array, write_array
+
+log = logging.getLogger(__name__)
+CLUSTERS_FILE = "clusters.npy"
+PAIR_SIGNALS = ("latent", "pdq", "clip")
+MIN_AGREEING = 2          # signals that must call a pair copies of each other
+NEIGHBOURS = 16           # nearest rows examined per item and signal
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return int(a)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _rule_signals(index, thresholds: Thresholds) -> list[str]:
+    """The pair signals that vote: held by the index and not switched off by calibration."""
+    from memguard.index.calibrate import never_crosses
+
+    return [s for s in PAIR_SIGNALS if s in index.signals
+            and getattr(thresholds, s) != never_crosses(s)]
+
+
+def copy_pairs(index, thresholds: Thresholds, *, neighbours: int = NEIGHBOURS, batch: int = 1024) -> set[tuple[int, int]]:
+    """Row pairs (a < b) that at least MIN_AGREEING pair signals call copies at `thresholds`.
+    Candidates are each row's nearest neighbours on every voting signal; each candidate pair is
+    then scored exactly on all of them."""
+    signals = _rule_signals(index, thresholds)
+    if len(signals) < MIN_AGREEING:
+        return set()
+    n = index.signals[signals[0]].count
+    pairs: set[tuple[int, int]] = set()
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        found: dict[int, set[int]] = {r: set() for r in range(start, stop)}
+        for s in signals:
+            sig = index.signals[s]
+            rows, _ = sig.search(np.asarray(sig.vectors[start:stop]), neighbours + 1)
+            for b, row_list in enumerate(rows):
+                found[start + b].update(int(r) for r in row_list if r >= 0 and r != start + b)
+        for me, others in found.items():
+            others = sorted(o for o in others if (min(me, o), max(me, o)) not in pairs)
+            if not others:
+                continue
+            votes = np.zeros(len(others), np.int32)
+            for s in signals:
+                sig = index.signals[s]
+                scores = sig.score_rows(np.asarray(sig.vectors[me]), others)
+                votes += np.asarray([crosses(s, float(v), getattr(thresholds, s)) for v in scores], np.int32)
+            pairs.update((min(me, o), max(me, o)) for o, v in zip(others, votes) if v >= MIN_AGREEING)
+    return pairs
+
+
+def labels_from_pairs(n: int, pairs) -> np.ndarray:
+    """Each row's cluster label (the smallest row of its cluster), int32 [n]."""
+    uf = _UnionFind(n)
+    for a, b in pairs:
+        uf.union(a, b)
+    return np.asarray([uf.find(r) for r in range(n)], np.int32)
+
+
+def pairs_of(labels: np.ndarray) -> set[tuple[int, int]]:
+    """The (label, member) pairs that rebuild `labels` (kept when clustering again)."""
+    return {(int(lab), r) for r, lab in enumerate(labels) if lab != r}
+
+
+def compute(index, thresholds: Thresholds | None = None, keep: np.ndarray | None = None) -> np.ndarray:
+    """Cluster labels of every training row at `thresholds` (default: the index's), joined with
+    the clusters of `keep` (labels from an earlier round)."""
+    th = thresholds or index.thresholds
+    pairs = copy_pairs(index, th) | (pairs_of(keep) if keep is not None else set())
+    return labels_from_pairs(_row_count(index), pairs)
+
+
+def _row_count(index) -> int:
+    return int(index.manifest.counts.get("items", 0))
+
+
+def write(index, labels: np.ndarray, thresholds: Thresholds) -> dict:
+    """Store labels in clusters.npy and the manifest (recorded with its checksum); use them at once."""
+    from memguard.index.manifest import record_files, write_manifest
+
+    labels = np.asarray(labels, np.int32)
+    write_array(Path(index.path) / CLUSTERS_FILE, labels)
+    sizes = np.bincount(labels, minlength=len(labels))
+    info = {"file": CLUSTERS_FILE, "clusters": int((sizes > 0).sum()), "largest": int(sizes.max(initial=0)),
+            "joined_items": int((labels != np.arange(len(labels))).sum()),
+            "rule": {"signals": _rule_signals(index, thresholds), "min_agreeing": MIN_AGREEING,
+                     "thresholds": {s: getattr(thresholds, s) for s in PAIR_SIGNALS}}}
+    with index._write_lock:
+        index.manifest.clusters = info
+        index.manifest.files.update(record_files(Path(index.path), [CLUSTERS_FILE]))
+        write_manifest(index.path, index.manifest)
+        index._cluster_labels = labels
+    return info
+
+
+def read(path: Path, manifest) -> np.ndarray | None:
+    """Labels of an index directory, or None when it was built before clusters."""
+    info = getattr(manifest, "clusters", None)
+    if not info:
+        return None
+    labels = np.asarray(read_array(Path(path) / info["file"], dtype=np.int32, ndim=1, mmap=False))
+    if len(labels) != int(manifest.counts.get("items", 0)):
+        from memguard.errors import CorruptData
+        raise CorruptData(f"{path / info['file']}: {len(labels)} labels for {manifest.counts.get('items')} items")
+    return labels
+
+
+def best_per_cluster(rows: np.ndarray, scores: np.ndarray, labels: np.ndarray | None,
+                     higher_is_better: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Collapse a ranked (rows, scores) list to the best row of each cluster, ranked best first."""
+    rows, scores = np.asarray(rows), np.asarray(scores)
+    if labels is None or len(rows) == 0:
+        return rows, scores
+    order = np.argsort(-scores if higher_is_better else scores, kind="stable")
+    seen, keep = set(), []
+    for i in order:
+        lab = int(labels[rows[i]]) if rows[i] >= 0 else -1 - int(i)
+        if lab not in seen:
+            seen.add(lab)
+            keep.append(i)
+    keep = np.asarray(keep, np.int64)
+    return rows[keep], scores[keep]
