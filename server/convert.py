@@ -158,6 +158,8 @@ def decode_views(data: bytes, field: str, limits: UploadConfig = UploadConfig(),
         with Image.open(io.BytesIO(data), formats=list(limits.formats)) as img:
             check_image_header(img.width, img.height, field, limits)
             frames = int(getattr(img, "n_frames", 1) or 1)
+            if img.format == "MPO" and not multi_frame:
+                frames = 1      # a multi-picture JPEG: viewers show its primary picture, Protect takes that
             if frames > 1 and not multi_frame:
                 raise InvalidInput(field, f"an animated or multi-frame image ({frames} frames); send one still image")
             if frames > max_frames:
@@ -167,9 +169,14 @@ def decode_views(data: bytes, field: str, limits: UploadConfig = UploadConfig(),
                                           f"{limits.max_pixels} pixels in all")
             orientation = _orientation(img)
             views: dict[bytes, np.ndarray] = {}
+            pixels = 0
             for number in range(frames):
                 if number:
-                    img.seek(number)
+                    img.seek(number)     # an MPO's pictures differ in size: each is bounded, and all together
+                    check_image_header(img.width, img.height, f"{field} (frame {number})", limits)
+                pixels += img.width * img.height
+                if pixels > limits.max_pixels:
+                    raise InvalidInput(field, f"its frames exceed {limits.max_pixels} pixels in all")
                 rgb, alpha = _rgba(img)
                 shown = [rgb] if alpha is None else [_over(rgb, alpha, 255), _over(rgb, alpha, 0)]
                 for view in shown:

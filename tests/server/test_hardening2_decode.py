@@ -204,3 +204,22 @@ def test_a_picture_tiled_with_faces_is_refused_before_its_descriptors(tiny_pipe,
     finally:
         server.stop()
         engine.index.close()
+
+
+def test_a_multi_picture_jpeg_is_screened_whole_and_protected_by_its_primary_picture(live):
+    """MPO (a JPEG with more pictures, as cameras write): Screen looks at every picture, each bounded
+    by the header limits; Protect takes the primary picture, the one viewers show."""
+    server, images, keys, _ = live
+    blank = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
+    buf = io.BytesIO()
+    blank.save(buf, format="MPO", save_all=True, append_images=[Image.fromarray(images[4])], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 2
+    assert screen(server, keys, buf.getvalue()).copy_detected
+    assert decode_views(buf.getvalue(), "image")[0].mean() > 250
+    from memguard.server.convert import decode_image
+    assert decode_image(buf.getvalue(), "image.image").mean() > 250        # the primary picture
+    thin = io.BytesIO()
+    blank.save(thin, format="MPO", save_all=True, append_images=[Image.new("RGB", (4000, 16))])
+    with pytest.raises(grpc.RpcError) as err:
+        screen(server, keys, thin.getvalue())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("image")
