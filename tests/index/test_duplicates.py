@@ -137,3 +137,25 @@ def test_near_duplicates_form_one_cluster_and_a_copy_is_reported_once(scraped_in
             assert len(home) == 1 and home[0].near_duplicates >= 4, [(m.item_id, m.near_duplicates) for m in mine]
     # calibration took the other clusters as negatives: a JPEG copy is not blind
     assert report["checks"]["jpeg50"] >= 0.95 and "blind" not in report, report["checks"]
+
+
+def test_a_screen_blind_to_jpeg_copies_is_warned_about(vae_dir, tmp_path):
+    """A random-weight VAE's fingerprint moves under re-encoding: calibrated at 1 %, the screen
+    misses JPEG copies, and the calibration report, the CLI's warning list and the engine's
+    health flags say so."""
+    from memguard.calibrate import calibration_warnings
+    from memguard.index.calibrate import MIN_JPEG_TPR, CalibrationConfig, calibrate
+    from memguard.index.cli import _blind_warning
+
+    items = build_training_set(TestbedDataConfig(num_procedural=60, photo_duplicates=4))
+    folder = write_image_folder(items, tmp_path / "images", copies=True, near_duplicates=3)
+    source = DedupedSource(ImageFolderSource(folder))
+    FingerprintIndex.build(tmp_path / "index", source, model_dir=vae_dir, cfg=IndexConfig(faces=False), progress=False)
+    with FingerprintIndex.open(tmp_path / "index", model_dir=vae_dir) as index:
+        report = calibrate(index, source, cfg=CalibrationConfig(samples=60), progress=False)
+        tpr = {**report["checks"], "jpeg": report["combined_tpr"]["jpeg"]}
+        assert min(tpr.values()) < MIN_JPEG_TPR, tpr   # the premise: this screen is blind
+        assert report["blind"] == {k: v for k, v in tpr.items() if v < MIN_JPEG_TPR}
+        assert index.thresholds.details["blind"] == report["blind"]   # stored: health reads it
+        assert any(w.startswith("BLIND SCREEN") for w in calibration_warnings(None, index))
+        assert _blind_warning(report) and "JPEG copies" in _blind_warning(report)[0]
