@@ -46,7 +46,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import sys
 import threading
 import time
@@ -55,6 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from memguard.crypto import warn_if_readable
 from memguard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource
 
 log = logging.getLogger(__name__)
@@ -72,17 +72,6 @@ class AuditLogBusy(MemGuardError):
 
 class AuditWriteError(MemGuardError):
     """An entry could not be written whole (it was rolled back, or the log is closed for writing)."""
-
-
-def warn_if_readable(path: Path, what: str) -> None:
-    """Log a warning when a key file is readable by its group or by others."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return
-    if mode & 0o077:
-        log.warning("%s %s is readable by %s (mode %03o): chmod 600 it", what, path,
-                    "others" if mode & 0o007 else "its group", mode)
 
 
 def _parse_key(text: str, where: str) -> bytes:
