@@ -45,7 +45,8 @@ def migrate(src: Path, out: Path, backend: str, *, changes: dict | None = None, 
         raise InvalidInput("out", f"{out} already holds a built index; migrate into a new directory")
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(IndexConfig(**manifest.config), **{**(changes or {}), "backend": backend})
-    copied = [ITEMS_DB] + ([manifest.maps["file"]] if manifest.maps else [])
+    copied = [ITEMS_DB] + ([manifest.maps["file"]] if manifest.maps else []) \
+        + ([manifest.clusters["file"]] if manifest.clusters else [])   # near-duplicate clusters travel along
     for name in copied:
         shutil.copyfile(src / name, out / name)
         os.chmod(out / name, PRIVATE)
