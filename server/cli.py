@@ -29,8 +29,9 @@ def register(subparsers) -> None:
     _register_serve(subparsers)
     _register_client(subparsers)
     _add_server_to_generate(subparsers)
-    d = subparsers.add_parser("demo", help="the main job: start a local guarded server on the testbed, send "
-                                           "memorized, paraphrased and novel prompts, write the released images")
+    d = subparsers.add_parser("demo", help="the main job: start a local guarded server on a testbed, send prompts "
+                                           "that show every decision (ALLOWED, REROUTED, BLOCKED, FACE_OBFUSCATED), "
+                                           "write the released images and a contact sheet")
     _demo_args(d, out_default=Path("out/demo"))
     d.add_argument("--timeout", type=float, help="deadline per call, seconds")
     d.set_defaults(func=_client_demo, server=None, json=False)
@@ -249,8 +250,8 @@ def _register_client(subparsers) -> None:
     _connection_args(h)
     h.set_defaults(func=_client_health)
 
-    d = sub.add_parser("demo", help="send memorized/paraphrased/novel prompts, print decisions "
-                                    "(without --server: start a local server first)")
+    d = sub.add_parser("demo", help="send the demo's prompts (novel, memorized compositions and photos, a face), "
+                                    "print decisions (without --server: start a local server first)")
     _connection_args(d)
     d.set_defaults(server=None)
     _demo_args(d, out_default=None)
@@ -258,10 +259,13 @@ def _register_client(subparsers) -> None:
 
 
 def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
-    d.add_argument("--per-set", type=int, default=3, help="prompts per set")
+    d.add_argument("--testbed", help="shipped testbed (eps, vpred): its model, index, policy and prompts (default "
+                                     "eps: the one with memorized compositional captions, hence REROUTED rows)")
+    d.add_argument("--per-set", type=int, default=2, help="prompts per set (default 2)")
     d.add_argument("--steps", type=int, default=30)
-    d.add_argument("--out", type=Path, default=out_default, help="write the released images here"
-                   + (f" (default {out_default})" if out_default else ""))
+    d.add_argument("--seed", type=int, default=0, help="seed of every request (default 0)")
+    d.add_argument("--out", type=Path, default=out_default, help="write the released images and contact_sheet.png "
+                   "here" + (f" (default {out_default})" if out_default else ""))
     d.add_argument("--tiny-random", action="store_true", help="local server on random weights (no testbed)")
 
 
@@ -388,36 +392,76 @@ def _client_health(args) -> int:
 
 def _client_demo(args) -> int:
     from memguard.server.client import Connection
-    from memguard.server.demo import run_demo
+    from memguard.server.demo import DEMO_TESTBED, run_demo
+    from memguard.testbed.registry import get_testbed
 
     if args.per_set < 1:
         raise InvalidInput("per_set", f"{args.per_set} < 1")
+    args.testbed = get_testbed(args.testbed or DEMO_TESTBED).name   # an unknown name: InvalidInput listing them
+    demo = {"per_set": args.per_set, "steps": args.steps, "seed": args.seed, "testbed": args.testbed}
     if args.server is not None:
-        rows = run_demo(_conn(args), per_set=args.per_set, steps=args.steps)
-        return _demo_output(rows, args.out)
-    from memguard.server.app import BackgroundServer
-    from memguard.server.config import ServerConfig, override
+        return _demo_output(run_demo(_conn(args), **demo), args.out)
+    import tempfile
 
-    config = override(ServerConfig(port=0, metrics_port=-1), **{"engine.tiny_random": args.tiny_random or None,
-                      "engine.index": str(TESTBED_INDEX_DIR) if TESTBED_INDEX_DIR.is_dir() else None})
-    server = BackgroundServer(config)
-    server.start()
-    print(f"local server on {server.target} (engine {server.server.engine.name}, "
-          f"guarded={server.server.engine.guarded})")
-    try:
-        rows = run_demo(Connection(server.target, timeout=args.timeout), per_set=args.per_set, steps=args.steps)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="memguard-demo-") as tmp:
+        server = _demo_server(args, Path(tmp))
+        print(f"local server on {server.target} (engine {server.server.engine.name}, "
+              f"guarded={server.server.engine.guarded}, testbed {args.testbed}; loopback only, no API keys)")
+        try:
+            rows = run_demo(Connection(server.target, timeout=args.timeout), **demo)
+        finally:
+            server.stop()
     return _demo_output(rows, args.out)
 
 
+def _demo_server(args, tmp: Path):
+    """A loopback server on the testbed's model, index and policy, as `memguard serve` runs it, with a
+    temporary copy of the index's protected registry (the demo never writes into the shipped tree)."""
+    import logging
+    import sqlite3
+
+    from memguard.index.manifest import REGISTRY_DB
+    from memguard.index.registry import ENV_REGISTRY
+    from memguard.server.app import BackgroundServer
+    from memguard.server.config import ServerConfig, override
+    from memguard.testbed.registry import get_testbed
+
+    tb = get_testbed(args.testbed)
+    registry = tmp / REGISTRY_DB
+    shipped = tb.index_dir / REGISTRY_DB
+    if shipped.is_file():   # sqlite's backup API: a consistent copy, WAL included
+        with sqlite3.connect(f"file:{shipped}?mode=ro", uri=True) as src, sqlite3.connect(registry) as dst:
+            src.backup(dst)
+    os.environ[ENV_REGISTRY] = f"sqlite://{registry}"
+    # Two notices that a demo user cannot act on are dropped, here only, by their exact text:
+    # - memguard.server.app: "no auth_file: authentication is DISABLED (allowed on loopback ... only)":
+    #   the demo's server listens on loopback for this process alone (the header line says so);
+    # - memguard.index.sealed: "... PUBLIC demo key: fine for the shipped testbeds' sample photos":
+    #   the shipped testbeds' faces are public sample photos, sealed with the public key on purpose.
+    logging.getLogger("memguard.server.app").addFilter(
+        lambda record: not record.getMessage().startswith("no auth_file: authentication is DISABLED"))
+    logging.getLogger("memguard.index.sealed").addFilter(
+        lambda record: "PUBLIC demo key: fine for the shipped testbeds" not in record.getMessage())
+    index = tb.index_dir if tb.index_dir.is_dir() and not args.tiny_random else None
+    config = override(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1),
+                      **{"engine.tiny_random": args.tiny_random or None,
+                         "engine.model": None if args.tiny_random else str(tb.model_dir),
+                         "engine.index": str(index) if index else None,
+                         "engine.policy": None if args.tiny_random else str(tb.policy_path)})
+    server = BackgroundServer(config)
+    server.start()
+    return server
+
+
 def _demo_output(rows, out: Path | None) -> int:
-    from memguard.server.demo import format_rows, write_images
+    from memguard.server.demo import contact_sheet, format_rows, write_images
 
     print(format_rows(rows))
     if out is not None:
         paths = write_images(rows, out)
-        print(f"{len(paths)} released image(s) written to {out.resolve()} (blocked requests return none)")
+        sheet = contact_sheet(rows, out / "contact_sheet.png")
+        print(f"{len(paths)} released image(s) written to {out.resolve()} (blocked requests return none); "
+              f"contact sheet: {sheet.resolve()}")
     return 1 if any(r.result is None for r in rows) else 0
 
 

@@ -70,9 +70,10 @@ def test_main_job_demo_writes_the_released_images(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "guarded=True" in r.stdout
-    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["memorized"], ["paraphrased"],
-                                                                                   ["novel"])]
-    assert [row[0] for row in rows] == ["memorized", "paraphrased", "novel"]
+    from memguard.server.demo import DEMO_SETS, demo_cases
+
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] and line.split()[0] in DEMO_SETS]
+    assert [row[0] for row in rows] == [c.prompt_set for c in demo_cases(per_set=1)]
     released = [row for row in rows if row[1] != "BLOCKED"]
-    assert sorted(p.name.split("-")[1] for p in out.glob("*.png")) == sorted(row[0] for row in released)
-    assert f"written to {out.resolve()}" in r.stdout
+    assert sorted(p.name.split("-")[1] for p in out.glob("[0-9]*.png")) == sorted(row[0] for row in released)
+    assert f"written to {out.resolve()}" in r.stdout and (out / "contact_sheet.png").is_file()

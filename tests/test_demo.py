@@ -1,0 +1,76 @@
+"""`memguard demo` (the README's `bash scripts/demo.sh`): every decision on the shipped testbed, a
+contact sheet beside the table, and no warning a demo user cannot act on."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from memguard.server.demo import DEMO_SETS, DEMO_TESTBED, demo_cases
+from memguard.testbed.registry import get_testbed
+from memguard.types import Decision
+
+TB = get_testbed(DEMO_TESTBED)
+needs_demo_testbed = pytest.mark.skipif(
+    not ((TB.model_dir / "model_index.json").is_file() and (TB.index_dir / "manifest.json").is_file()
+         and TB.policy_path.is_file()), reason=f"the {DEMO_TESTBED} testbed (model, index, policy) is not in the tree")
+# what the README's demo must never print on its normal path (nothing a user can act on)
+UNACTIONABLE = ("accelerate", "torch_dtype", "FutureWarning", "DeprecationWarning", "authentication is DISABLED",
+                "PUBLIC demo key")
+
+
+def _demo(*args: str, out: Path) -> subprocess.CompletedProcess:
+    memguard = Path(sys.executable).parent / "memguard"   # the installed console script, as demo.sh runs it
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    return subprocess.run([str(memguard), "demo", *args, "--out", str(out)], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in DEMO_SETS]
+
+
+def test_demo_cases_cover_every_set_the_testbed_has():
+    eps = demo_cases("eps", per_set=2)
+    assert [c.prompt_set for c in eps] == ["novel"] * 2 + ["composition"] * 4 + ["memorized"] * 2 \
+        + ["paraphrased"] * 2 + ["face"]
+    assert {c.prompt for c in eps if c.prompt_set == "composition"} == set(TB.prompts("memorized")[-4:])
+    assert all(c.size == 128 for c in eps if c.prompt_set == "face")
+    vpred = demo_cases("vpred", per_set=1)   # memorizes photos only: nothing to reroute faithfully
+    assert [c.prompt_set for c in vpred] == ["novel", "memorized", "paraphrased", "face"]
+
+
+@needs_demo_testbed
+def test_the_readme_demo_shows_every_decision_and_a_contact_sheet(tmp_path):
+    out = tmp_path / "demo"
+    r = _demo(out=out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(r.stdout)
+    assert [row[0] for row in rows] == [c.prompt_set for c in demo_cases()]
+    decisions = {row[1] for row in rows}
+    assert decisions == {d.value for d in Decision}, r.stdout
+    by_set = {}
+    for row in rows:
+        by_set.setdefault(row[0], set()).add(row[1])
+    assert by_set["novel"] == {"ALLOWED"} and by_set["composition"] <= {"REROUTED"}, r.stdout
+    assert "FACE_OBFUSCATED" in by_set["face"], r.stdout
+    # released images beside the table: one PNG per row that was not blocked, and the contact sheet
+    released = sorted(p.name.split("-", 1)[1] for p in out.glob("[0-9]*.png"))
+    assert released == sorted(f"{row[0]}-{row[1].lower()}.png" for row in rows if row[1] != "BLOCKED")
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    columns, tiles = 4, len(rows)
+    assert sheet.shape[1] == columns * 136 + 8 and sheet.shape[0] == -(-tiles // columns) * 180 + 8
+    assert f"contact sheet: {(out / 'contact_sheet.png').resolve()}" in r.stdout
+    # nothing on stderr that a user could not act on (the loader's progress bars are not warnings)
+    for text in UNACTIONABLE:
+        assert text not in r.stderr, r.stderr[-3000:]
+
+
+def test_unknown_testbed_is_one_line_error(tmp_path):
+    r = _demo("--testbed", "nope", out=tmp_path / "demo")
+    assert r.returncode == 2 and "unknown testbed 'nope'" in r.stderr and "Traceback" not in r.stderr
