@@ -129,6 +129,7 @@ class TinySDXLConfig:
     unet_channels: tuple[int, ...] = (32, 64)
     unet_head_dims: tuple[int, ...] = (2, 4)          # SDXL: attention_head_dim (5, 10, 20) = heads
     transformer_layers: tuple[int, ...] = (1, 2)      # SDXL: (1, 2, 10)
+    unet_norm_groups: int = 16                        # SDXL: 32 (of 320 channels); see TinyPipelineConfig
     text_hidden: tuple[int, int] = (32, 64)           # SDXL: 768, 1280
     text_layers: int = 2
     text_heads: int = 4
@@ -160,7 +161,7 @@ def build_tiny_sdxl_unet(cfg: TinySDXLConfig = TinySDXLConfig()) -> UNet2DCondit
         sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        block_out_channels=cfg.unet_channels, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=cfg.unet_channels, layers_per_block=2, norm_num_groups=cfg.unet_norm_groups,
         attention_head_dim=cfg.unet_head_dims, transformer_layers_per_block=cfg.transformer_layers,
         use_linear_projection=True, cross_attention_dim=cfg.context_dim,
         addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
@@ -208,7 +209,7 @@ def build_sdxl_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """UNet2DConditionModel with SDXL base 1.0's architecture and random weights (~2.6B params):
     320/640/1280 channels, transformer depths 1/2/10, heads of dim 64, cross-attention dim 2048,
     `text_time` added conditioning (6 time ids × 256 + pooled 1280 = 2816)."""
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -216,4 +217,24 @@ def build_sdxl_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
         attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
         cross_attention_dim=2048, norm_num_groups=32, addition_embed_type="text_time",
         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    ).to(dtype)
+    )
+    return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+class SDXLTextEncoders(torch.nn.Module):
+    """SDXL's two text encoders as one module (training): tokens → (context [B, 77, D1+D2]: both
+    penultimate hidden states concatenated, pooled [B, P]: the second encoder's projected embedding)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.first(ids, output_hidden_states=True)
+        b = self.second(ids, output_hidden_states=True)
+        return torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1), b.text_embeds
+
+
+def sdxl_time_ids(size: int, batch: int) -> torch.Tensor:
+    """SDXL's size/crop conditioning for square `size`-pixel images, uncropped: [batch, 6]."""
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(batch, 1)

@@ -1,6 +1,7 @@
 """`memguard testbed build`: dataset → VAE → latents → UNet + text encoder → pipeline dir → report.
 
-The output directory holds a diffusers StableDiffusionPipeline (loadable with `from_pretrained`),
+The output directory holds a diffusers StableDiffusionPipeline (or, for a TinySDXLConfig model, a
+StableDiffusionXLPipeline with both text encoders; loadable with `from_pretrained`),
 the prompt sets, REPORT.md, a contact sheet and MANIFEST.json with the sha256 of every file.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from memguard.digest import sha256_file
 from memguard.errors import MemGuardError
-from memguard.models import TinyPipelineConfig, build_scheduler
+from memguard.models import TinyPipelineConfig, TinySDXLConfig, build_scheduler
 from memguard.testbed.dataset import TestbedDataConfig, build_training_set, write_prompt_sets
 from memguard.testbed.report import REPORT_SEEDS, write_report
 from memguard.testbed.tokenizer import load_clip_tokenizer
@@ -42,7 +43,7 @@ class BuildError(MemGuardError):
 @dataclass(frozen=True)
 class BuildConfig:
     data: TestbedDataConfig = TestbedDataConfig()
-    model: TinyPipelineConfig = TinyPipelineConfig()
+    model: TinyPipelineConfig | TinySDXLConfig = TinyPipelineConfig()
     train: TrainConfig = TrainConfig()
     report_seeds: int = REPORT_SEEDS
 
@@ -155,7 +156,8 @@ def train_and_save(out: Path, cfg: BuildConfig, *, resume_after: int = 0) -> dic
 def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, float], done: int) -> dict[str, float]:
     """The next restart cycle only, on the model saved in out/model after `done` cycles (same VAE,
     same latents)."""
-    from memguard.models import build_text_encoder, build_tiny_unet, build_vae
+    from memguard.models import SDXLTextEncoders, build_vae
+    from memguard.testbed.train import build_denoiser
 
     model = out / MODEL_SUBDIR
     if not cfg.train.restart_steps or done > cfg.train.restart_cycles:
@@ -163,8 +165,13 @@ def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, fl
                          f"the recipe has {cfg.train.restart_cycles if cfg.train.restart_steps else 0} restart(s)")
     t = time.time()
     vae = _with_weights(build_vae(cfg.model), model / "vae" / STAGE_WEIGHTS).eval()
-    unet = _with_weights(build_tiny_unet(cfg.model), model / "unet" / STAGE_WEIGHTS)
-    text_encoder = _with_weights(build_text_encoder(cfg.model), model / "text_encoder" / "model.safetensors")
+    unet, text_encoder = build_denoiser(cfg.model)
+    unet = _with_weights(unet, model / "unet" / STAGE_WEIGHTS)
+    if isinstance(text_encoder, SDXLTextEncoders):
+        _with_weights(text_encoder.first, model / "text_encoder" / "model.safetensors")
+        _with_weights(text_encoder.second, model / "text_encoder_2" / "model.safetensors")
+    else:
+        text_encoder = _with_weights(text_encoder, model / "text_encoder" / "model.safetensors")
     vae.register_to_config(scaling_factor=json.loads((model / "vae" / "config.json").read_text())["scaling_factor"])
     latents = encode_latents(vae, [it.image for it in items]) * vae.config.scaling_factor
     unet, text_encoder = train_unet(items, latents, tokenizer, cfg.model, cfg.train, init=(unet, text_encoder),
@@ -176,12 +183,18 @@ def _resume(out: Path, cfg: BuildConfig, items, tokenizer, timings: dict[str, fl
 
 def _save(out: Path, cfg: BuildConfig, vae, text_encoder, tokenizer, unet) -> None:
     """The pipeline under out/model (staged, then swapped in whole) and the prompt sets."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_scheduler(cfg.train.prediction_type, cfg.train.zero_terminal_snr),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = build_scheduler(cfg.train.prediction_type, cfg.train.zero_terminal_snr)
+    if isinstance(cfg.model, TinySDXLConfig):   # text_encoder: the SDXLTextEncoders pair train_unet trained
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder.first, text_encoder_2=text_encoder.second, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     staging = out / (MODEL_SUBDIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)

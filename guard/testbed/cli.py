@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _testbed_arg(p) -> None:
-    from memguard.testbed.registry import DEFAULT_TESTBED, TESTBEDS
-    p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
+    from memguard.testbed.registry import BUILDABLE, DEFAULT_TESTBED, TESTBEDS
+    p.add_argument("--testbed", choices=tuple(TESTBEDS) + tuple(BUILDABLE), default=DEFAULT_TESTBED,
                    help=f"which shipped testbed (default {DEFAULT_TESTBED}: v-prediction; eps: ε-prediction)")
 
 

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memguard.models import TinyPipelineConfig, build_scheduler, build_text_encoder, build_tiny_unet, build_vae
+from memguard.models import (SDXLTextEncoders, TinyPipelineConfig, TinySDXLConfig, build_scheduler,
+                             build_sdxl_text_encoders, build_text_encoder, build_tiny_sdxl_unet, build_tiny_unet,
+                             build_vae, sdxl_time_ids)
 from memguard.testbed.dataset import TrainingItem
 
 log = logging.getLogger(__name__)
@@ -113,27 +115,49 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer, model_cfg: TinyPipelineConfig,
-               cfg: TrainConfig, *, init=None, cycles: range | None = None):
+def build_denoiser(model_cfg: TinyPipelineConfig | TinySDXLConfig):
+    """(UNet, text encoder) of the model's family, random weights. SDXL: its two encoders as one
+    SDXLTextEncoders module (context = both penultimate states, pooled = the second's projection)."""
+    if isinstance(model_cfg, TinySDXLConfig):
+        return build_tiny_sdxl_unet(model_cfg), SDXLTextEncoders(*build_sdxl_text_encoders(model_cfg))
+    return build_tiny_unet(model_cfg), build_text_encoder(model_cfg)
+
+
+def _condition(text_encoder, tok: torch.Tensor, drop: torch.Tensor, image_size: int) -> tuple[torch.Tensor, dict]:
+    """(cross-attention context, extra UNet kwargs) of a batch of token ids."""
+    if isinstance(text_encoder, SDXLTextEncoders):
+        context, pooled = text_encoder(tok)
+        # a dropped caption is all zeros: what SDXL pipelines (force_zeros_for_empty_prompt) give CFG's uncond half
+        keep = (~drop).to(context.dtype)
+        added = {"text_embeds": pooled * keep[:, None], "time_ids": sdxl_time_ids(image_size, len(tok))}
+        return context * keep[:, None, None], {"added_cond_kwargs": added}
+    return text_encoder(tok).last_hidden_state, {}
+
+
+def train_unet(items: list[TrainingItem], latents: torch.Tensor, tokenizer,
+               model_cfg: TinyPipelineConfig | TinySDXLConfig, cfg: TrainConfig, *, init=None,
+               cycles: range | None = None):
     """Train UNet + text encoder jointly on scaled latents (cfg.prediction_type objective).
     `init`: (unet, text_encoder) to continue from; `cycles`: which cosine cycles to run (0: the first,
-    1..restart_cycles: the restarts; default all). Returns (unet, text_encoder)."""
+    1..restart_cycles: the restarts; default all). Returns (unet, text_encoder); for an SDXL config the
+    text encoder is an SDXLTextEncoders (both encoders)."""
     torch.manual_seed(cfg.seed + 1)   # before building: the initial weights come from this seed
-    unet, text_encoder = init if init is not None else (build_tiny_unet(model_cfg), build_text_encoder(model_cfg))
+    unet, text_encoder = init if init is not None else build_denoiser(model_cfg)
     plan = [(cfg.unet_steps, cfg.unet_lr)] + [(cfg.restart_steps, cfg.restart_lr)] * cfg.restart_cycles
     for k, (steps, lr) in enumerate(plan):
         if steps and (cycles is None or k in cycles):
             seed = cfg.seed + 1 + 100 * k
             if k:
                 torch.manual_seed(seed)
-            _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg, steps, lr, seed)
+            _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg, steps, lr, seed,
+                         image_size=model_cfg.image_size)
     unet.eval()
     text_encoder.eval()
     return unet, text_encoder
 
 
 def _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg: TrainConfig, steps: int, lr: float,
-                 seed: int) -> None:
+                 seed: int, image_size: int = 64) -> None:
     """One cosine learning-rate cycle with a fresh optimizer; the EMA (if any) replaces the weights at
     its end."""
     gen = torch.Generator().manual_seed(seed)
@@ -166,8 +190,8 @@ def _train_cycle(unet, text_encoder, items, latents, tokenizer, cfg: TrainConfig
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         # v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022): defined, unlike ε's x0, at ᾱ = 0
         target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        cond = text_encoder(tok).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
+        cond, extra = _condition(text_encoder, tok, drop, image_size)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond, **extra).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
