@@ -140,7 +140,8 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int = 0         # 0: torch's default
-    face_match_scope: str = "any"  # guarded generation obfuscates faces of "any" indexed person or "protected" only
+    face_match_scope: str = "protected"  # guarded generation obfuscates faces of "protected" identities only,
+    # or of "any" indexed person (training-set people too); the server sets it from server.face_match_scope
 
 
 def load_engine(spec: str, config: EngineConfig) -> GenerationEngine:

@@ -54,7 +54,7 @@ class GuardedEngine(IndexedEngine):
         else:
             policy = Policy.load(policy_path)
         engine = cls(load_pipeline(config), index, policy,
-                     GuardConfig(face_match_scope=getattr(config, "face_match_scope", "any")))
+                     GuardConfig(face_match_scope=getattr(config, "face_match_scope", "protected")))
         if model_dir is not None:   # the provenance check `memguard generate` runs (the server logs these)
             engine.calibration_warnings += check_provenance(policy, model_dir, Path(index_path) if index_path else None)
         return engine

@@ -182,7 +182,9 @@ class MemGuardServer:
     async def _load_engine(self) -> None:
         cfg = self.config
         if self.engine is None:
-            self.engine = await asyncio.to_thread(load_engine, cfg.engine_spec, cfg.engine)
+            # one face scope for Screen and generation: the server's setting reaches the engine
+            engine_config = replace(cfg.engine, face_match_scope=cfg.face_match_scope)
+            self.engine = await asyncio.to_thread(load_engine, cfg.engine_spec, engine_config)
         if not self.engine.guarded:
             log.warning("engine %r does not guard: every request runs with mode OFF", self.engine.name)
         self.metrics.set_build(engine_name=self.engine.name, guarded=self.engine.guarded)

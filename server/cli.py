@@ -443,7 +443,9 @@ def _demo_server(args, tmp: Path):
     logging.getLogger("memguard.index.sealed").addFilter(
         lambda record: "PUBLIC demo key: fine for the shipped testbeds" not in record.getMessage())
     index = tb.index_dir if tb.index_dir.is_dir() and not args.tiny_random else None
-    config = override(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1),
+    # face_match_scope "any": the demo shows a training-set face blurred (FACE_OBFUSCATED); a served
+    # deployment keeps the default, "protected", which tells no caller who is in the training set
+    config = override(ServerConfig(host="127.0.0.1", port=0, metrics_port=-1, face_match_scope="any"),
                       **{"engine.tiny_random": args.tiny_random or None,
                          "engine.model": None if args.tiny_random else str(tb.model_dir),
                          "engine.index": str(index) if index else None,

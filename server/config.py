@@ -13,7 +13,7 @@
     default_mode = "enforce"          max_steps = 150 …
     allow_mode_override = false       [rate_limits]   # per key; on by default
     audit_log = "audit.jsonl"         generate_per_s = 1.0 / generate_burst = 20 …
-    face_match_scope = "any"          [admission]
+    face_match_scope = "protected"    [admission]
                                       max_latent_factor = 2 / max_request_cost = 400 / key_queue_share = 0.25
                                       [uploads]
                                       max_queue = 16 / workers = 2 / max_aspect_ratio = 8 …
@@ -128,7 +128,10 @@ class ServerConfig:
     insecure: bool = False              # allow plaintext off loopback with an auth file
     audit_log: str | None = None        # append-only hash-chained JSONL (guard/audit.py); None: off
     allow_mode_override: bool = False   # True: any generate key may ask for MONITOR / OFF
-    face_match_scope: str = "any"       # Screen's faces_matched: "any" indexed face, or "protected" only
+    # which matched faces count, for Screen (faces_matched, PROTECTED_FACE) and guarded generation
+    # (FACE_OBFUSCATED) alike: "protected" identities only (default), or "any" indexed face (training-set
+    # people too: tells every caller that a face is in the training set). The engine takes it from here.
+    face_match_scope: str = "protected"
     max_receive_bytes: int = 16 << 20   # uploads (Screen, Protect)
     max_send_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 256      # RPCs in progress at once, all connections; more → RESOURCE_EXHAUSTED
@@ -227,6 +230,9 @@ def load_config(path: str | Path | None = None, base: ServerConfig = ServerConfi
         raise InvalidInput("config", f"unknown section(s) {sorted(unknown)} in {path}")
     config = _apply(base, data.get("server", {}), "server")
     engine = data.get("engine", {})
+    if "face_match_scope" in engine:   # one setting for Screen and generation (issue 29)
+        raise InvalidInput("config", "engine.face_match_scope is set once, as server.face_match_scope "
+                                     "(Screen and generation)")
     if "engine" in engine:
         config = dataclasses.replace(config, engine_spec=engine.pop("engine"))
     for section, attr in (("engine", "engine"), ("batching", "batching"), ("limits", "limits"),

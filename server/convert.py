@@ -207,7 +207,8 @@ def merge_outcomes(outcomes: list[ScreenOutcome]) -> ScreenOutcome:
     worst = next((o for o in outcomes if o.copy_detected), None) or max(outcomes, key=lambda o: o.faces_matched)
     audit = dict(worst.audit) if isinstance(worst.audit, dict) else {}
     audit["faces"] = [f for o in outcomes if isinstance(o.audit, dict) for f in (o.audit.get("faces") or [])]
-    audit["views"] = [{"copy_detected": o.copy_detected, "faces_matched": o.faces_matched} for o in outcomes]
+    audit["views"] = [{"copy_detected": o.copy_detected, "faces_matched": o.faces_matched,
+                       "faces_protected": protected_faces(o)} for o in outcomes]
     return ScreenOutcome(copy_detected=copy, faces_detected=max(o.faces_detected for o in outcomes),
                          faces_matched=matched, reason=reason, audit=audit)
 
@@ -301,15 +302,20 @@ def progress_message(event: StepEvent, audit: bool) -> pb.StepProgress:
 
 
 def protected_faces(outcome: ScreenOutcome) -> int:
-    """Matched faces of protected identities only (from the index's per-face detail)."""
-    faces = outcome.audit.get("faces") if isinstance(outcome.audit, dict) else None
+    """Matched faces of protected identities only (from the index's per-face detail; for several views
+    of one upload, the most any view has)."""
+    audit = outcome.audit if isinstance(outcome.audit, dict) else {}
+    views = audit.get("views")
+    if isinstance(views, list) and views and all(isinstance(v, dict) and "faces_protected" in v for v in views):
+        return max(int(v["faces_protected"]) for v in views)
+    faces = audit.get("faces")
     if not isinstance(faces, list):
         return 0
     return sum(1 for f in faces if isinstance(f, dict) and f.get("matched") and f.get("protected"))
 
 
 def screen_response(outcome: ScreenOutcome, request_id: str, audit: bool,
-                    face_match_scope: str = "any") -> pb.ScreenResponse:
+                    face_match_scope: str = "protected") -> pb.ScreenResponse:
     matched = outcome.faces_matched if face_match_scope == "any" else protected_faces(outcome)
     reason = outcome.reason
     if reason is Reason.PROTECTED_FACE and not matched:
