@@ -267,22 +267,35 @@ def _calibrate(args) -> int:
     return 0
 
 
-def _read_image(path: Path, field_name: str):
-    from memguard.index.sources import decode_image
+def _read_views(path: Path, field_name: str, *, still: bool = False) -> list:
+    """A local image as a viewer shows it (memguard.index.decode, the server's decoder): EXIF
+    orientation, 16-bit samples scaled, transparency over white (and black), every frame; `still`:
+    one picture (Protect), an animation refused. Any format PIL reads; InvalidInput names the field."""
+    from memguard.index.decode import LOCAL_LIMITS, decode_views
     if not path.is_file():
         raise InvalidInput(field_name, f"{path}: no such file")
     try:
-        return decode_image(path.read_bytes())
-    except ValueError as exc:
-        raise InvalidInput(field_name, f"{path}: {exc}") from exc
+        return decode_views(path.read_bytes(), field_name, LOCAL_LIMITS, multi_frame=not still)[:1 if still else None]
+    except InvalidInput as exc:
+        raise InvalidInput(field_name, f"{path}: {str(exc).removeprefix(f'{exc.field}: ')}") from exc
+
+
+def _read_image(path: Path, field_name: str):
+    return _read_views(path, field_name, still=True)[0]
+
+
+def _worst(results: list):
+    """One verdict for the views of one file: a (protected) copy first, then the most matched faces."""
+    return max(results, key=lambda r: (r.is_copy, r.protected, sum(1 for f in r.faces if f.matched)))
 
 
 def _screen(args) -> int:
     results, lines = [], []
     with _open(args) as index:
         for i, path in enumerate(args.images):
-            r = index.screen(_read_image(path, f"images[{i}]"))
-            results.append({"image": str(path)} | r.to_json())
+            views = _read_views(path, f"images[{i}]")
+            r = _worst([index.screen(view) for view in views])
+            results.append({"image": str(path)} | r.to_json() | {"views": len(views)})
             best = r.copies[0] if r.copies else None
             lines.append(f"{path}: {'COPY of ' + best.item_id if best else 'no copy'}"
                          f"{' (protected)' if r.protected else ''}; faces: "
