@@ -37,6 +37,10 @@ def parse_backend(text: str, field_name: str = "backend") -> BackendURI:
     text = text.strip()
     if text == "faiss":
         return BackendURI("faiss")
+    if text.startswith(("milvus://", "http://", "https://")) and "@" in text.split("://", 1)[1].split("/", 1)[0]:
+        # not echoed: it holds a password. URIs reach command lines and the index manifest
+        raise InvalidInput(field_name, "credentials do not go in the URI: set MEMGUARD_MILVUS_TOKEN or "
+                                       "MEMGUARD_MILVUS_TOKEN_FILE (USER:PASSWORD or an API key)")
     if text.startswith("milvus://"):
         hostport = text[len("milvus://"):].rstrip("/")
         host, _, port = hostport.rpartition(":")

@@ -8,18 +8,26 @@ Searches ask for the stored vectors and re-score them exactly (memguard.index.sc
 not depend on Milvus's distance conventions; structures that store lossy codes (HNSW_SQ, IVF_SQ8,
 IVF_PQ) fetch rerank_factor·k candidates first. Collections are created with the configured
 consistency level (Strong by default: a read sees every acknowledged write).
+
+Authentication (a Milvus server with `common.security.authorizationEnabled`): the token comes from
+the environment only, never the command line or a URI: $MEMGUARD_MILVUS_TOKEN, or the file named by
+$MEMGUARD_MILVUS_TOKEN_FILE (keep it 0600; a group/other-readable file is warned about). The token is
+what MilvusClient takes: "USER:PASSWORD" or an API key. A milvus-lite file has no authentication.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from memguard.crypto import warn_if_readable
 from memguard.errors import CorruptData, InvalidInput, MissingResource
 from memguard.index import factory as fx
 from memguard.index.backends.base import BackendURI, VectorCollection
@@ -36,21 +44,45 @@ CONSISTENCY = "Strong"
 CACHE_ROWS = 4096     # stored vectors of recent hits: a screen re-scores its candidates right after searching
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 
-_clients: dict[str, object] = {}
+ENV_TOKEN = "MEMGUARD_MILVUS_TOKEN"
+ENV_TOKEN_FILE = "MEMGUARD_MILVUS_TOKEN_FILE"
+
+_clients: dict[tuple[str, str], object] = {}
 _clients_lock = threading.Lock()
 
 
+def milvus_token() -> str:
+    """The Milvus token from the environment ("" when none): $MEMGUARD_MILVUS_TOKEN or the contents
+    of the file $MEMGUARD_MILVUS_TOKEN_FILE names (not both)."""
+    value, path = os.environ.get(ENV_TOKEN, ""), os.environ.get(ENV_TOKEN_FILE, "")
+    if value and path:
+        raise InvalidInput(ENV_TOKEN, f"set {ENV_TOKEN} or {ENV_TOKEN_FILE}, not both")
+    if not path:
+        return value.strip()
+    file = Path(path)
+    if not file.is_file():
+        raise MissingResource(f"{ENV_TOKEN_FILE}: {file} does not exist")
+    warn_if_readable(file, "Milvus token file")
+    token = file.read_text().strip()
+    if not token:
+        raise InvalidInput(ENV_TOKEN_FILE, f"{file} is empty")
+    return token
+
+
 def client(backend: BackendURI):
-    """One MilvusClient per URI and process (a milvus-lite .db path starts its engine once)."""
+    """One MilvusClient per URI, token and process (a milvus-lite .db path starts its engine once).
+    A server URI gets the environment's token (milvus_token); a milvus-lite file none."""
+    token = "" if backend.lite_file else milvus_token()
     with _clients_lock:
-        if backend.uri not in _clients:
+        if (backend.uri, token) not in _clients:
             from pymilvus import MilvusClient
             from pymilvus.exceptions import MilvusException
             try:
-                _clients[backend.uri] = MilvusClient(uri=backend.uri)
+                _clients[backend.uri, token] = (MilvusClient(uri=backend.uri, token=token) if token
+                                                else MilvusClient(uri=backend.uri))
             except MilvusException as exc:
                 raise MissingResource(f"Milvus at {backend.uri}: cannot connect ({exc.message})") from exc
-        return _clients[backend.uri]
+        return _clients[backend.uri, token]
 
 
 def metric_of(signal: str) -> str:
