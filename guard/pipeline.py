@@ -711,7 +711,9 @@ class GuardedPipeline:
         except Exception:   # noqa: BLE001 - fail closed
             stats.screen_failures += 1
             return False
-        return not again.is_copy and not any(f.matched for f in again.faces)
+        # the faces in scope only: with "protected", a training-set face left as it is was not acted on
+        return not again.is_copy and not any(f.matched and (self.config.face_match_scope == "any" or f.protected)
+                                             for f in again.faces)
 
     def _stopped_result(self, run: "_Run", s: _Sample, rows: np.ndarray) -> ImageResult:
         return ImageResult(s.image, s.seed, Decision.BLOCKED, s.stopped, None, self._report(run, s, rows))

@@ -6,6 +6,7 @@ loopback over a real fingerprint index whose training set holds a portrait."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,9 +45,10 @@ def face_index(tmp_path_factory, tiny_pipe):
     return tmp, keys
 
 
-def _server(face_index, tiny_pipe, **overrides):
+def _server(face_index, tiny_pipe, index_dir=None, **overrides):
     tmp, _ = face_index
-    engine = PipelineEngine(tiny_pipe, IndexGateway.open(str(tmp / "index"), model_dir=str(tmp / "vae")))
+    index_dir = index_dir or tmp / "index"
+    engine = PipelineEngine(tiny_pipe, IndexGateway.open(str(index_dir), model_dir=str(tmp / "vae")))
     server = BackgroundServer(make_config(auth_file=str(tmp / "keys.toml"), **overrides), engine)
     server.start()
     return server, engine
@@ -58,10 +60,13 @@ def _screen(server, key: str, image: np.ndarray) -> pb.ScreenResponse:
                                                          metadata=bearer(key))
 
 
-def test_a_training_set_face_is_not_reported_to_a_screen_key_by_default(face_index, tiny_pipe):
-    _, keys = face_index
+def test_a_training_set_face_is_not_reported_to_a_screen_key_by_default(face_index, tiny_pipe, tmp_path):
+    import shutil
+
+    tmp, keys = face_index
     tiled = _many_faces(2)       # four copies of the training portrait's face; not a copy of the portrait
-    server, engine = _server(face_index, tiny_pipe)
+    index_dir = Path(shutil.copytree(tmp / "index", tmp_path / "index"))    # this test protects a face
+    server, engine = _server(face_index, tiny_pipe, index_dir)
     try:
         assert server.server.config.face_match_scope == ServerConfig().face_match_scope == "protected"
         plain = _screen(server, keys["screener"], tiled)
@@ -116,3 +121,24 @@ def test_one_setting_decides_for_screen_and_generation(tmp_path):
     path.write_text('[engine]\nface_match_scope = "any"\n')
     with pytest.raises(InvalidInput, match="server.face_match_scope"):
         load_config(path)
+
+
+def test_generation_checks_its_obfuscation_against_the_faces_in_scope(face_index):
+    """After blurring the faces in scope, the re-screen must not count a training-set face the scope left
+    alone (it used to: a picture with a protected and a training-set face was BLOCKED). A real index;
+    its own tiny pipeline (the guard installs attention processors)."""
+    import torch
+
+    from memguard.index.api import FingerprintIndex
+    from memguard.models import build_tiny_pipeline
+    from memguard.pipeline import GuardConfig, GuardedPipeline, PipelineStats
+
+    tmp, _ = face_index
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline()
+    with FingerprintIndex.open(tmp / "index", model_dir=tmp / "vae") as index:
+        training_faces = _many_faces(2)
+        assert any(f.matched and not f.protected for f in index.screen(training_faces).faces)
+        clean = {scope: GuardedPipeline(pipe, index=index, config=GuardConfig(face_match_scope=scope))
+                 ._clean_after_obfuscation(training_faces, PipelineStats(1, 1, 1)) for scope in ("protected", "any")}
+    assert clean == {"protected": True, "any": False}
