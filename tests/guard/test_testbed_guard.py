@@ -146,8 +146,9 @@ def test_guarded_engine_serves_the_protocol(testbed_policy):
     assert results[0][0].report.first_flagged_step is not None and results[1][0].decision == Decision.ALLOWED
     assert any(e.action in ("reroute", "block") for i, e in events if i == 0)
     stats = engine.stats()
-    assert len(stats.batches) == 1 and stats.batches[0].first_flagged_steps
-    assert set(stats.batches[0].signals) >= {"divergence", "similarity", "combined"}
+    # the batch's stats carry no per-sample signal value or flagged step (they reach /metrics)
+    assert len(stats.batches) == 1 and stats.batches[0].sample_steps > 0
+    assert not hasattr(stats.batches[0], "first_flagged_steps") and not hasattr(stats.batches[0], "signals")
     assert engine.stats().batches == []          # drained
     engine.close()
 
