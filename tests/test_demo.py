@@ -57,7 +57,10 @@ def test_the_readme_demo_shows_every_decision_and_a_contact_sheet(tmp_path):
     by_set = {}
     for row in rows:
         by_set.setdefault(row[0], set()).add(row[1])
-    assert by_set["novel"] == {"ALLOWED"} and by_set["composition"] <= {"REROUTED"}, r.stdout
+    # a memorized composition is never released as is: rerouted (the demo's point) or, when a
+    # batch's reroute still resembles it, blocked; which one can depend on how the server batched
+    assert by_set["novel"] == {"ALLOWED"} and "REROUTED" in by_set["composition"] \
+        and by_set["composition"] <= {"REROUTED", "BLOCKED"}, r.stdout
     assert "FACE_OBFUSCATED" in by_set["face"], r.stdout
     # released images beside the table: one PNG per row that was not blocked, and the contact sheet
     released = sorted(p.name.split("-", 1)[1] for p in out.glob("[0-9]*.png"))

@@ -17,9 +17,11 @@ what MilvusClient takes: "USER:PASSWORD" or an API key. A milvus-lite file has n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -36,6 +38,8 @@ from memguard.index.manifest import SignalInfo
 from memguard.index.pdq import PDQ_BITS, PDQ_BYTES
 from memguard.index.scores import empty_hits, rank_candidates
 from memguard.index.vectors import pack_bits
+
+log = logging.getLogger(__name__)
 
 
 INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ")
@@ -69,6 +73,9 @@ def milvus_token() -> str:
     return token
 
 
+CONNECT_ATTEMPTS = 3
+
+
 def client(backend: BackendURI):
     """One MilvusClient per URI, token and process (a milvus-lite .db path starts its engine once).
     A server URI gets the environment's token (milvus_token); a milvus-lite file none."""
@@ -77,11 +84,19 @@ def client(backend: BackendURI):
         if (backend.uri, token) not in _clients:
             from pymilvus import MilvusClient
             from pymilvus.exceptions import MilvusException
-            try:
-                _clients[backend.uri, token] = (MilvusClient(uri=backend.uri, token=token) if token
-                                                else MilvusClient(uri=backend.uri))
-            except MilvusException as exc:
-                raise MissingResource(f"Milvus at {backend.uri}: cannot connect ({exc.message})") from exc
+            # a connect can fail transiently (a server that just sent GOAWAY "too many pings" to
+            # another channel of this process): CONNECT_ATTEMPTS tries, each failure logged
+            for attempt in range(1, CONNECT_ATTEMPTS + 1):
+                try:
+                    _clients[backend.uri, token] = (MilvusClient(uri=backend.uri, token=token) if token
+                                                    else MilvusClient(uri=backend.uri))
+                    break
+                except MilvusException as exc:
+                    if attempt == CONNECT_ATTEMPTS:
+                        raise MissingResource(f"Milvus at {backend.uri}: cannot connect ({exc.message})") from exc
+                    log.warning("Milvus at %s: connect attempt %d of %d failed (%s); retrying", backend.uri,
+                                attempt, CONNECT_ATTEMPTS, exc.message)
+                    time.sleep(0.5 * attempt)
         return _clients[backend.uri, token]
 
 
