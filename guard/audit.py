@@ -36,8 +36,6 @@ continues from the last whole entry.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import hashlib
 import hmac
@@ -54,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from memguard.crypto import warn_if_readable
+from memguard.crypto import parse_key, warn_if_readable
 from memguard.errors import CorruptData, InvalidInput, MemGuardError, MissingResource
 
 log = logging.getLogger(__name__)
@@ -75,15 +73,7 @@ class AuditWriteError(MemGuardError):
 
 
 def _parse_key(text: str, where: str) -> bytes:
-    text = text.strip()
-    for decode in (bytes.fromhex, base64.urlsafe_b64decode, base64.b64decode):
-        try:
-            raw = decode(text)
-        except (ValueError, binascii.Error):
-            continue
-        if len(raw) == 32:
-            return raw
-    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (`python -m memguard.audit keygen FILE`)")
+    return parse_key(text, where, "`python -m memguard.audit keygen FILE`")
 
 
 class AuditKey:

@@ -38,7 +38,8 @@ VERSION = b"\x01"
 NONCE_BYTES = 12
 
 
-def _parse(text: str, where: str) -> bytes:
+def parse_key(text: str, where: str, maker: str = "`python -m memguard.crypto FILE`") -> bytes:
+    """A 32-byte key written as 64 hex digits or base64; InvalidInput names `where` and how to make one."""
     text = text.strip()
     for decode in (bytes.fromhex, base64.urlsafe_b64decode, base64.b64decode):
         try:
@@ -47,7 +48,7 @@ def _parse(text: str, where: str) -> bytes:
             continue
         if len(raw) == 32:
             return raw
-    raise InvalidInput(where, "must be 32 bytes as 64 hex digits or base64 (see `python -m memguard.crypto FILE`)")
+    raise InvalidInput(where, f"must be 32 bytes as 64 hex digits or base64 (see {maker})")
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,15 @@ class DataKey:
         if isinstance(data_key, bytes):
             return cls.from_bytes(data_key)
         if isinstance(data_key, str):
-            return cls.from_bytes(_parse(data_key, "data_key"))
+            return cls.from_bytes(parse_key(data_key, "data_key"))
         if os.environ.get(ENV_KEY):
-            return _warn_demo(cls.from_bytes(_parse(os.environ[ENV_KEY], ENV_KEY)), ENV_KEY)
+            return _warn_demo(cls.from_bytes(parse_key(os.environ[ENV_KEY], ENV_KEY)), ENV_KEY)
         if os.environ.get(ENV_KEY_FILE):
             path = Path(os.environ[ENV_KEY_FILE])
             if not path.is_file():
                 raise MissingResource(f"{ENV_KEY_FILE}: {path} does not exist")
             warn_if_readable(path, "data key file")
-            return _warn_demo(cls.from_bytes(_parse(path.read_text(), str(path))), str(path))
+            return _warn_demo(cls.from_bytes(parse_key(path.read_text(), str(path))), str(path))
         return None
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:

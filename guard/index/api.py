@@ -72,6 +72,7 @@ class FingerprintIndex:
                         for name, info in manifest.signals.items()}
         self.maps = self._read_maps()
         self._cluster_labels = clusters.read(self.path, manifest)
+        self._cluster_sizes = None if self._cluster_labels is None else np.bincount(self._cluster_labels)
         if self._cluster_labels is None:
             log.info("%s: built before near-duplicate clusters; every item is its own cluster "
                      "(`memguard index calibrate` clusters it)", self.path)
@@ -151,6 +152,10 @@ class FingerprintIndex:
 
     def cluster_of(self, row: int) -> int:
         return int(self._cluster_labels[row]) if self._cluster_labels is not None else int(row)
+
+    def cluster_size(self, row: int) -> int:
+        """Training rows in `row`'s cluster (itself included)."""
+        return int(self._cluster_sizes[self._cluster_labels[row]]) if self._cluster_labels is not None else 1
 
     def cluster_members(self, row: int) -> list[int]:
         """Every training row of `row`'s cluster (itself included), ascending."""

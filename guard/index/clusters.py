@@ -131,7 +131,7 @@ def write(index, labels: np.ndarray, thresholds: Thresholds) -> dict:
         index.manifest.clusters = info
         index.manifest.files.update(record_files(Path(index.path), [CLUSTERS_FILE]))
         write_manifest(index.path, index.manifest)
-        index._cluster_labels = labels
+        index._cluster_labels, index._cluster_sizes = labels, sizes
     return info
 
 
@@ -145,20 +145,3 @@ def read(path: Path, manifest) -> np.ndarray | None:
         from memguard.errors import CorruptData
         raise CorruptData(f"{path / info['file']}: {len(labels)} labels for {manifest.counts.get('items')} items")
     return labels
-
-
-def best_per_cluster(rows: np.ndarray, scores: np.ndarray, labels: np.ndarray | None,
-                     higher_is_better: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Collapse a ranked (rows, scores) list to the best row of each cluster, ranked best first."""
-    rows, scores = np.asarray(rows), np.asarray(scores)
-    if labels is None or len(rows) == 0:
-        return rows, scores
-    order = np.argsort(-scores if higher_is_better else scores, kind="stable")
-    seen, keep = set(), []
-    for i in order:
-        lab = int(labels[rows[i]]) if rows[i] >= 0 else -1 - int(i)
-        if lab not in seen:
-            seen.add(lab)
-            keep.append(i)
-    keep = np.asarray(keep, np.int64)
-    return rows[keep], scores[keep]

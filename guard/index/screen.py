@@ -218,7 +218,7 @@ def _cluster_match(index, label: int, found: list[CopyMatch]) -> CopyMatch:
                     (sc.crossed == have.crossed and (sc.score > have.score if higher_is_closer(s) else sc.score < have.score)):
                 merged[s] = sc
     pids = sorted({p for m in found for p in m.protection_ids})
-    members = len(index.cluster_members(label)) - 1
+    members = index.cluster_size(label) - 1
     return CopyMatch(best.item_id, bool(pids), merged, any(x.crossed for x in merged.values()), pids, members)
 
 
