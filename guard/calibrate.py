@@ -93,7 +93,7 @@ def model_hash(model_dir: Path) -> str:
 
 # ---- the testbed's index -------------------------------------------------------------------------
 def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = None, progress: bool = True,
-                        near_duplicates: int = 0) -> dict:
+                        near_duplicates: int | None = None) -> dict:
     """Index a testbed's training set (every duplicate as its own record, as the model saw them;
     identical images fold into one item) with its own VAE, then calibrate the screen's thresholds."""
     from memguard.crypto import DataKey
@@ -102,7 +102,7 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
     from memguard.index.sealed import demo_key
     from memguard.index.duplicates import DedupedSource
     from memguard.index.sources import ImageFolderSource
-    from memguard.testbed.dataset import build_training_set, heldout_images, write_image_folder
+    from memguard.testbed.dataset import NEAR_DUPLICATES, build_training_set, heldout_images, write_image_folder
 
     tb = testbed or get_testbed()
     out, model_dir = Path(out or tb.index_dir), tb.model_dir
@@ -114,10 +114,9 @@ def build_testbed_index(testbed: Testbed | None = None, *, out: Path | None = No
         shutil.rmtree(staging)
     final, out = out, staging
     with tempfile.TemporaryDirectory(prefix="memguard-testbed-images-") as tmp:
-        # near_duplicates > 0: as scraped, each duplicated item also as near duplicates (re-encodes, resizes,
-        # crops, banners, marks). Not the shipped default yet: the crop and banner variants stay clusters of
-        # their own, and as negatives they lift the aligned threshold (v-testbed 8.4 -> 11.3) until crops of
-        # the photos go unseen (guard/index/clusters.py)
+        # as scraped (default): each duplicated item also as near duplicates (re-encodes, resizes, crops,
+        # banners, marks), which the index must cluster (guard/index/clusters.py); 0 = identical copies only
+        near_duplicates = NEAR_DUPLICATES if near_duplicates is None else near_duplicates
         train = DedupedSource(ImageFolderSource(write_image_folder(build_training_set(tb.data), Path(tmp) / "train",
                                                                    copies=True, near_duplicates=near_duplicates)))
         held = write_image_folder(heldout_images(tb.data), Path(tmp) / "heldout")

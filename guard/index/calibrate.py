@@ -406,11 +406,16 @@ def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = Calibrati
                if f.name in ("latent", "aligned", "pdq", "clip", "face")}
     values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
     rounds = 1
-    if "latent" in index.signals:   # cluster again where the calibrated screen calls items copies
+    # cluster again where the calibrated screen calls items copies (pair signals at the calibrated
+    # thresholds, and aligned standouts both ways), fit on the new clusters, until they hold
+    while "latent" in index.signals and rounds < clusters.MAX_ROUNDS:
         again = clusters.compute(index, Thresholds(**values), keep=labels)
-        if not np.array_equal(again, labels):
-            labels, rounds = again, 2
-            values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
+        again = clusters.labels_from_pairs(len(again), clusters.pairs_of(again)
+                                           | clusters.aligned_pairs(index, again, values["aligned"], progress=progress))
+        if np.array_equal(again, labels):
+            break
+        labels, rounds = again, rounds + 1
+        values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
     pos, _ = _derive(measured, labels, cfg.augmentations + CHECKS)
     report: dict = {"false_match_rate": cfg.false_match_rate, "items": len(pairs),
                     "augmentations": list(cfg.augmentations), **fit, "cluster_rounds": rounds,

@@ -14,15 +14,24 @@ cosine, PDQ Hamming distance, CLIP cosine: those the index holds) cross at the t
 One signal alone joins look-alike procedural images (same shape on the same background: latent up
 to 0.94, testbed CLIP up to 0.999); two independent views agreeing do not. At build the thresholds
 are the defaults; `memguard index calibrate` clusters again at the calibrated ones (keeping the
-build's pairs) and fits on those clusters. A re-host's crop or banner of a small image can stay
-a cluster of its own: neither pairwise signals nor the aligned standout (z 5-9 for such crops on
-the v-testbed, 6 for a look-alike) single it out. Each row's label is the smallest row of its cluster; the
+build's pairs) and fits on those clusters.
+
+A re-host's crop or caption banner moves a small image's pairwise signals out of reach (on the
+64-px v-testbed: PDQ 34-102 bits, latent 0.46-0.95, CLIP 0.79-0.99, as far as look-alikes go), so
+calibration adds a second rule, the screen's own view: two clusters are one image when each
+holds an item whose clean image, screened against the index without its own cluster, finds the
+other cluster as the aligned standout at the calibrated z (`aligned_pairs`). Both ways: a
+look-alike that stands out for one item (a shared stripe pattern: z up to 14 one way) is rarely
+the other's standout too. Unjoined, such a variant is "another cluster" whose standout copies
+of its photo count as calibration negatives: on the v-testbed two of them lifted the aligned
+threshold 8.7 -> 11.3. Each row's label is the smallest row of its cluster; the
 labels live in `clusters.npy`, recorded in the manifest. An index built before clusters has none:
 every row is its own cluster (logged once).
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,7 @@ CLUSTERS_FILE = "clusters.npy"
 PAIR_SIGNALS = ("latent", "pdq", "clip")
 MIN_AGREEING = 2          # signals that must call a pair copies of each other
 NEIGHBOURS = 16           # nearest rows examined per item and signal
+MAX_ROUNDS = 4            # calibration: fit, join, fit again until the clusters hold (measured: 2-3 rounds)
 
 
 class _UnionFind:
@@ -145,3 +155,31 @@ def read(path: Path, manifest) -> np.ndarray | None:
         from memguard.errors import CorruptData
         raise CorruptData(f"{path / info['file']}: {len(labels)} labels for {manifest.counts.get('items')} items")
     return labels
+
+
+def aligned_pairs(index, labels: np.ndarray, z_threshold: float, *, progress: bool = False) -> set[tuple[int, int]]:
+    """Row pairs joining clusters the aligned screen calls copies of each other, both ways, at
+    `z_threshold` (module docstring). Every row's clean map is re-scored once against its
+    shortlist (the screen's work per row: calibration-time cost linear in the index)."""
+    from tqdm import tqdm
+
+    from memguard.index.align import ALIGN_SHORTLIST, standout
+    from memguard.index.screen import _per_cluster, _rescore, _shortlist
+
+    if index.maps is None or "latent" not in index.signals or not math.isfinite(z_threshold):
+        return set()
+    latent = index.signals["latent"]
+    n = _row_count(index)
+    finds: dict[int, int] = {}     # row -> a row of the cluster that stands out for it
+    for r in tqdm(range(n), desc="aligned joins", disable=not progress):
+        rows = _shortlist(index, np.asarray(latent.vectors[r], np.float32), ALIGN_SHORTLIST + index._overfetch(1))
+        rows = rows[labels[rows] != labels[r]]
+        best_rows, scores = _per_cluster(rows, _rescore(index, np.asarray(index.maps[r], np.float32), rows), labels)
+        hit = standout(scores[:ALIGN_SHORTLIST])
+        if hit is not None and hit[1] >= z_threshold:
+            finds[r] = int(best_rows[hit[0]])
+    found_by: dict[int, set[int]] = {}   # cluster -> clusters its rows find
+    for r, o in finds.items():
+        found_by.setdefault(int(labels[r]), set()).add(int(labels[o]))
+    return {(min(r, o), max(r, o)) for r, o in finds.items()
+            if int(labels[r]) in found_by.get(int(labels[o]), set())}
