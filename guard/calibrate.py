@@ -340,7 +340,7 @@ def calibration_warnings(policy: Policy | None, index=None) -> list[str]:
         out.append(f"UNCALIBRATED INDEX {index.path}: screen thresholds are defaults; run `memguard index calibrate`")
     elif index is not None and index.thresholds.details.get("blind"):
         out.append(f"BLIND SCREEN {index.path}: at its false-match rate the screen catches only "
-                   f"{index.thresholds.details['blind']} of JPEG copies of training images; recalibrate it "
+                   f"{index.thresholds.details['blind']} of JPEG copies / VAE round trips of training images; recalibrate it "
                    "(`memguard index calibrate`) or check the training set's near duplicates (`memguard index duplicates`)")
     return out
 

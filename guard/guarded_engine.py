@@ -36,7 +36,7 @@ class GuardedEngine(IndexedEngine):
         self.calibration_warnings = calibration_warnings(policy, index.index)
         self.uncalibrated = {"policy": not policy.calibrated,
                              "index": index.index is not None and not index.index.thresholds.calibrated,
-                             # calibrated, but blind to JPEG copies (memguard.index.calibrate.MIN_JPEG_TPR)
+                             # calibrated, but blind to JPEG copies or VAE round trips (memguard.index.calibrate.MIN_COPY_TPR)
                              "index_screen": index.index is not None and bool(index.index.thresholds.details.get("blind"))}
 
     @classmethod

@@ -36,7 +36,8 @@ from memguard.index.pdq import pdq_hash
 log = logging.getLogger(__name__)
 AUGMENTATIONS = ("crop", "resize", "jpeg", "color", "rotate", "vae")
 CHECKS = ("jpeg50",)     # positives only reported, never fitted: what the blind-screen warning reads
-MIN_JPEG_TPR = 0.9       # a screen that catches fewer JPEG copies than this is not a screen (warned)
+MIN_COPY_TPR = 0.9       # a screen that catches fewer JPEG copies or VAE round trips than this is not a screen (warned)
+BLIND_KINDS = ("jpeg", "jpeg50", "vae")   # re-encoded copies, and what a perfect copy looks like after the model's decoder
 SEARCH_K = 32            # nearest rows kept per query and signal: the closest other cluster is among them
 
 
@@ -407,11 +408,12 @@ def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = Calibrati
     values, fit = _fit(*_derive(measured, labels, cfg.augmentations), cfg, current)
     rounds = 1
     # cluster again where the calibrated screen calls items copies (pair signals at the calibrated
-    # thresholds, and aligned standouts both ways), fit on the new clusters, until they hold
+    # thresholds; an aligned standout with one pair signal at the build's, the defaults), fit on the
+    # new clusters, until they hold
     while "latent" in index.signals and rounds < clusters.MAX_ROUNDS:
         again = clusters.compute(index, Thresholds(**values), keep=labels)
-        again = clusters.labels_from_pairs(len(again), clusters.pairs_of(again)
-                                           | clusters.aligned_pairs(index, again, values["aligned"], progress=progress))
+        joins = clusters.aligned_pairs(index, again, values["aligned"], Thresholds(), progress=progress)
+        again = clusters.labels_from_pairs(len(again), clusters.pairs_of(again) | joins)
         if np.array_equal(again, labels):
             break
         labels, rounds = again, rounds + 1
@@ -422,12 +424,12 @@ def calibrate(index, source, *, heldout=None, cfg: CalibrationConfig = Calibrati
                     "clusters": {"count": int(len(np.unique(labels))), "joined_items": int((labels != np.arange(len(labels))).sum())},
                     "combined_tpr": _combined_tpr({s: {a: v for a, v in pos[s].items() if a in cfg.augmentations} for s in pos}, values),
                     "checks": _combined_tpr({s: {a: pos[s][a] for a in CHECKS} for s in pos}, values)}
-    blind = {a: r for a, r in {**report["checks"], "jpeg": report["combined_tpr"].get("jpeg", 1.0)}.items()
-             if a.startswith("jpeg") and r < MIN_JPEG_TPR}
+    rates = {**report["combined_tpr"], **report["checks"]}
+    blind = {a: rates[a] for a in BLIND_KINDS if a in rates and rates[a] < MIN_COPY_TPR}
     if blind:
         report["blind"] = blind
-        log.warning("index calibration: the screen catches only %s of JPEG copies at false-match rate %s (under %s): "
-                    "it cannot see a re-encoded copy", blind, cfg.false_match_rate, MIN_JPEG_TPR)
+        log.warning("index calibration: the screen catches only %s of JPEG copies / VAE round trips at false-match "
+                    "rate %s (under %s): it cannot see a copy", blind, cfg.false_match_rate, MIN_COPY_TPR)
     if write and (index.cluster_labels is None or not np.array_equal(labels, index.cluster_labels)):
         clusters.write(index, labels, Thresholds(**values))
     faces = _face_scores(index, source, cfg, rng)

@@ -233,12 +233,12 @@ def _verify(args) -> int:
 
 
 def _blind_warning(report: dict) -> list[str]:
-    """The warning of a screen that cannot see JPEG copies (memguard.index.calibrate.MIN_JPEG_TPR)."""
+    """The warning of a screen that cannot see JPEG copies or VAE round trips (memguard.index.calibrate.MIN_COPY_TPR)."""
     if not report.get("blind"):
         return []
-    return [f"WARNING: the screen catches only {report['blind']} of JPEG copies of training images at this "
-            "false-match rate: it cannot see a re-encoded copy. Check `memguard index duplicates` (near "
-            "duplicates that did not join a cluster) and the calibration sample."]
+    return [f"WARNING: the screen catches only {report['blind']} of JPEG copies / VAE round trips of training images "
+            "at this false-match rate: it cannot see a copy. Check the model's VAE (the index's encoder), "
+            "`memguard index duplicates` (near duplicates that did not join a cluster) and the calibration sample."]
 
 
 def _calibrate(args) -> int:

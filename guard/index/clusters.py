@@ -18,13 +18,15 @@ build's pairs) and fits on those clusters.
 
 A re-host's crop or caption banner moves a small image's pairwise signals out of reach (on the
 64-px v-testbed: PDQ 34-102 bits, latent 0.46-0.95, CLIP 0.79-0.99, as far as look-alikes go), so
-calibration adds a second rule, the screen's own view: two clusters are one image when each
-holds an item whose clean image, screened against the index without its own cluster, finds the
-other cluster as the aligned standout at the calibrated z (`aligned_pairs`). Both ways: a
-look-alike that stands out for one item (a shared stripe pattern: z up to 14 one way) is rarely
-the other's standout too. Unjoined, such a variant is "another cluster" whose standout copies
+calibration adds a second rule, the screen's own view: an item joins the cluster that its clean
+image, screened against the index without its own cluster, finds as the aligned standout at the
+calibrated z, when one pair signal agrees at the build's thresholds (`aligned_pairs`). One way
+only: a crop is a crop of its photo, not the reverse (the photo finds its crop at z 10, the crop
+finds the photo at 21). The second vote keeps out a look-alike that stands out by a shared stripe
+pattern (z 13.8, CLIP 0.2-0.5 on the v-testbed); a same-caption rendering that CLIP calls the
+same picture (0.998) joins. Unjoined, such a variant is "another cluster" whose standout copies
 of its photo count as calibration negatives: on the v-testbed two of them lifted the aligned
-threshold 8.7 -> 11.3. Each row's label is the smallest row of its cluster; the
+threshold 8.7 -> 11.3. Calibration fits, joins and fits again until the clusters hold. Each row's label is the smallest row of its cluster; the
 labels live in `clusters.npy`, recorded in the manifest. An index built before clusters has none:
 every row is its own cluster (logged once).
 """
@@ -44,7 +46,7 @@ CLUSTERS_FILE = "clusters.npy"
 PAIR_SIGNALS = ("latent", "pdq", "clip")
 MIN_AGREEING = 2          # signals that must call a pair copies of each other
 NEIGHBOURS = 16           # nearest rows examined per item and signal
-MAX_ROUNDS = 4            # calibration: fit, join, fit again until the clusters hold (measured: 2-3 rounds)
+MAX_ROUNDS = 6            # calibration fits at most: fit, join, fit again until the clusters hold (measured: 3-4)
 
 
 class _UnionFind:
@@ -157,29 +159,37 @@ def read(path: Path, manifest) -> np.ndarray | None:
     return labels
 
 
-def aligned_pairs(index, labels: np.ndarray, z_threshold: float, *, progress: bool = False) -> set[tuple[int, int]]:
-    """Row pairs joining clusters the aligned screen calls copies of each other, both ways, at
-    `z_threshold` (module docstring). Every row's clean map is re-scored once against its
-    shortlist (the screen's work per row: calibration-time cost linear in the index)."""
+def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds: Thresholds, *,
+                  progress: bool = False) -> set[tuple[int, int]]:
+    """Row pairs that join a row to the cluster the aligned screen finds for its clean image at
+    `z_threshold`, when a pair signal also calls them copies at `pair_thresholds` (module docstring).
+    Every row's clean map is re-scored once against its shortlist, as the screen would: a
+    calibration-time cost linear in the index."""
     from tqdm import tqdm
 
     from memguard.index.align import ALIGN_SHORTLIST, standout
     from memguard.index.screen import _per_cluster, _rescore, _shortlist
 
+    signals = [s for s in PAIR_SIGNALS if s in index.signals]
     if index.maps is None or "latent" not in index.signals or not math.isfinite(z_threshold):
         return set()
     latent = index.signals["latent"]
-    n = _row_count(index)
-    finds: dict[int, int] = {}     # row -> a row of the cluster that stands out for it
-    for r in tqdm(range(n), desc="aligned joins", disable=not progress):
+    members: dict[int, list[int]] = {}
+    for r, lab in enumerate(labels.tolist()):
+        members.setdefault(lab, []).append(r)
+    pairs = set()
+    for r in tqdm(range(_row_count(index)), desc="aligned joins", disable=not progress):
         rows = _shortlist(index, np.asarray(latent.vectors[r], np.float32), ALIGN_SHORTLIST + index._overfetch(1))
         rows = rows[labels[rows] != labels[r]]
         best_rows, scores = _per_cluster(rows, _rescore(index, np.asarray(index.maps[r], np.float32), rows), labels)
         hit = standout(scores[:ALIGN_SHORTLIST])
-        if hit is not None and hit[1] >= z_threshold:
-            finds[r] = int(best_rows[hit[0]])
-    found_by: dict[int, set[int]] = {}   # cluster -> clusters its rows find
-    for r, o in finds.items():
-        found_by.setdefault(int(labels[r]), set()).add(int(labels[o]))
-    return {(min(r, o), max(r, o)) for r, o in finds.items()
-            if int(labels[r]) in found_by.get(int(labels[o]), set())}
+        if hit is None or hit[1] < z_threshold:
+            continue
+        found = members[int(labels[best_rows[hit[0]]])]
+        for s in signals:
+            sig = index.signals[s]
+            scores_s = sig.score_rows(np.asarray(sig.vectors[r]), found)
+            if any(crosses(s, float(v), getattr(pair_thresholds, s)) for v in scores_s):
+                pairs.add((min(r, found[0]), max(r, found[0])))
+                break
+    return pairs
