@@ -163,8 +163,8 @@ def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds
                   progress: bool = False) -> set[tuple[int, int]]:
     """Row pairs that join a row to the cluster the aligned screen finds for its clean image at
     `z_threshold`, when a pair signal also calls them copies at `pair_thresholds` (module docstring).
-    Every row's clean map is re-scored once against its shortlist, as the screen would: a
-    calibration-time cost linear in the index."""
+    Only rows with such a vote towards another cluster among their NEIGHBOURS nearest are re-scored
+    (a vector search each); each of those costs one screen's aligned re-score."""
     from tqdm import tqdm
 
     from memguard.index.align import ALIGN_SHORTLIST, standout
@@ -178,7 +178,7 @@ def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds
     for r, lab in enumerate(labels.tolist()):
         members.setdefault(lab, []).append(r)
     pairs = set()
-    for r in tqdm(range(_row_count(index)), desc="aligned joins", disable=not progress):
+    for r in tqdm(_one_vote_rows(index, labels, pair_thresholds, signals), desc="aligned joins", disable=not progress):
         rows = _shortlist(index, np.asarray(latent.vectors[r], np.float32), ALIGN_SHORTLIST + index._overfetch(1))
         rows = rows[labels[rows] != labels[r]]
         best_rows, scores = _per_cluster(rows, _rescore(index, np.asarray(index.maps[r], np.float32), rows), labels)
@@ -193,3 +193,23 @@ def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds
                 pairs.add((min(r, found[0]), max(r, found[0])))
                 break
     return pairs
+
+
+def _one_vote_rows(index, labels: np.ndarray, thresholds: Thresholds, signals: list[str], *,
+                   batch: int = 1024) -> list[int]:
+    """Rows that one pair signal calls a copy of a row of another cluster, among their NEIGHBOURS
+    nearest: the only rows an aligned join can move."""
+    n = _row_count(index)
+    hit = np.zeros(n, bool)
+    for s in signals:
+        sig = index.signals[s]
+        for start in range(0, n, batch):
+            stop = min(n, start + batch)
+            rows, scores = sig.search(np.asarray(sig.vectors[start:stop]), NEIGHBOURS + 1)
+            for b in range(stop - start):
+                me = start + b
+                if hit[me]:
+                    continue
+                hit[me] = any(r >= 0 and labels[r] != labels[me] and crosses(s, float(v), getattr(thresholds, s))
+                              for r, v in zip(rows[b].tolist(), scores[b].tolist()))
+    return np.flatnonzero(hit).tolist()
