@@ -1,7 +1,9 @@
 """The main-job demo: prompts chosen to show every decision the guard makes, through the gRPC API.
 
     memguard demo                      # the eps testbed: ALLOWED, REROUTED, BLOCKED, FACE_OBFUSCATED
-    memguard demo --testbed vpred      # the v-prediction testbed (it memorizes photos only: no REROUTED row)
+    memguard demo --testbed vpred      # the v-prediction testbed: ALLOWED, BLOCKED, REROUTED (one paraphrase
+                                       # at seed 0); no FACE_OBFUSCATED: its 128-px portrait tiles stay just
+                                       # above the calibrated face distance (measured at seeds 0-8)
 
 The sets, on a shipped testbed (guard/testbed/registry.py, prompts/*.txt):
 
