@@ -286,8 +286,11 @@ def test_a_reroute_that_loses_the_prompt_is_blocked(tmp_path):
 @pytest.mark.parametrize("name", ["vpred", "eps"])
 def test_standout_marks_memorized_photos_at_the_first_step(name):
     """On both testbeds, from fresh seeds: at step 0 the nearest training image of a memorized photo's
-    generation stands out (Lowe's ratio, guard/signals.py) far more than any novel prompt's does.
-    Measured over 4 seeds (2026-12-04): photos' median 2.1 (eps) / 3.7 (vpred), novel max 1.28 / 0.37."""
+    generation stands out (Lowe's ratio, guard/signals.py) far more than a novel prompt's does.
+    Measured over 4 seeds (2026-12-04, unique-only indexes): photos' median 2.1 (eps) / 3.7 (vpred),
+    novel max 1.28 / 0.37. With the scraped eps index (2026-12-07) a photo's crop or banner variant
+    that stayed a cluster of its own can be the runner-up: 4 fresh seed sets gave photos' median
+    0.82-1.32 against novel median 0.03-0.05 and max 0.25-0.97, ROC AUC 0.969-1.0."""
     from memguard.index.api import FingerprintIndex
     from memguard.loading import load_pipeline
     from memguard.policy import Policy
@@ -304,4 +307,6 @@ def test_standout_marks_memorized_photos_at_the_first_step(name):
     guard = GuardedPipeline(load_pipeline(tb.model_dir), index=index, policy=Policy.load(tb.policy_path))
     first = [rs[0].report.trace[0]["standout"] for rs in guard.generate(reqs).results]
     photo_scores, novel_scores = first[:len(photos)], first[len(photos):]
-    assert len(photos) == 8 and np.median(photo_scores) > max(novel_scores), (photo_scores, novel_scores)
+    auc = np.mean([[p > q for q in novel_scores] for p in photo_scores])
+    assert len(photos) == 8 and auc >= 0.9, (auc, photo_scores, novel_scores)
+    assert np.median(photo_scores) > 5 * max(np.median(novel_scores), 0.01), (photo_scores, novel_scores)
