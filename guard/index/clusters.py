@@ -167,8 +167,8 @@ def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds
     (a vector search each); each of those costs one screen's aligned re-score."""
     from tqdm import tqdm
 
-    from memguard.index.align import ALIGN_SHORTLIST, standout
-    from memguard.index.screen import _per_cluster, _rescore, _shortlist
+    from memguard.index.protected import ProtectedSnapshot
+    from memguard.index.screen import aligned_standout
 
     signals = [s for s in PAIR_SIGNALS if s in index.signals]
     if index.maps is None or "latent" not in index.signals or not math.isfinite(z_threshold):
@@ -179,13 +179,11 @@ def aligned_pairs(index, labels: np.ndarray, z_threshold: float, pair_thresholds
         members.setdefault(lab, []).append(r)
     pairs = set()
     for r in tqdm(_one_vote_rows(index, labels, pair_thresholds, signals), desc="aligned joins", disable=not progress):
-        rows = _shortlist(index, np.asarray(latent.vectors[r], np.float32), ALIGN_SHORTLIST + index._overfetch(1))
-        rows = rows[labels[rows] != labels[r]]
-        best_rows, scores = _per_cluster(rows, _rescore(index, np.asarray(index.maps[r], np.float32), rows), labels)
-        hit = standout(scores[:ALIGN_SHORTLIST])
+        hit = aligned_standout(index, np.asarray(latent.vectors[r], np.float32), np.asarray(index.maps[r], np.float32),
+                               ProtectedSnapshot(), exclude_row=r, labels=labels)
         if hit is None or hit[1] < z_threshold:
             continue
-        found = members[int(labels[best_rows[hit[0]]])]
+        found = members[int(labels[hit[0]["row"]])]
         for s in signals:
             sig = index.signals[s]
             scores_s = sig.score_rows(np.asarray(sig.vectors[r]), found)

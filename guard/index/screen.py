@@ -138,16 +138,18 @@ def aligned_own_and_left_out(index, fingerprint: np.ndarray, latent_map: np.ndar
 
 
 def aligned_standout(index, fingerprint: np.ndarray, latent_map: np.ndarray, snap,
-                     exclude_row: int | None = None) -> tuple[dict, float] | None:
+                     exclude_row: int | None = None, labels: np.ndarray | None = None) -> tuple[dict, float] | None:
     """The shortlisted candidate whose aligned score stands out, and its z; None if too few.
 
     The shortlist is the plain latent search's ALIGN_SHORTLIST closest training clusters (without
     `exclude_row`'s cluster: calibration's leave-one-out), each carried by its best aligned row,
-    plus every protected image that has a map. The candidate is {"row": r} or {"pid": p}."""
+    plus every protected image that has a map. The candidate is {"row": r} or {"pid": p}.
+    `labels`: the clusters to use (default: the index's; calibration passes the ones it is forming)."""
+    labels = index.cluster_labels if labels is None else labels
     rows = _shortlist(index, fingerprint, ALIGN_SHORTLIST + index._overfetch(1) - 1 + (exclude_row is not None))
     if exclude_row is not None:
-        rows = rows[np.asarray([index.cluster_of(r) != index.cluster_of(exclude_row) for r in rows], bool)]
-    rows, train_scores = _per_cluster(rows, _rescore(index, latent_map, rows), index.cluster_labels)
+        rows = rows[labels[rows] != labels[exclude_row]] if labels is not None else rows[rows != exclude_row]
+    rows, train_scores = _per_cluster(rows, _rescore(index, latent_map, rows), labels)
     rows, train_scores = rows[:ALIGN_SHORTLIST], train_scores[:ALIGN_SHORTLIST]
     scores = [train_scores]
     owners = [{"row": int(r)} for r in rows]

@@ -128,3 +128,17 @@ def assert_opens_only_with_its_key(index_dir: Path, monkeypatch, missing: str, w
     monkeypatch.setenv("MEMGUARD_DATA_KEY", "77" * 32)
     with pytest.raises(CorruptData, match=wrong):
         FingerprintIndex.open(index_dir)
+
+
+def run(capsys, *argv) -> tuple[int, dict | str, str]:
+    """`memguard` with argv in-process: exit code, stdout (parsed when it is JSON), stderr."""
+    import json
+
+    from memguard.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    try:
+        return code, json.loads(out), err
+    except json.JSONDecodeError:
+        return code, out, err

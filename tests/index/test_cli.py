@@ -1,20 +1,10 @@
 """The `memguard index` commands, end to end, with --json."""
-import json
 
 import pytest
 from PIL import Image
 
-from memguard.cli import main
 from memguard.testbed.dataset import write_image_folder
-
-
-def run(capsys, *argv) -> tuple[int, dict | str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    try:
-        return code, json.loads(out), err
-    except json.JSONDecodeError:
-        return code, out, err
+from tests.index.conftest import run
 
 
 def test_build_stats_verify_screen_protect_unprotect(tmp_path, capsys, items, heldout, vae_dir):

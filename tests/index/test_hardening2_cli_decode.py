@@ -5,47 +5,14 @@ picture a viewer shows and refuses an animation. Index BUILD decoding is unchang
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from memguard.cli import main
 from memguard.index.config import IndexConfig
-
-
-def run(capsys, *argv) -> tuple[int, dict | str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    try:
-        return code, json.loads(out), err
-    except json.JSONDecodeError:
-        return code, out, err
-
-
-def smooth(rng: np.random.Generator, grey: bool = False) -> np.ndarray:
-    small = rng.integers(0, 255, (8, 8, 1 if grey else 3), dtype=np.uint8)
-    if grey:
-        small = np.repeat(small, 3, axis=2)
-    return np.asarray(Image.fromarray(small).resize((64, 64), Image.BILINEAR))
-
-
-def png16(grey: np.ndarray) -> bytes:
-    """A 16-bit greyscale PNG showing `grey` (samples × 257, as any 8→16-bit export)."""
-    buf = io.BytesIO()
-    Image.fromarray(grey.astype(np.uint16) * 257).save(buf, format="PNG")
-    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
-    return buf.getvalue()
-
-
-def exif_rotated_jpeg(image: np.ndarray) -> bytes:
-    """Stored pixels turned 90° anticlockwise, orientation 6 telling viewers to turn them back."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(np.rot90(image, k=1))).save(buf, format="JPEG", quality=95, exif=exif)
-    return buf.getvalue()
+from tests.index.conftest import run
+from tests.viewer_images import exif_rotated_jpeg, png16, smooth
 
 
 def animated_png(frames: list[np.ndarray]) -> bytes:

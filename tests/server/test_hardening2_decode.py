@@ -18,35 +18,9 @@ from memguard.server.app import BackgroundServer
 from memguard.server.convert import MAX_FRAMES, decode_views, encode_png
 from hardening_lib import bearer, write_keys
 from server_testlib import channel, make_config
+from tests.viewer_images import exif_rotated_jpeg, png16, smooth
 
 pytest.importorskip("memguard.index.api", reason="the fingerprint index package is not installed")
-
-
-def smooth(rng: np.random.Generator, grey: bool = False) -> np.ndarray:
-    """A 64×64 picture with structure (upsampled noise); `grey`: R = G = B."""
-    small = rng.integers(0, 255, (8, 8, 1 if grey else 3), dtype=np.uint8)
-    if grey:
-        small = np.repeat(small, 3, axis=2)
-    return np.asarray(Image.fromarray(small).resize((64, 64), Image.BILINEAR))
-
-
-def png16(grey: np.ndarray) -> bytes:
-    """A 16-bit greyscale PNG showing `grey` (uint8 [H, W]): samples × 257, as any 8→16-bit export."""
-    buf = io.BytesIO()
-    Image.fromarray(grey.astype(np.uint16) * 257).save(buf, format="PNG")
-    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
-    return buf.getvalue()
-
-
-def exif_rotated_jpeg(image: np.ndarray) -> bytes:
-    """A JPEG whose stored pixels are turned 90° anticlockwise, with orientation 6 telling viewers to
-    turn them back: a viewer shows `image`."""
-    stored = np.ascontiguousarray(np.rot90(image, k=1))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
-    return buf.getvalue()
 
 
 def animated(frames: list[np.ndarray], fmt: str) -> bytes:
