@@ -266,9 +266,21 @@ def test_finding1_sizes_and_cost_are_bounded_by_the_model(early):
 def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tmp_path):
     from server_testlib import metric, wait_for
 
+    import threading
+
+    class HeldEngine(GuardLikeEngine):
+        """Holds the worker until the test is done: a 150-step tiny generation can end before the
+        next request is queued, and the queue depth this test reads would never be reached."""
+        release = threading.Event()
+
+        def generate(self, requests, **kw):
+            self.release.wait(120)
+            return super().generate(requests, **kw)
+
     keys = write_keys(tmp_path / "keys.toml", {"a": ["generate"], "b": ["generate"]})
+    engine = HeldEngine(tiny_pipe)
     # max_queue 4 × share 0.25: one waiting request a key
-    server = serve(GuardLikeEngine(tiny_pipe), auth_file=str(tmp_path / "keys.toml"),
+    server = serve(engine, auth_file=str(tmp_path / "keys.toml"),
                    batching={"max_batch_images": 1, "max_queue": 4, "max_queue_delay_ms": 0})
     with channel(server) as ch:
         stub = memguard_pb2_grpc.MemGuardStub(ch)
@@ -285,6 +297,7 @@ def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tm
         assert not other.done()
         for call in (running, waiting, other):
             call.cancel()
+        engine.release.set()
     assert metric(server, "memguard_rejections_total", rpc="Generate", cause="key_queue_share") == 1
 
 
