@@ -2,6 +2,7 @@
 
     python -m memguard.benchmarks.overhead [--rounds 7] [--threads 2] [--json runs/overhead.json]
     python -m memguard.benchmarks.overhead --sdxl [--sdxl-latent 128] [--no-sd15 --no-testbed]
+    python -m memguard.benchmarks.overhead --no-sd15 --testbed eps     # part 2 on another testbed
 
 Part 1, Stable Diffusion 1.5's UNet (its architecture, random weights; CPU, float32, 64×64
 latents = 512×512 images, CFG batch 2, 77 text tokens). One step of each variant, interleaved
@@ -29,7 +30,7 @@ GuardedPipeline reports as guard_seconds: CFG + divergence + x̂0, attention sig
 match, standardization, score, trace row). Steps use DDIM over SDXL's betas (same as SD's), so the
 scheduler costs the same in every variant.
 
-Part 2, the trained testbed (skipped when absent): the cost of a blocked sample against a full
+Part 2, a shipped testbed (`--testbed`, default vpred; skipped when absent): the cost of a blocked sample against a full
 generation, from real requests: memorized prompts under `on_flag="block"` leave the batch at the
 first flagged step; novel prompts run all steps, decode and the final screen.
 """
@@ -269,17 +270,18 @@ def sdxl_table(args) -> dict:
 
 # ---- part 2: testbed blocked-sample cost ---------------------------------------------------------
 def blocked_cost(args) -> dict | None:
-    from memguard.calibrate import TESTBED_INDEX_DIR, TESTBED_MODEL_DIR, TESTBED_POLICY
     from memguard.index.api import FingerprintIndex
     from memguard.loading import load_pipeline
     from memguard.pipeline import GuardConfig, GuardedPipeline
     from memguard.policy import Policy
     from memguard.testbed.dataset import PHOTOS, heldout_prompts
+    from memguard.testbed.registry import get_testbed
     from memguard.types import GenerationRequest, GuardMode
 
-    model = Path(args.testbed_model or TESTBED_MODEL_DIR)
-    index_dir = Path(args.testbed_index or TESTBED_INDEX_DIR)
-    policy_path = Path(args.testbed_policy or TESTBED_POLICY)
+    tb = get_testbed(args.testbed)
+    model = Path(args.testbed_model or tb.model_dir)
+    index_dir = Path(args.testbed_index or tb.index_dir)
+    policy_path = Path(args.testbed_policy or tb.policy_path)
     if not ((model / "model_index.json").is_file() and index_dir.is_dir() and policy_path.is_file()):
         return None
     pipe = load_pipeline(model)
@@ -287,7 +289,7 @@ def blocked_cost(args) -> dict | None:
     policy = Policy.load(policy_path)
     guard = GuardedPipeline(pipe, index=index, policy=policy, config=GuardConfig(on_flag="block"))
     memorized = [p.caption for p in PHOTOS]
-    novel = heldout_prompts()[:len(memorized)]
+    novel = heldout_prompts(tb.data)[:len(memorized)]
     out = {"full_s": [], "blocked_s": [], "blocked_steps": [], "off_step_s": [], "guarded_step_s": []}
     for r in range(args.testbed_rounds):
         seeds = list(range(7000 + 100 * r, 7000 + 100 * r + len(memorized)))
@@ -304,7 +306,7 @@ def blocked_cost(args) -> dict | None:
         out["off_step_s"] += off.stats.step_seconds
     index.close()
     med = statistics.median
-    return {"samples_per_batch": len(memorized), "full_generation_s_per_sample": med(out["full_s"]),
+    return {"testbed": tb.name, "samples_per_batch": len(memorized), "full_generation_s_per_sample": med(out["full_s"]),
             "blocked_generation_s_per_sample": med(out["blocked_s"]),
             "blocked_cost_ratio": med(out["blocked_s"]) / med(out["full_s"]),
             "blocked_steps_computed": out["blocked_steps"], "steps": 30,
@@ -331,7 +333,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {name} | {row['median_s']:.4f} | {row['ratio']:.4f} | {row['overhead_pct']:+.2f} % |")
     tb = doc.get("testbed")
     if tb:
-        lines += ["", "## Blocked-sample cost, testbed (real requests)", "",
+        lines += ["", f"## Blocked-sample cost, testbed {tb.get('testbed', '')} (real requests)", "",
                   f"- full guarded generation: {tb['full_generation_s_per_sample']:.3f} s per sample "
                   f"(30 steps, decode, final screen)",
                   f"- memorized prompt blocked at its flagged step: {tb['blocked_generation_s_per_sample']:.3f} s per "
@@ -344,11 +346,15 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memguard.testbed.registry import DEFAULT_TESTBED, TESTBEDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-amg", action="store_true", help="skip the AMG-style variant (slowest)")
     p.add_argument("--no-testbed", action="store_true")
+    p.add_argument("--testbed", choices=tuple(TESTBEDS), default=DEFAULT_TESTBED,
+                   help="part 2's shipped testbed (its model, index and policy unless given below)")
     p.add_argument("--testbed-rounds", type=int, default=3)
     p.add_argument("--testbed-model", type=Path)
     p.add_argument("--testbed-index", type=Path)
