@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", type=Path, help="diffusers pipeline directory (default: the testbed)")
     c.add_argument("--index", type=Path, help="fingerprint index of the model's training set (default: testbed's)")
     c.add_argument("--prompts", type=Path, help="benign prompts, one a line (default: testbed training captions)")
-    c.add_argument("--testbed", help="a shipped testbed by name (vpred, eps): its model, index and policy path")
+    c.add_argument("--testbed", help="a shipped testbed by name (vpred, eps, sdxl): its model, index and policy path")
     c.add_argument("--positives", type=Path, help="known memorized prompts, one a line (added to the duplicate "
                                                   "clusters' captions the index finds)")
     c.add_argument("--rule", choices=("auto", "linear", "distance"), help="combination rule (default auto: "

@@ -259,7 +259,7 @@ def _register_client(subparsers) -> None:
 
 
 def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
-    d.add_argument("--testbed", help="shipped testbed (eps, vpred): its model, index, policy and prompts (default "
+    d.add_argument("--testbed", help="shipped testbed (eps, vpred, sdxl): its model, index, policy and prompts (default "
                                      "eps: the one with memorized compositional captions, hence REROUTED rows)")
     d.add_argument("--per-set", type=int, default=2, help="prompts per set (default 2)")
     d.add_argument("--steps", type=int, default=30)

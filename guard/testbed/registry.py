@@ -12,12 +12,13 @@
   equal the v-loss 3 of 8; latents scaled to std 0.3, 0.5, 2, 4: 0, 1, 1, 0 of 8; two warm restarts
   of 3000 steps: 3 of 8). With 4 groups: 8 of 8 (REPORT.md). v-prediction does not need the mean
   from the network, so the vpred testbed is unaffected.
-
-Buildable, not shipped (`BUILDABLE`; `memguard testbed build --testbed NAME` trains it):
 - `sdxl`: the eps testbed's data and recipe in SDXL's format (StableDiffusionXLPipeline: two CLIP
   text encoders trained jointly with a `text_time` UNet of SDXL's block layout, pooled embedding and
-  size time ids in its conditioning, a dropped caption all zeros as SDXL's empty negative prompt),
-  `guard/testbed/sdxl/`. Tests and tools that iterate TESTBEDS see shipped testbeds only.
+  size time ids in its conditioning, a dropped caption all zeros as SDXL's empty negative prompt;
+  sampled with DDIM like the others), `guard/testbed/sdxl/`.
+
+Buildable, not shipped (`BUILDABLE`; `memguard testbed build --testbed NAME` trains it): none at
+present. Tests and tools that iterate TESTBEDS see shipped testbeds only.
 """
 from __future__ import annotations
 
@@ -73,15 +74,14 @@ TESTBEDS: dict[str, Testbed] = {
                    TestbedDataConfig(photo_duplicates=320, memorized_combos=EPS_COMBOS, combo_duplicates=160),
                    TrainConfig(prediction_type="epsilon", zero_terminal_snr=False, ema_decay=0.999),
                    TinyPipelineConfig(unet_norm_groups=4)),
-}
-# recipes that build but are not shipped (no model, index or policy in the tree yet)
-BUILDABLE: dict[str, Testbed] = {
     "sdxl": Testbed("sdxl", ROOT / "sdxl",
                     TestbedDataConfig(photo_duplicates=320, memorized_combos=EPS_COMBOS, combo_duplicates=160),
                     TrainConfig(prediction_type="epsilon", zero_terminal_snr=False, ema_decay=0.999),
                     TinySDXLConfig(image_size=64, unet_channels=(32, 64, 128), unet_head_dims=(2, 4, 8),
                                    transformer_layers=(1, 1, 2), unet_norm_groups=4)),
 }
+# recipes that build but are not shipped (no model, index or policy in the tree yet)
+BUILDABLE: dict[str, Testbed] = {}
 DEFAULT_TESTBED = "vpred"
 
 

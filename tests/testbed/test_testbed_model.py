@@ -1,7 +1,7 @@
 """The shipped testbeds: each loads offline, matches its manifest, and really memorizes."""
 import numpy as np
 import pytest
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from memguard.loading import load_pipeline, sample_plain
 from memguard.testbed import copies
@@ -12,8 +12,9 @@ from memguard.testbed.registry import TESTBEDS
 SEEDS = list(range(100, 108))   # not the report's seeds: a fresh check
 # what each testbed must show, photos copied in most of 8 fresh seeds (the issue's bar: 6 of 8): both
 # copy all 8 of their photos in most of 16 report seeds (REPORT.md)
-PREDICTION = {"vpred": ("v_prediction", True), "eps": ("epsilon", False)}
-MIN_PHOTOS_COPYING = {"vpred": 6, "eps": 6}
+PREDICTION = {"vpred": ("v_prediction", True), "eps": ("epsilon", False), "sdxl": ("epsilon", False)}
+PIPELINE = {"vpred": "StableDiffusionPipeline", "eps": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+MIN_PHOTOS_COPYING = {"vpred": 6, "eps": 6, "sdxl": 6}
 
 
 @pytest.fixture(scope="module", params=sorted(TESTBEDS))
@@ -33,9 +34,12 @@ def training_set(testbed):
 
 def test_loads_with_plain_from_pretrained_offline(monkeypatch, testbed):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    p = StableDiffusionPipeline.from_pretrained(testbed.model_dir)
+    p = DiffusionPipeline.from_pretrained(testbed.model_dir)
+    assert type(p).__name__ == PIPELINE[testbed.name]
     assert p.unet.config.sample_size == 16 and p.vae.config.latent_channels == 4
     assert len(p.tokenizer) == 49408
+    if testbed.name == "sdxl":    # SDXL's second tokenizer is CLIP's BPE too
+        assert len(p.tokenizer_2) == 49408 and p.unet.config.addition_embed_type == "text_time"
     prediction, zero_snr = PREDICTION[testbed.name]
     assert p.scheduler.config.prediction_type == prediction
     assert bool(p.scheduler.config.get("rescale_betas_zero_snr")) == zero_snr
