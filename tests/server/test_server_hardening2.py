@@ -272,10 +272,11 @@ def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tm
         """Holds the worker on the test's requests until the test is done: a 150-step tiny generation
         can end before the next request is queued, and the queue depth this test reads would never be
         reached. The server's start-up warm-up passes."""
-        release = threading.Event()
+        holding, release = threading.Event(), threading.Event()
 
         def generate(self, requests, **kw):
             if any(r.prompt == "slow" for r in requests):
+                self.holding.set()
                 self.release.wait(120)
             return super().generate(requests, **kw)
 
@@ -288,7 +289,9 @@ def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tm
         stub = memguard_pb2_grpc.MemGuardStub(ch)
         long = pb.GenerateRequest(prompt="slow", steps=150)
         running = stub.Generate.future(long, metadata=bearer(keys["a"]), timeout=300)
-        wait_for(lambda: server.server.batcher.depth == 0 and not running.done())   # taken by the worker
+        # taken by the worker (queue depth 0 also holds before the request has arrived: then the next
+        # request could find this one still queued and be refused for the key's share)
+        wait_for(lambda: engine.holding.is_set() and server.server.batcher.depth == 0)
         waiting = stub.Generate.future(long, metadata=bearer(keys["a"]), timeout=300)
         wait_for(lambda: server.server.batcher.depth == 1)
         with pytest.raises(grpc.RpcError) as err:
