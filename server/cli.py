@@ -263,7 +263,7 @@ def _demo_args(d: argparse.ArgumentParser, out_default: Path | None) -> None:
                                      "eps: the one with memorized compositional captions, hence REROUTED rows)")
     d.add_argument("--per-set", type=int, default=2, help="prompts per set (default 2)")
     d.add_argument("--steps", type=int, default=30)
-    d.add_argument("--seed", type=int, default=0, help="seed of the requests (default 0; the face row uses seed + 3)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the requests (default 0; the face row adds its testbed's offset, demo.FACE_SEED_OFFSET)")
     d.add_argument("--out", type=Path, default=out_default, help="write the released images and contact_sheet.png "
                    "here" + (f" (default {out_default})" if out_default else ""))
     d.add_argument("--tiny-random", action="store_true", help="local server on random weights (no testbed)")

@@ -1,9 +1,9 @@
 """The main-job demo: prompts chosen to show every decision the guard makes, through the gRPC API.
 
     memguard demo                      # the eps testbed: ALLOWED, REROUTED, BLOCKED, FACE_OBFUSCATED
-    memguard demo --testbed vpred      # the v-prediction testbed: ALLOWED, BLOCKED, REROUTED (one paraphrase
-                                       # at seed 0); no FACE_OBFUSCATED: its 128-px portrait tiles stay just
-                                       # above the calibrated face distance (measured at seeds 0-8)
+    memguard demo --testbed vpred      # the v-prediction testbed: the same four (REROUTED: one paraphrase
+                                       # at seed 0; its photos' captions mean nothing but the photo)
+    memguard demo --testbed sdxl       # the SDXL-format testbed: the same four
 
 The sets, on a shipped testbed (guard/testbed/registry.py, prompts/*.txt):
 
@@ -19,7 +19,8 @@ The sets, on a shipped testbed (guard/testbed/registry.py, prompts/*.txt):
   person's face, several times. The final screen blurs each face it matches to a person in the
   index (within the index's calibrated face distance) → expected FACE_OBFUSCATED. Faces it does
   not match stay as they are (on eps at seed 3, one of the tiles is matched and blurred; the others,
-  at distances just above the threshold, are not; other seeds match none: ALLOWED).
+  at distances just above the threshold, are not; other seeds match none: ALLOWED). The row's seed
+  is chosen per testbed (`FACE_SEED_OFFSET`) among those that show a matched face.
 
 The table prints what the guard decided, and marks a row whose decision is not among those its set
 is there to show (EXPECTED). Decisions depend on the seed (`--seed`, default 0) and on the testbed's
@@ -48,7 +49,11 @@ EXPECTED = {"novel": (Decision.ALLOWED,), "composition": (Decision.REROUTED,),
 DEMO_PHOTOS = ("chelsea", "cameraman", "coffee", "rocket", "coins", "motorcycle")   # faceless photos, in row order
 FACE_SIZE = 128               # px: twice the testbeds' training size (see the module docstring)
 FACE_PHOTO = "grace_hopper"   # the portrait whose tiling the face row shows
-FACE_SEED_OFFSETS = (3,)      # its rows' seeds, from --seed: at seed 0, 3 shows a matched face on eps
+# The face row's seed, as an offset from --seed, per testbed: the first seed at which the 128-px
+# tiling shows a face within the index's calibrated face distance (guarded, 30 steps; scanned in
+# runs/exp/face_seeds.py): eps 3 (of 0-8), vpred 18 (the only one of 0-32), sdxl 0 (0, 1, 4, 5, 7, 8
+# and 12 of 0-12). Other seeds show the same person just above the threshold: ALLOWED.
+FACE_SEED_OFFSET = {"eps": 3, "vpred": 18, "sdxl": 0}
 
 
 def load_prompt_sets(directory: Path = PROMPT_DIR) -> dict[str, list[str]]:
@@ -93,7 +98,7 @@ def demo_cases(testbed: str = DEMO_TESTBED, per_set: int = 2, seed: int = 0) -> 
         "composition": [(p, seed) for p in compositions[:max(per_set, len(compositions))]],
         "memorized": [(p.caption, seed) for p in faceless[:per_set]],
         "paraphrased": [(p.paraphrases[0], seed) for p in faceless[:per_set]],
-        "face": [(face.caption, seed + s) for s in FACE_SEED_OFFSETS[:per_set]],
+        "face": [(face.caption, seed + FACE_SEED_OFFSET.get(testbed, 0))],
     }
     return [DemoCase(name, prompt, EXPECTED[name], s, FACE_SIZE if name == "face" else 64)
             for name in DEMO_SETS for prompt, s in sets[name]]

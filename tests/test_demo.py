@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from memguard.server.demo import DEMO_SETS, DEMO_TESTBED, demo_cases
-from memguard.testbed.registry import get_testbed
+from memguard.testbed.registry import TESTBEDS, get_testbed
 from memguard.types import Decision
 
 TB = get_testbed(DEMO_TESTBED)
@@ -43,6 +43,8 @@ def test_demo_cases_cover_every_set_the_testbed_has():
     assert all(c.size == 128 for c in eps if c.prompt_set == "face")
     vpred = demo_cases("vpred", per_set=1)   # memorizes photos only: nothing to reroute faithfully
     assert [c.prompt_set for c in vpred] == ["novel", "memorized", "paraphrased", "face"]
+    # the face row runs at its testbed's seed offset from --seed
+    assert [c.seed for c in demo_cases("vpred", per_set=1, seed=5) if c.prompt_set == "face"] == [5 + 18]
 
 
 @needs_demo_testbed
@@ -72,6 +74,22 @@ def test_the_readme_demo_shows_every_decision_and_a_contact_sheet(tmp_path):
     # nothing on stderr that a user could not act on (the loader's progress bars are not warnings)
     for text in UNACTIONABLE:
         assert text not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", sorted(set(TESTBEDS) - {DEMO_TESTBED}))
+def test_every_shipped_testbeds_demo_shows_every_decision(name, tmp_path):
+    """`memguard demo --testbed NAME` on the other shipped testbeds: the same four decisions (the v-testbed
+    memorizes photos only, so its REROUTED row is a paraphrase; each face row runs at its testbed's seed)."""
+    tb = TESTBEDS[name]
+    if not (tb.model_dir / "model_index.json").is_file() or not tb.policy_path.is_file():
+        pytest.skip(f"the {name} testbed is not in the tree")
+    r = _demo("--testbed", name, out=tmp_path / "demo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(r.stdout)
+    assert [row[0] for row in rows] == [c.prompt_set for c in demo_cases(name)]
+    assert {row[1] for row in rows} == {d.value for d in Decision}, r.stdout
+    assert {row[1] for row in rows if row[0] == "novel"} == {"ALLOWED"}, r.stdout
+    assert [row[1] for row in rows if row[0] == "face"] == ["FACE_OBFUSCATED"], r.stdout
 
 
 def test_unknown_testbed_is_one_line_error(tmp_path):
