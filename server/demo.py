@@ -50,8 +50,8 @@ DEMO_PHOTOS = ("chelsea", "cameraman", "coffee", "rocket", "coins", "motorcycle"
 FACE_SIZE = 128               # px: twice the testbeds' training size (see the module docstring)
 FACE_PHOTO = "grace_hopper"   # the portrait whose tiling the face row shows
 # The face row's seed, as an offset from --seed, per testbed: the first seed at which the 128-px
-# tiling shows a face within the index's calibrated face distance (guarded, 30 steps; scanned in
-# runs/exp/face_seeds.py): eps 3 (of 0-8), vpred 18 (the only one of 0-32), sdxl 0 (0, 1, 4, 5, 7, 8
+# tiling shows a face within the index's calibrated face distance (memguard.guard, 30 steps, the
+# caption below at 128 px, seeds scanned 2026-12-07): eps 3 (of 0-8), vpred 18 (the only one of 0-32), sdxl 0 (0, 1, 4, 5, 7, 8
 # and 12 of 0-12). Other seeds show the same person just above the threshold: ALLOWED.
 FACE_SEED_OFFSET = {"eps": 3, "vpred": 18, "sdxl": 0}
 
