@@ -51,8 +51,8 @@ FACE_SIZE = 128               # px: twice the testbeds' training size (see the m
 FACE_PHOTO = "grace_hopper"   # the portrait whose tiling the face row shows
 # The face row's seed, as an offset from --seed, per testbed: the first seed at which the 128-px
 # tiling shows a face within the index's calibrated face distance (memguard.guard, 30 steps, the
-# caption below at 128 px, seeds scanned 2026-12-07): eps 3 (of 0-8), vpred 18 (the only one of 0-32), sdxl 0 (0, 1, 4, 5, 7, 8
-# and 12 of 0-12). Other seeds show the same person just above the threshold: ALLOWED.
+# caption below at 128 px, seeds scanned 2026-12-07): eps 3 (of 0-8), vpred 18 (the only one of
+# 0-32), sdxl 0 (0, 1, 4, 5, 7, 8 and 12 of 0-12). At the others no tile is matched: ALLOWED.
 FACE_SEED_OFFSET = {"eps": 3, "vpred": 18, "sdxl": 0}
 
 

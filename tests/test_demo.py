@@ -16,9 +16,16 @@ from memguard.testbed.registry import TESTBEDS, get_testbed
 from memguard.types import Decision
 
 TB = get_testbed(DEMO_TESTBED)
-needs_demo_testbed = pytest.mark.skipif(
-    not ((TB.model_dir / "model_index.json").is_file() and (TB.index_dir / "manifest.json").is_file()
-         and TB.policy_path.is_file()), reason=f"the {DEMO_TESTBED} testbed (model, index, policy) is not in the tree")
+
+
+def _in_tree(tb) -> bool:
+    """The testbed's model, index and policy are in the tree (the demo serves all three)."""
+    return (tb.model_dir / "model_index.json").is_file() and (tb.index_dir / "manifest.json").is_file() \
+        and tb.policy_path.is_file()
+
+
+needs_demo_testbed = pytest.mark.skipif(not _in_tree(TB), reason=f"the {DEMO_TESTBED} testbed (model, index, "
+                                                                 "policy) is not in the tree")
 # what the README's demo must never print on its normal path (nothing a user can act on)
 UNACTIONABLE = ("accelerate", "torch_dtype", "FutureWarning", "DeprecationWarning", "authentication is DISABLED",
                 "PUBLIC demo key")
@@ -81,8 +88,8 @@ def test_every_shipped_testbeds_demo_shows_every_decision(name, tmp_path):
     """`memguard demo --testbed NAME` on the other shipped testbeds: the same four decisions (the v-testbed
     memorizes photos only, so its REROUTED row is a paraphrase; each face row runs at its testbed's seed)."""
     tb = TESTBEDS[name]
-    if not (tb.model_dir / "model_index.json").is_file() or not tb.policy_path.is_file():
-        pytest.skip(f"the {name} testbed is not in the tree")
+    if not _in_tree(tb):
+        pytest.skip(f"the {name} testbed (model, index, policy) is not in the tree")
     r = _demo("--testbed", name, out=tmp_path / "demo")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(r.stdout)

@@ -3,6 +3,7 @@ hostile clients can learn or cost."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import grpc
@@ -265,8 +266,6 @@ def test_finding1_sizes_and_cost_are_bounded_by_the_model(early):
 
 def test_finding1_one_key_holds_only_its_share_of_the_queue(tiny_pipe, serve, tmp_path):
     from server_testlib import metric, wait_for
-
-    import threading
 
     class HeldEngine(GuardLikeEngine):
         """Holds the worker on the test's requests until the test is done: a 150-step tiny generation
