@@ -1,6 +1,6 @@
 """An independent, pixel-space judge of near copies (not the guard's own signals).
 
-A generated image is a near copy of training image x when all three hold:
+A generated image is a near copy of training image x when all four hold:
 - SSIM(gen, x) ≥ SSIM_THRESHOLD: structurally the same picture;
 - normalized L2 ≤ RMSE_THRESHOLD: the RMSE of [0, 1] pixels after removing each image's
   per-channel mean colour. Blind to a global colour cast, as copy detectors are (SSCD trains with
@@ -12,7 +12,16 @@ A generated image is a near copy of training image x when all three hold:
   training image by the distance to its nearest neighbours in the training set: a generation
   close to many training images at once (a small shape on a smooth background the set holds in
   many variants) is generic, not a copy of one of them; a copy is far closer to its source than
-  to anything else.
+  to anything else;
+- edge correlation ≥ EDGE_THRESHOLD: the Pearson correlation of the two images' grey gradient
+  magnitudes (Sobel). A copy redraws its source's edges. SSIM and the distances above are
+  dominated by smooth areas: on the SDXL-format testbed a flat orange smear scored SSIM 0.62-0.67,
+  nRMSE 0.06 and rel 0.46 against a training image of an orange triangle on a yellow gradient, with
+  no triangle in it (edge correlation -0.01 to 0.03). Over 999 plain generations the three other
+  terms call copies on the three shipped testbeds, every other one scored ≥ 0.63, and VAE
+  reconstructions of the photos score higher still (REPORT.md), so the bar sits well below both.
+  A source with no edges at all (a flat image) leaves the term vacuous: its copies are judged by
+  the other three.
 
 The testbed's VAE caps how close any generation can get: its reconstructions of the photos reach
 SSIM ≈ 0.8-0.95 (REPORT.md lists them), so the SSIM threshold sits below that cap and well above
@@ -23,12 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from skimage.filters import sobel
 from skimage.metrics import structural_similarity
 
 SSIM_THRESHOLD = 0.5
 RMSE_THRESHOLD = 0.12
 RELATIVE_THRESHOLD = 0.5
 RELATIVE_NEIGHBOURS = 50
+EDGE_THRESHOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -37,16 +48,18 @@ class CopyScore:
     rmse: float          # normalized L2: RMSE after removing each image's mean colour
     relative: float      # rmse / mean rmse to the nearest other training images
     raw_rmse: float      # plain RMSE, for diagnosis
+    edges: float         # correlation of the gradient magnitudes (1.0 when the source has no edges)
 
     @property
     def is_copy(self) -> bool:
-        return is_near_copy(self.ssim, self.rmse, self.relative)
+        return is_near_copy(self.ssim, self.rmse, self.relative, self.edges)
 
 
-def is_near_copy(ssim_value: float, normalized_rmse_value: float, relative_value: float) -> bool:
+def is_near_copy(ssim_value: float, normalized_rmse_value: float, relative_value: float,
+                 edge_value: float) -> bool:
     """The judge's rule, for scores already measured (REPORT.md re-counts stored figures with it)."""
     return (ssim_value >= SSIM_THRESHOLD and normalized_rmse_value <= RMSE_THRESHOLD
-            and relative_value <= RELATIVE_THRESHOLD)
+            and relative_value <= RELATIVE_THRESHOLD and edge_value >= EDGE_THRESHOLD)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,6 +71,24 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
     """Root-mean-square difference on [0, 1] pixels."""
     d = a.astype(np.float32) / 255.0 - b.astype(np.float32) / 255.0
     return float(np.sqrt(np.mean(d * d)))
+
+
+def _edge_map(image: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of a uint8 [H, W, 3] image's grey level, flattened."""
+    return sobel(image.astype(np.float32).mean(axis=-1) / 255.0).ravel()
+
+
+def edge_correlation(generated: np.ndarray, source: np.ndarray) -> float:
+    """Pearson correlation of the gradient magnitudes of two uint8 [H, W, 3] images; 1.0 when the
+    source has no edges (nothing to redraw: the other terms judge it), 0.0 when only the generation has none."""
+    s = _edge_map(source)
+    s = s - s.mean()
+    if not np.any(np.abs(s) > 1e-6):
+        return 1.0
+    g = _edge_map(generated)
+    g = g - g.mean()
+    norm = float(np.linalg.norm(g) * np.linalg.norm(s))
+    return float(g @ s) / norm if norm > 0 else 0.0
 
 
 def _centred(images: np.ndarray) -> np.ndarray:
@@ -100,8 +131,9 @@ def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarra
     nearest_others = order[(order != target) & (order != (-1 if exclude is None else exclude))]
     context = float(dist[nearest_others[:RELATIVE_NEIGHBOURS]].mean())
     d = float(dist[target])
-    return CopyScore(ssim(generated, refs.images[target]), d, d / max(context, 1e-12),
-                     rmse(generated, refs.images[target]))
+    source = refs.images[target]
+    return CopyScore(ssim(generated, source), d, d / max(context, 1e-12), rmse(generated, source),
+                     edge_correlation(generated, source))
 
 
 def copy_score(generated: np.ndarray, target: int, references: np.ndarray | References) -> CopyScore:

@@ -30,6 +30,7 @@ class PromptResult:
     ssim: list[float] = field(default_factory=list)
     rmse: list[float] = field(default_factory=list)
     relative: list[float] = field(default_factory=list)
+    edges: list[float] = field(default_factory=list)
     nearest: list[str] = field(default_factory=list)   # novel prompts: nearest training item per seed
 
 
@@ -62,8 +63,8 @@ def web_labels(result: PromptResult, memorized_ids: set[str]) -> list[str]:
     """Per seed: copy (a near copy of any training image), resembles (SSIM ≥ 0.5 to a memorized
     item, not a copy) or clean."""
     out = []
-    for ssim, rmse, rel, near in zip(result.ssim, result.rmse, result.relative, result.nearest):
-        if copies.is_near_copy(ssim, rmse, rel):
+    for ssim, rmse, rel, edges, near in zip(result.ssim, result.rmse, result.relative, result.edges, result.nearest):
+        if copies.is_near_copy(ssim, rmse, rel, edges):
             out.append("copy")
         elif near in memorized_ids and ssim >= RESEMBLES_SSIM:
             out.append("resembles")
@@ -84,7 +85,7 @@ def _reconstructions(pipe, images: np.ndarray) -> np.ndarray:
 def _result(prompt: str, target: str, scores: list[copies.CopyScore], nearest: list[str] | None = None):
     return PromptResult(prompt, target, float(np.mean([s.is_copy for s in scores])),
                         [round(s.ssim, 4) for s in scores], [round(s.rmse, 4) for s in scores],
-                        [round(s.relative, 4) for s in scores], nearest or [])
+                        [round(s.relative, 4) for s in scores], [round(s.edges, 4) for s in scores], nearest or [])
 
 
 def _score_targeted(pipe, prompts: tuple[str, ...], targets: tuple[str, ...], references: copies.References, ids: list[str],
@@ -128,7 +129,8 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
     distinct = []
     for pid, rec in zip(photo_ids, recon):
         s = copies.copy_score(rec, ids.index(pid), references)
-        reconstruction[pid] = {"ssim": round(s.ssim, 4), "rmse": round(s.rmse, 4), "relative": round(s.relative, 4)}
+        reconstruction[pid] = {"ssim": round(s.ssim, 4), "rmse": round(s.rmse, 4), "relative": round(s.relative, 4),
+                               "edges": round(s.edges, 4)}
         distinct.append(copies.nearest(train[pid], references, exclude=ids.index(pid))[1])
 
     memorized, mem_images = _score_targeted(pipe, *zip(*members["memorized"]), references, ids, seeds)
@@ -145,8 +147,8 @@ def evaluate(model_dir: Path, prompts_dir: Path, seeds: list[int],
 
 def _novel_copies(fig: TestbedFigures, photo: bool) -> int:
     """Novel generations judged near copies, of a memorized photo (photo=True) or of a procedural item."""
-    return sum(copies.is_near_copy(ssim, rmse, rel)
-               for r in fig.novel for ssim, rmse, rel, near in zip(r.ssim, r.rmse, r.relative, r.nearest)
+    return sum(copies.is_near_copy(ssim, rmse, rel, edges)
+               for r in fig.novel for ssim, rmse, rel, edges, near in zip(r.ssim, r.rmse, r.relative, r.edges, r.nearest)
                if near.startswith("photo-") == photo)
 
 
@@ -199,17 +201,20 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"{fig.seeds}.", "",
         "## Near-copy measure (pixel space, independent of the guard)",
         f"A generation is a **near copy** of training image x when SSIM ≥ {copies.SSIM_THRESHOLD}, normalized "
-        f"L2 ≤ {copies.RMSE_THRESHOLD} **and** relative distance ≤ {copies.RELATIVE_THRESHOLD}.",
+        f"L2 ≤ {copies.RMSE_THRESHOLD}, relative distance ≤ {copies.RELATIVE_THRESHOLD} **and** edge correlation ≥ "
+        f"{copies.EDGE_THRESHOLD}.",
         "- Normalized L2 ('nRMSE'): the RMSE of pixels in [0, 1] after removing each image's mean colour, so that "
         "a copy with a global colour cast (an ε-prediction testbed tinted its copies differently per seed) still "
         "counts, as it does for copy detectors trained with colour jitter.",
         f"- Relative distance ('rel'): nRMSE to x divided by the mean nRMSE to the {copies.RELATIVE_NEIGHBOURS} "
         "nearest other training images, after Carlini et al. (2023). A generation about as close to many "
         "training images as to x (a small shape on a smooth background the set holds in many variants) is "
-        "generic, not a copy of x.", "",
+        "generic, not a copy of x.",
+        "- Edge correlation ('edges'): the correlation of the two images' Sobel gradient magnitudes (grey). A copy "
+        "redraws x's edges; a smooth smear in x's colours can pass the three terms above without them.", "",
         "The VAE caps how close a copy can get; its reconstructions of the memorized photos score:", "",
-        "| photo | recon SSIM | recon nRMSE | recon rel |", "|---|---|---|---|",
-        *[f"| {k} | {v['ssim']:.3f} | {v['rmse']:.3f} | {v['relative']:.3f} |"
+        "| photo | recon SSIM | recon nRMSE | recon rel | recon edges |", "|---|---|---|---|---|",
+        *[f"| {k} | {v['ssim']:.3f} | {v['rmse']:.3f} | {v['relative']:.3f} | {v['edges']:.3f} |"
           for k, v in fig.reconstruction.items()], "",
         f"Distinct training images: the highest SSIM between a photo and any other training image is "
         f"{fig.distinct_pair_ssim_max:.3f}; photos that are near copies of another training image: "
@@ -231,6 +236,7 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         f"- SSIM: {_stats([s for r in fig.novel for s in r.ssim])}",
         f"- nRMSE: {_stats([s for r in fig.novel for s in r.rmse])}",
         f"- relative distance: {_stats([s for r in fig.novel for s in r.relative])}",
+        f"- edge correlation: {_stats([s for r in fig.novel for s in r.edges])}",
         f"- near copies: {_novel_copies(fig, photo=True)} of {sum(len(r.ssim) for r in fig.novel)} generations "
         f"copy a memorized photo; {_novel_copies(fig, photo=False)} copy a procedural training item", "",
         *_web_lines(fig),
