@@ -642,6 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     if train is not None and 0 < len(novel_clean) < len(monitor.get("novel", [])):
         for pos in ("memorized", "paraphrased"):
             detection[f"{pos}_vs_novel_clean"] = detection_table(policy, monitor.get(pos, []), novel_clean)
+    # a paraphrase that does not reproduce its item is no positive: the paraphrases whose unguarded image
+    # the judge calls a copy, against the novel generations that copy nothing
+    paraphrased_copying = [r for r in monitor.get("paraphrased", []) if r.copy]
+    if train is not None and 0 < len(paraphrased_copying) < len(monitor.get("paraphrased", [])):
+        detection["paraphrased_copying_vs_novel_clean"] = detection_table(
+            policy, paraphrased_copying, novel_clean or monitor.get("novel", []))
     web_clean = [r for r in monitor.get("web", []) if r.label == "clean"]
     if web_clean:
         detection["memorized_vs_web_clean"] = detection_table(policy, monitor["memorized"], web_clean)
