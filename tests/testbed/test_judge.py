@@ -11,11 +11,14 @@ from memguard.testbed.registry import TESTBEDS
 def _shape_on_gradient(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A random horizontal colour gradient with a filled square of another colour at a random place, and a
     smear of it: the same colours mixed over the whole picture, with faint noise and no square."""
-    lo, hi, colour = rng.integers(0, 256, 3), rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    lo, hi = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     x = np.linspace(0, 1, 64)[None, :, None]
     background = (lo + (hi - lo) * x).repeat(64, axis=0)
     img = background.copy()
     r, c = rng.integers(8, 40, 2)
+    colour = rng.integers(0, 256, 3)
+    while np.abs(colour - background[r:r + 20, c:c + 20]).max() < 16:   # a square one can see, in some channel
+        colour = rng.integers(0, 256, 3)
     img[r:r + 20, c:c + 20] = colour
     smear = 0.5 * background + 0.5 * colour + rng.normal(0, 3, img.shape)
     return img.round().astype(np.uint8), np.clip(smear, 0, 255).round().astype(np.uint8)
@@ -23,7 +26,7 @@ def _shape_on_gradient(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
 
 def test_edge_correlation_keeps_copies_and_rejects_smooth_smears():
     rng = np.random.default_rng()
-    for _ in range(20):
+    for _ in range(50):
         src, smear = _shape_on_gradient(rng)
         assert copies.edge_correlation(src, src) > 0.999
         blurred = np.asarray(Image.fromarray(src).filter(ImageFilter.GaussianBlur(0.8)))
