@@ -210,8 +210,9 @@ def render_markdown(fig: TestbedFigures, timings: dict[str, float] | None) -> st
         "nearest other training images, after Carlini et al. (2023). A generation about as close to many "
         "training images as to x (a small shape on a smooth background the set holds in many variants) is "
         "generic, not a copy of x.",
-        "- Edge correlation ('edges'): the correlation of the two images' Sobel gradient magnitudes (grey). A copy "
-        "redraws x's edges; a smooth smear in x's colours can pass the three terms above without them.", "",
+        "- Edge correlation ('edges'): the correlation of the two images' gradient magnitudes (Sobel on each colour "
+        f"channel after a {copies.EDGE_BLUR:g}-px blur). A copy redraws x's edges; a smooth smear in x's colours can "
+        "pass the three terms above without them.", "",
         "The VAE caps how close a copy can get; its reconstructions of the memorized photos score:", "",
         "| photo | recon SSIM | recon nRMSE | recon rel | recon edges |", "|---|---|---|---|---|",
         *[f"| {k} | {v['ssim']:.3f} | {v['rmse']:.3f} | {v['relative']:.3f} | {v['edges']:.3f} |"
