@@ -82,17 +82,23 @@ def _edge_map(image: np.ndarray) -> np.ndarray:
     return np.sqrt(sum(sobel(x[..., c]) ** 2 for c in range(x.shape[-1]))).ravel()
 
 
+def _centred_edges(image: np.ndarray) -> np.ndarray:
+    e = _edge_map(image)
+    return e - e.mean()
+
+
+def _correlate_edges(generated: np.ndarray, source: np.ndarray) -> float:
+    """Pearson correlation of two centred edge maps (as `_centred_edges` gives them)."""
+    if not np.any(np.abs(source) > 1e-6):
+        return 1.0
+    norm = float(np.linalg.norm(generated) * np.linalg.norm(source))
+    return float(generated @ source) / norm if norm > 0 else 0.0
+
+
 def edge_correlation(generated: np.ndarray, source: np.ndarray) -> float:
     """Pearson correlation of the gradient magnitudes of two uint8 [H, W, 3] images; 1.0 when the
     source has no edges (nothing to redraw: the other terms judge it), 0.0 when only the generation has none."""
-    s = _edge_map(source)
-    s = s - s.mean()
-    if not np.any(np.abs(s) > 1e-6):
-        return 1.0
-    g = _edge_map(generated)
-    g = g - g.mean()
-    norm = float(np.linalg.norm(g) * np.linalg.norm(s))
-    return float(g @ s) / norm if norm > 0 else 0.0
+    return _correlate_edges(_centred_edges(generated), _centred_edges(source))
 
 
 def _centred(images: np.ndarray) -> np.ndarray:
@@ -110,15 +116,16 @@ def normalized_rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class References:
-    """The training images, prepared once for many judgements (the centring is the costly part)."""
+    """The training images, prepared once for many judgements (the centring and edge maps are the costly part)."""
     images: np.ndarray       # uint8 [M, H, W, 3]
     centred: np.ndarray      # float32 [M, H·W·3]
+    edges: np.ndarray        # float32 [M, H·W]: each image's centred edge map
 
     @classmethod
     def of(cls, images: np.ndarray) -> "References":
         if len(images) < 2:
             raise ValueError("the judge needs at least 2 training images (the relative distance compares them)")
-        return cls(images, _centred(images))
+        return cls(images, _centred(images), np.stack([_centred_edges(im) for im in images]))
 
     def distances(self, generated: np.ndarray) -> np.ndarray:
         """Normalized L2 of a uint8 [H, W, 3] image to every reference → float32 [M]."""
@@ -130,21 +137,22 @@ def _refs(references: np.ndarray | References) -> References:
 
 
 def _score(generated: np.ndarray, target: int, refs: References, dist: np.ndarray, order: np.ndarray,
-           exclude: int | None) -> CopyScore:
-    """dist: normalized L2 to every reference; order: argsort(dist), shared by all targets."""
+           exclude: int | None, edges: np.ndarray) -> CopyScore:
+    """dist: normalized L2 to every reference; order: argsort(dist); edges: the generation's centred
+    edge map; all three shared by all targets."""
     nearest_others = order[(order != target) & (order != (-1 if exclude is None else exclude))]
     context = float(dist[nearest_others[:RELATIVE_NEIGHBOURS]].mean())
     d = float(dist[target])
     source = refs.images[target]
     return CopyScore(ssim(generated, source), d, d / max(context, 1e-12), rmse(generated, source),
-                     edge_correlation(generated, source))
+                     _correlate_edges(edges, refs.edges[target]))
 
 
 def copy_score(generated: np.ndarray, target: int, references: np.ndarray | References) -> CopyScore:
     """How close `generated` (uint8 [H, W, 3]) comes to being a copy of references[target]."""
     refs = _refs(references)
     dist = refs.distances(generated)
-    return _score(generated, target, refs, dist, np.argsort(dist), None)
+    return _score(generated, target, refs, dist, np.argsort(dist), None, _centred_edges(generated))
 
 
 def nearest(generated: np.ndarray, references: np.ndarray | References, shortlist: int = 16,
@@ -157,6 +165,7 @@ def nearest(generated: np.ndarray, references: np.ndarray | References, shortlis
     dist = refs.distances(generated)
     order = np.argsort(dist)
     candidates = order[order != (-1 if exclude is None else exclude)][:shortlist]
-    scores = [(int(i), _score(generated, int(i), refs, dist, order, exclude)) for i in candidates]
+    edges = _centred_edges(generated)
+    scores = [(int(i), _score(generated, int(i), refs, dist, order, exclude, edges)) for i in candidates]
     found = [s for s in scores if s[1].is_copy]
     return found[0] if found else max(scores, key=lambda s: s[1].ssim)
